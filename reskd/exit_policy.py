@@ -1,0 +1,151 @@
+"""When a sample may leave the cascade: confidence measures, exit simulation and threshold calibration.
+
+numpy only (no torch, no onnxruntime): the training report, calibration and the serving runtime all decide exits
+with this one module, so what is calibrated is exactly what is served.
+
+Shapes: `logits` is [S, N, C] — for every stage s the *running* (cumulative) logits of N samples over C classes.
+`conf` is [S, N]. A threshold vector has S-1 entries: a sample leaves after the first stage s < S-1 whose
+confidence reaches thresholds[s]; the last stage always answers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+MEASURES = ("max_prob", "margin", "entropy")
+
+
+def log_softmax64(logits: np.ndarray) -> np.ndarray:
+    """log-softmax over the last axis in float64: fp32 max-probability saturates at exactly 1.0 for confident
+    samples, which would make every threshold above ~0.9999999 equivalent."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def confidence(logits: np.ndarray, measure: str = "max_prob") -> np.ndarray:
+    """Confidence in [0, 1] per sample (reduces the last axis)."""
+    logp = log_softmax64(logits)
+    if measure == "max_prob":
+        return np.exp(logp.max(axis=-1))
+    if measure == "margin":
+        top2 = np.sort(logp, axis=-1)[..., -2:]
+        return np.exp(top2[..., 1]) - np.exp(top2[..., 0])
+    if measure == "entropy":
+        p = np.exp(logp)
+        h = -(p * logp).sum(axis=-1)
+        return 1.0 - h / np.log(logp.shape[-1])
+    raise ValueError(f"unknown exit measure {measure!r}; use one of {', '.join(MEASURES)}")
+
+
+def exit_stages(conf: np.ndarray, thresholds) -> np.ndarray:
+    """Index of the stage each sample exits at: the first s < S-1 with conf[s] >= thresholds[s], else S-1."""
+    conf = np.asarray(conf)
+    n_stages = conf.shape[0]
+    thresholds = np.asarray(thresholds, dtype=np.float64)
+    if thresholds.shape != (n_stages - 1,):
+        raise ValueError(f"need {n_stages - 1} thresholds for {n_stages} stages, got {thresholds.shape[0]}")
+    out = np.full(conf.shape[1], n_stages - 1, dtype=np.int64)
+    undecided = np.ones(conf.shape[1], dtype=bool)
+    for s in range(n_stages - 1):
+        leave = undecided & (conf[s] >= thresholds[s])
+        out[leave] = s
+        undecided &= ~leave
+    return out
+
+
+@dataclass
+class ExitOutcome:
+    thresholds: list[float]
+    accuracy: float
+    mean_flops: float
+    exit_counts: list[int]
+    correct: np.ndarray = field(repr=False)
+    exits: np.ndarray = field(repr=False)
+
+
+class CascadeScores:
+    """Precomputed per-stage confidence and correctness for fast what-if evaluation of thresholds."""
+
+    def __init__(self, logits: np.ndarray, labels: np.ndarray, stage_flops, measure: str = "max_prob"):
+        logits = np.asarray(logits)
+        if logits.ndim != 3:
+            raise ValueError(f"logits must be [stages, samples, classes], got shape {logits.shape}")
+        self.conf = confidence(logits, measure)
+        self.correct = logits.argmax(-1) == np.asarray(labels)[None, :]
+        self.stage_flops = np.asarray(stage_flops, dtype=np.float64)
+        if self.stage_flops.shape != (logits.shape[0],):
+            raise ValueError(f"need one FLOPs figure per stage ({logits.shape[0]}), got {len(self.stage_flops)}")
+        self.cum_flops = np.cumsum(self.stage_flops)
+        self.n_stages, self.n = self.conf.shape
+
+    def evaluate(self, thresholds) -> ExitOutcome:
+        exits = exit_stages(self.conf, thresholds)
+        correct = self.correct[exits, np.arange(self.n)]
+        return ExitOutcome([float(t) for t in thresholds], float(correct.mean()), float(self.cum_flops[exits].mean()),
+                           np.bincount(exits, minlength=self.n_stages).tolist(), correct, exits)
+
+    def _candidates(self, stage: int, count: int = 200) -> np.ndarray:
+        qs = np.quantile(self.conf[stage], np.linspace(0.0, 1.0, count))
+        return np.unique(np.concatenate([qs, [1.0]]))
+
+    def _drop_bound(self, outcome: ExitOutcome, reference: np.ndarray, z: float) -> float:
+        """Accuracy drop vs `reference` (a correctness vector), as a paired upper bound when z > 0."""
+        lost = int((reference & ~outcome.correct).sum())
+        gained = int((~reference & outcome.correct).sum())
+        return (lost - gained + z * np.sqrt(lost + gained)) / self.n
+
+    def calibrate(self, *, target_drop: float | None = None, flops_budget: float | None = None, z: float = 0.0,
+                  rounds: int = 8) -> ExitOutcome:
+        """Per-stage thresholds by coordinate descent over each stage's confidence quantiles.
+
+        target_drop (a fraction, 0.001 = 0.1 pt): minimise mean FLOPs subject to the accuracy drop against the full
+        cascade (every stage run) staying within it; with z > 0 the drop is bounded from above by
+        (lost - gained + z*sqrt(lost + gained)) / N, a paired normal bound, so a lucky small sample does not pass.
+        flops_budget (mean FLOPs per sample): maximise accuracy subject to it.
+        """
+        if (target_drop is None) == (flops_budget is None):
+            raise ValueError("give exactly one of target_drop or flops_budget")
+        full = self.correct[-1]
+        never = np.ones(self.n_stages - 1)
+
+        def feasible(o: ExitOutcome) -> bool:
+            if target_drop is not None:
+                return self._drop_bound(o, full, z) <= target_drop + 1e-12
+            return o.mean_flops <= flops_budget * (1 + 1e-9)
+
+        def better(a: ExitOutcome, b: ExitOutcome) -> bool:
+            if target_drop is not None:
+                return (a.mean_flops, -a.accuracy) < (b.mean_flops, -b.accuracy)
+            return (-a.accuracy, a.mean_flops) < (-b.accuracy, b.mean_flops)
+
+        if flops_budget is not None:
+            # Start from the cheapest policy (everything exits at stage 0) so the start is feasible when anything is.
+            start = np.zeros(self.n_stages - 1)
+        else:
+            start = never
+        best = self.evaluate(start)
+        if not feasible(best):
+            return best
+        thresholds = start.copy()
+        candidates = [self._candidates(s) for s in range(self.n_stages - 1)]
+        for _ in range(rounds):
+            improved = False
+            for s in range(self.n_stages - 1):
+                for t in candidates[s]:
+                    trial = thresholds.copy()
+                    trial[s] = t
+                    o = self.evaluate(trial)
+                    if feasible(o) and better(o, best):
+                        best, thresholds, improved = o, trial, True
+            if not improved:
+                break
+        return best
+
+    def drop_vs_full(self, outcome: ExitOutcome) -> dict:
+        full = self.correct[-1]
+        lost = int((full & ~outcome.correct).sum())
+        gained = int((~full & outcome.correct).sum())
+        return {"lost": lost, "gained": gained, "net_samples": lost - gained, "n": self.n}

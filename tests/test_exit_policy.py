@@ -1,0 +1,76 @@
+import numpy as np
+import pytest
+
+from reskd.exit_policy import CascadeScores, confidence, exit_stages, log_softmax64
+
+
+def test_confidence_measures():
+    logits = np.array([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    p = np.exp(2) / (np.exp(2) + 2)
+    assert confidence(logits, "max_prob") == pytest.approx([p, 1 / 3])
+    assert confidence(logits, "margin") == pytest.approx([p - (1 - p) / 2, 0.0])
+    ent = confidence(logits, "entropy")
+    assert ent[1] == pytest.approx(0.0, abs=1e-12) and 0 < ent[0] < 1
+    with pytest.raises(ValueError, match="unknown exit measure"):
+        confidence(logits, "top1")
+
+
+def test_float64_keeps_confident_samples_apart():
+    # In fp32 both saturate to max-probability 1.0; the calibrated thresholds need them ordered.
+    logits = np.array([[20.0, 0.0], [30.0, 0.0]], dtype=np.float32)
+    fp32 = np.exp(logits - logits.max(-1, keepdims=True)).astype(np.float32)
+    assert (fp32.max(-1) / fp32.sum(-1) == 1.0).all()
+    conf = confidence(logits, "max_prob")
+    assert conf[0] < conf[1] < 1.0
+    assert np.allclose(np.exp(log_softmax64(logits)).sum(-1), 1.0)
+
+
+def test_exit_stages_first_confident_stage_and_last_always_answers():
+    conf = np.array([[0.9, 0.2, 0.1, 0.5],
+                     [0.1, 0.8, 0.1, 0.95],
+                     [0.0, 0.0, 0.0, 0.0]])
+    assert exit_stages(conf, [0.5, 0.9]).tolist() == [0, 2, 2, 0]
+    assert exit_stages(conf, [0.0, 0.0]).tolist() == [0, 0, 0, 0]
+    assert exit_stages(conf, [1.01, 1.01]).tolist() == [2, 2, 2, 2]
+    with pytest.raises(ValueError, match="need 2 thresholds"):
+        exit_stages(conf, [0.5])
+
+
+def _synthetic(n=4000, seed=0):
+    """Three stages whose running logits get better; early stages are right when confident."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n)
+    stages = []
+    for quality in (1.0, 2.0, 3.5):
+        z = rng.normal(0, 1, (n, 10))
+        z[np.arange(n), labels] += quality * rng.uniform(0, 2, n)
+        stages.append(z)
+    return np.stack(stages), labels
+
+
+def test_calibration_meets_the_accuracy_target_and_saves_flops():
+    logits, labels = _synthetic()
+    scores = CascadeScores(logits, labels, [10, 3, 3])
+    full = scores.correct[-1].mean()
+    chosen = scores.calibrate(target_drop=0.005)
+    assert chosen.accuracy >= full - 0.005 - 1e-12
+    assert chosen.mean_flops < 16  # cheaper than running every stage
+    again = scores.evaluate(chosen.thresholds)
+    assert again.accuracy == chosen.accuracy and again.mean_flops == chosen.mean_flops
+    assert sum(chosen.exit_counts) == len(labels)
+    # A conservative bound never allows more drop than the point estimate.
+    strict = scores.calibrate(target_drop=0.005, z=2.0)
+    assert strict.mean_flops >= chosen.mean_flops
+    d = scores.drop_vs_full(strict)
+    assert (d["net_samples"] + 2.0 * np.sqrt(d["lost"] + d["gained"])) / d["n"] <= 0.005 + 1e-12
+
+
+def test_flops_budget_is_respected():
+    logits, labels = _synthetic()
+    scores = CascadeScores(logits, labels, [10, 3, 3])
+    for budget in (10, 11.5, 13, 16):
+        chosen = scores.calibrate(flops_budget=budget)
+        assert chosen.mean_flops <= budget + 1e-9
+    assert scores.calibrate(flops_budget=16).accuracy >= scores.calibrate(flops_budget=10).accuracy
+    with pytest.raises(ValueError, match="exactly one"):
+        scores.calibrate()
