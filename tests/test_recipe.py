@@ -1,0 +1,86 @@
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import tiny_recipe_dict
+from reskd.training.recipe import RECIPE_DIR, RecipeError, load_recipe, parse_recipe
+
+
+@pytest.mark.parametrize("name", ["fashion-mnist", "fashion-mnist-cpu", "cifar10", "cifar100", "tiny-imagenet"])
+def test_bundled_recipes_parse(name):
+    recipe = load_recipe(name)
+    assert recipe.name == name
+    assert recipe.res_students, "every bundled recipe trains res-students"
+    # Every setting carries its reason: each key has, at least once in the file, a comment on its line or
+    # right above it (repeated res-student sections need not repeat it).
+    lines = (RECIPE_DIR / f"{name}.toml").read_text().splitlines()
+    explained, keys = set(), set()
+    for i, line in enumerate(lines):
+        m = re.match(r"^([a-z_]+)\s*=", line)
+        if m and m[1] not in ("name", "seed"):
+            keys.add(m[1])
+            if "#" in line or (i and lines[i - 1].lstrip().startswith("#")):
+                explained.add(m[1])
+    assert keys - explained == set(), f"settings without a reason in {name}.toml"
+
+
+def test_stage_sections_inherit_and_override_train():
+    recipe = load_recipe("fashion-mnist-cpu")
+    teacher = recipe.teacher.resolve(recipe.train)
+    res = recipe.res_students[0].resolve(recipe.train)
+    assert teacher.epochs == 12 and res.epochs == 6
+    assert teacher.lr == recipe.train.lr and res.grad_clip == 1.0 and teacher.grad_clip is None
+
+
+@pytest.mark.parametrize("section,field,value,message", [
+    ("train", "epochs", 0, "train.epochs: Input should be greater than or equal to 1"),
+    ("train", "lr", -0.1, "train.lr: Input should be greater than 0"),
+    ("train", "schedule", "linear", "train.schedule: Input should be 'onecycle' or 'cosine'"),
+    ("teacher", "arch", "resnet9", "teacher: unknown arch 'resnet9'"),
+    ("student", "kd_alpha", 1.5, "student.kd_alpha: Input should be less than or equal to 1"),
+    ("data", "dataset", "mnist", "data.dataset: Input should be"),
+    ("data", "val_size", -5, "data.val_size: Input should be greater than 0"),
+    ("train", "epoch", 3, "train.epoch: unknown field (typo?)"),
+])
+def test_bad_values_are_named(tmp_path, section, field, value, message):
+    recipe = tiny_recipe_dict(tmp_path)
+    recipe[section] = {**recipe[section], field: value}
+    with pytest.raises(RecipeError) as err:
+        parse_recipe(recipe, "my.toml")
+    assert "my.toml is invalid" in str(err.value)
+    assert message in str(err.value)
+
+
+def test_res_student_without_any_loss_and_unknown_cascade_member(tmp_path):
+    recipe = tiny_recipe_dict(tmp_path)
+    recipe["res_students"] = [{"arch": "resnet8", "mse_weight": 0.0}]
+    with pytest.raises(RecipeError, match="at least one of mse_weight, ce_weight, kd_weight"):
+        parse_recipe(recipe)
+    recipe = tiny_recipe_dict(tmp_path)
+    recipe["baselines"]["independent_cascade"] = [{"arch": "resnet56"}]
+    with pytest.raises(RecipeError, match="names resnet56, which is neither the student nor in baselines.kd_grid"):
+        parse_recipe(recipe)
+
+
+def test_unknown_recipe_and_bad_toml(tmp_path):
+    with pytest.raises(RecipeError, match="neither a file nor a bundled recipe.*fashion-mnist-cpu"):
+        load_recipe("no-such-recipe")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("name = \n")
+    with pytest.raises(RecipeError, match="not valid TOML"):
+        load_recipe(str(bad))
+
+
+def test_cli_reports_recipe_and_data_errors_without_a_traceback(tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "reskd.cli", "train", *args], capture_output=True, text=True)
+
+    out = run("--recipe", "fashion-mnist-cpu", "--out", str(tmp_path / "run"), "--set", "train.epochs=0")
+    assert out.returncode == 2
+    assert "train.epochs: Input should be greater than or equal to 1" in out.stderr
+    assert "Traceback" not in out.stderr
+    out = run("--recipe", "fashion-mnist-cpu", "--out", str(tmp_path / "run"), "--set", f"data.root=\"{tmp_path}\"")
+    assert out.returncode == 2
+    assert "Fashion-MNIST IDX files not found" in out.stderr and "Traceback" not in out.stderr
