@@ -1,0 +1,219 @@
+"""The training pipeline end to end on a tiny generated dataset, observed from the outside and through spies
+on the real functions (they record and pass through; nothing is replaced)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_recipe_dict
+from reskd.training import loop, pipeline
+from reskd.training.data import Normalizer, batches, load_dataset
+from reskd.training.models import ModelSpec, build_model
+from reskd.training.pipeline import RunDirError, Trainer, train
+from reskd.training.recipe import parse_recipe
+
+
+def load_stage(run_dir, name):
+    ckpt = torch.load(run_dir / "checkpoints" / f"{name}.pt", weights_only=True)
+    model = build_model(ModelSpec(ckpt["arch"], ckpt["width"]), ckpt["in_channels"], ckpt["num_classes"])
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval(), ckpt
+
+
+class Spies:
+    def __init__(self):
+        self.fit_calls: list[tuple[str, np.ndarray]] = []  # (stage, ids of the images it trained on)
+        self.residual_calls: list[dict] = []
+        self.teacher_input = None
+        self.current_res = None
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_idx, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    recipe = parse_recipe(tiny_recipe_dict(tiny_idx))
+    spies = Spies()
+    mp = pytest.MonkeyPatch()
+    real_fit, real_target, real_teacher, real_res = loop.fit, pipeline.residual_target, Trainer.teacher, \
+        Trainer.res_student
+
+    def fit_spy(model, step, train_split, cfg, **kw):
+        spies.fit_calls.append((kw["desc"], np.asarray(train_split.ids).copy()))
+        return real_fit(model, step, train_split, cfg, **kw)
+
+    def teacher_spy(self, data, normalizer):
+        stage = real_teacher(self, data, normalizer)
+        stage.model.register_forward_pre_hook(lambda m, args: setattr(spies, "teacher_input", args[0].detach()))
+        return stage
+
+    def res_spy(self, k, *args, **kwargs):
+        spies.current_res = k + 1
+        return real_res(self, k, *args, **kwargs)
+
+    def target_spy(teacher_logits, cascade_logits):
+        if len([c for c in spies.residual_calls if c["res"] == spies.current_res]) < 3:
+            spies.residual_calls.append({"res": spies.current_res, "x": spies.teacher_input.clone(),
+                                         "teacher": teacher_logits.detach().clone(),
+                                         "cascade": cascade_logits.detach().clone()})
+        return real_target(teacher_logits, cascade_logits)
+
+    mp.setattr(loop, "fit", fit_spy)
+    mp.setattr(pipeline, "residual_target", target_spy)
+    mp.setattr(Trainer, "teacher", teacher_spy)
+    mp.setattr(Trainer, "res_student", res_spy)
+    try:
+        report = train(recipe, run_dir, device="cpu")
+    finally:
+        mp.undo()
+    return run_dir, recipe, report, spies
+
+
+def test_every_stage_trains_and_its_loss_falls(tiny_run):
+    run_dir, _, report, spies = tiny_run
+    trained = [name for name, _ in spies.fit_calls]
+    assert trained == ["teacher", "student", "res1", "res2", "kd-resnet8x0.375"]
+    for name in trained:
+        losses = [h["loss"] for h in report["models"][name]["history"]]
+        assert len(losses) >= 2 and losses[-1] < losses[0], f"{name} loss did not fall: {losses}"
+    for name in ("teacher", "student", "res1", "res2"):
+        assert (run_dir / "checkpoints" / f"{name}.pt").is_file()
+
+
+def test_res_student_targets_are_the_centred_teacher_cascade_residual(tiny_run):
+    run_dir, _, _, spies = tiny_run
+    teacher, _ = load_stage(run_dir, "teacher")
+    student, _ = load_stage(run_dir, "student")
+    res1, _ = load_stage(run_dir, "res1")
+    seen = {c["res"] for c in spies.residual_calls}
+    assert seen == {1, 2}
+    with torch.no_grad():
+        for call in spies.residual_calls:
+            x = call["x"]
+            # the teacher's target was computed on this very (augmented) batch, in eval mode
+            assert torch.allclose(call["teacher"], teacher(x), atol=1e-4)
+            expected_cascade = student(x) if call["res"] == 1 else student(x) + res1(x)
+            assert torch.allclose(call["cascade"], expected_cascade, atol=1e-4)
+            target = pipeline.residual_target(call["teacher"], call["cascade"])
+            gap = teacher(x) - expected_cascade
+            assert torch.allclose(target, gap - gap.mean(-1, keepdim=True), atol=1e-4)
+
+
+def test_frozen_stages_keep_weights_and_batchnorm_buffers(tiny_idx, tmp_path):
+    recipe = parse_recipe(tiny_recipe_dict(tiny_idx, baselines={}))
+    trainer = Trainer(recipe, tmp_path, device="cpu")
+    data = load_dataset(recipe.data)
+    norm = Normalizer(data.mean, data.std, trainer.device)
+    teacher = trainer.teacher(data, norm)
+    student = trainer.kd_model("student", "student", recipe.student.spec, recipe.student.resolve(recipe.train),
+                               recipe.student.kd_alpha, recipe.student.kd_temperature,
+                               trainer.fingerprints()["student"], teacher, data, norm)
+    before = {name: {k: v.clone() for k, v in s.model.state_dict().items()} for name, s in
+              (("teacher", teacher), ("student", student))}
+    res1 = trainer.res_student(0, recipe.res_students[0], teacher, [student], data, norm)
+    assert res1.history and res1.trained_now
+    for name, stage in (("teacher", teacher), ("student", student)):
+        after = stage.model.state_dict()
+        assert any("running_mean" in k for k in after)
+        for key, value in before[name].items():
+            assert torch.equal(after[key], value), f"{name}.{key} moved while res1 trained"
+        assert not stage.model.training
+
+
+def test_cascade_logits_are_the_sum_of_stage_logits(tiny_run):
+    run_dir, _, report, _ = tiny_run
+    saved = np.load(run_dir / "logits.npz")
+    data = json.loads((run_dir / "run.json").read_text())["data"]
+    recipe = parse_recipe(json.loads((run_dir / "run.json").read_text())["recipe"])
+    bundle = load_dataset(recipe.data)
+    norm = Normalizer(data["mean"], data["std"], torch.device("cpu"))
+    x = torch.cat([xb for xb, _ in batches(bundle.test, 128, normalizer=norm, device=torch.device("cpu"))])
+    stages = [load_stage(run_dir, n)[0] for n in ("student", "res1", "res2")]
+    with torch.no_grad():
+        stage_logits = [m(x) for m in stages]
+    running = torch.zeros_like(stage_logits[0])
+    for k, (name, logits) in enumerate(zip(("student", "res1", "res2"), stage_logits)):
+        assert np.allclose(saved[f"test/{name}"], logits.numpy(), atol=1e-4)
+        running = running + logits
+        accuracy = (running.argmax(-1).numpy() == saved["test/labels"]).mean() * 100
+        assert report["cascade"]["depths"][k]["test_accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    assert report["cascade"]["stage_flops"] == [report["models"][n]["flops"] for n in ("student", "res1", "res2")]
+
+
+def test_validation_images_are_never_trained_on(tiny_run):
+    run_dir, _, _, spies = tiny_run
+    val_ids = set(json.loads((run_dir / "run.json").read_text())["data"]["val_ids"])
+    assert len(val_ids) == 100
+    for name, ids in spies.fit_calls:
+        assert len(ids) == 600, name
+        assert not val_ids & set(ids.tolist()), f"{name} trained on validation images"
+
+
+def test_report_files_and_figures(tiny_run):
+    run_dir, recipe, report, _ = tiny_run
+    for name in ("report.json", "report.md", "pareto.png", "logits.npz", "run.json"):
+        assert (run_dir / name).stat().st_size > 0
+    assert (run_dir / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((run_dir / "report.json").read_text())
+    assert saved["adaptive"] == report["adaptive"]
+    a = report["adaptive"]
+    assert len(a["thresholds"]) == 2 and sum(a["test"]["exit_counts"]) == 200
+    lo, hi = a["test"]["ci95"]
+    assert lo <= a["test"]["accuracy"] <= hi
+    full_flops = sum(report["cascade"]["stage_flops"])
+    assert report["cascade"]["stage_flops"][0] <= a["test"]["mean_flops"] <= full_flops
+    assert [g["tag"] for g in report["kd_grid"]] == ["resnet8x0.25", "resnet8x0.375"]
+    assert report["independent_cascade"]["models"] == ["student", "kd-resnet8x0.375"]
+    md = (run_dir / "report.md").read_text()
+    assert "2 x multiply-accumulates" in md and "| adaptive - teacher |" in md
+    assert report["models"]["teacher"]["pct_teacher_flops"] == 100.0
+
+
+def test_resume_skips_finished_stages(tiny_run, tmp_path, monkeypatch):
+    run_dir, recipe, report, _ = tiny_run
+    copy = tmp_path / "run"
+    import shutil
+
+    shutil.copytree(run_dir, copy)
+    with pytest.raises(RunDirError, match="already holds a run; pass --resume"):
+        Trainer(recipe, copy, device="cpu")
+    trained = []
+    real_fit = loop.fit
+    monkeypatch.setattr(loop, "fit", lambda *a, **kw: trained.append(kw["desc"]) or real_fit(*a, **kw))
+    again = train(recipe, copy, resume=True, device="cpu")
+    assert trained == []
+    assert again["models"]["res2"]["test_accuracy"] == report["models"]["res2"]["test_accuracy"]
+    assert again["adaptive"]["thresholds"] == report["adaptive"]["thresholds"]
+    # Remove the last res-student: only it is trained again.
+    (copy / "checkpoints" / "res2.pt").unlink()
+    train(recipe, copy, resume=True, device="cpu")
+    assert trained == ["res2"]
+
+
+def test_resume_refuses_a_changed_stage(tiny_run, tmp_path):
+    run_dir, _, _, _ = tiny_run
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    changed = tiny_recipe_dict(json.loads((run_dir / "run.json").read_text())["recipe"]["data"]["root"])
+    changed["student"] = {**changed["student"], "kd_temperature": 2.0}
+    with pytest.raises(RunDirError, match="student.pt was trained with other settings"):
+        train(parse_recipe(changed), copy, resume=True, device="cpu")
+
+
+def test_teacher_from_a_checkpoint(tiny_run, tiny_idx, tmp_path):
+    run_dir, _, report, _ = tiny_run
+    recipe = tiny_recipe_dict(tiny_idx, baselines={})
+    recipe["teacher"] = {**recipe["teacher"], "checkpoint": str(run_dir / "checkpoints" / "teacher.pt")}
+    recipe["res_students"] = []
+    out = train(parse_recipe(recipe), tmp_path / "run", device="cpu")
+    assert out["models"]["teacher"]["test_accuracy"] == report["models"]["teacher"]["test_accuracy"]
+    assert out["models"]["teacher"]["history"] == []
+    wrong = tiny_recipe_dict(tiny_idx, baselines={})
+    wrong["teacher"] = {"arch": "resnet14", "checkpoint": str(run_dir / "checkpoints" / "teacher.pt")}
+    with pytest.raises(ValueError, match="does not fit the recipe's teacher arch"):
+        train(parse_recipe(wrong), tmp_path / "run2", device="cpu")

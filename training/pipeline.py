@@ -1,0 +1,323 @@
+"""`reskd train`: teacher -> student (KD) -> res-students (residual) -> baselines -> evaluation -> report.
+
+Every stage is checkpointed to RUN_DIR/checkpoints/<stage>.pt as soon as it finishes (written atomically); with
+--resume a finished stage is loaded instead of trained, after checking that the recipe still trains it the same
+way (its fingerprint). Earlier stages are frozen in eval mode while later ones train, so their weights and
+batch-norm statistics never move.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import loop
+from .data import DataBundle, Normalizer, batches, load_dataset
+from .flops import count_flops, count_params
+from .losses import kd_loss, residual_mse, residual_target
+from .models import ModelSpec, build_model
+from .recipe import Recipe, ResStudentConfig
+
+CHECKPOINT_DIR = "checkpoints"
+RUN_FILE = "run.json"
+LOGITS_FILE = "logits.npz"
+
+
+class RunDirError(RuntimeError):
+    pass
+
+
+@dataclass
+class Stage:
+    """A trained (or loaded) model with what the report needs to know about it."""
+
+    name: str
+    kind: str  # teacher | student | res_student | kd_baseline
+    spec: ModelSpec
+    model: torch.nn.Module
+    history: list[dict] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+    trained_now: bool = False
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda asked for, but torch sees no CUDA device")
+    if name in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _seed(recipe: Recipe, name: str) -> int:
+    return recipe.seed * 100_003 + zlib.crc32(name.encode()) % 100_000
+
+
+def _save_atomic(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, out: Path, *, resume: bool = False, device: str = "auto"):
+        self.recipe = recipe
+        self.out = Path(out)
+        self.resume = resume
+        self.device = pick_device(device)
+        self.ckpt_dir = self.out / CHECKPOINT_DIR
+        self._check_run_dir()
+
+    # -- run directory ------------------------------------------------------------------------------------------
+    def _check_run_dir(self) -> None:
+        if self.ckpt_dir.is_dir() and any(self.ckpt_dir.glob("*.pt")) and not self.resume:
+            raise RunDirError(f"{self.out} already holds a run; pass --resume to continue it, or choose another --out")
+        run_file = self.out / RUN_FILE
+        if self.resume and run_file.is_file():
+            previous = json.loads(run_file.read_text())["recipe"]
+            if previous.get("data") != self.recipe.model_dump(mode="json")["data"]:
+                raise RunDirError(f"{self.out} was trained on other data settings; resume it with the same recipe")
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+
+    def _write_run_file(self, data: DataBundle) -> None:
+        info = {
+            "recipe": self.recipe.model_dump(mode="json"),
+            "data": {
+                "dataset": data.name, "labels": data.labels, "channels": data.channels, "height": data.height,
+                "width": data.width, "mean": data.mean, "std": data.std, **data.meta,
+                "val_ids": data.val.ids.tolist(),
+            },
+            "environment": {
+                "torch": torch.__version__, "python": platform.python_version(), "device": str(self.device),
+                "device_name": torch.cuda.get_device_name() if self.device.type == "cuda" else platform.processor(),
+                "threads": torch.get_num_threads(),
+            },
+        }
+        (self.out / RUN_FILE).write_text(json.dumps(info, indent=1))
+
+    # -- stages -------------------------------------------------------------------------------------------------
+    def _build(self, spec: ModelSpec, name: str, data: DataBundle) -> torch.nn.Module:
+        torch.manual_seed(_seed(self.recipe, name))
+        return loop.prepare(build_model(spec, data.channels, len(data.labels)), self.device)
+
+    def _load_checkpoint(self, name: str, fingerprint: str, model: torch.nn.Module) -> dict | None:
+        path = self.ckpt_dir / f"{name}.pt"
+        if not path.is_file():
+            return None
+        ckpt = torch.load(path, map_location=self.device, weights_only=True)
+        if ckpt["fingerprint"] != fingerprint:
+            raise RunDirError(f"{path} was trained with other settings than the recipe now gives for stage {name!r}; "
+                              "delete that checkpoint (and later ones) to retrain it, or use another --out")
+        model.load_state_dict(ckpt["state_dict"])
+        model.eval()
+        return ckpt
+
+    def _save_checkpoint(self, stage: Stage, fingerprint: str, data: DataBundle) -> None:
+        state = {k: v.detach().cpu().contiguous() for k, v in stage.model.state_dict().items()}
+        _save_atomic({
+            "name": stage.name, "kind": stage.kind, "arch": stage.spec.arch, "width": stage.spec.width,
+            "in_channels": data.channels, "num_classes": len(data.labels), "state_dict": state,
+            "history": stage.history, "extra": stage.extra, "fingerprint": fingerprint,
+        }, self.ckpt_dir / f"{stage.name}.pt")
+
+    def _stage(self, name: str, kind: str, spec: ModelSpec, fingerprint: str, data: DataBundle, train_fn) -> Stage:
+        model = self._build(spec, name, data)
+        ckpt = self._load_checkpoint(name, fingerprint, model)
+        if ckpt is not None:
+            print(f"[resume] {name}: loaded {self.ckpt_dir / (name + '.pt')}", file=sys.stderr)
+            stage = Stage(name, kind, spec, model, ckpt["history"], ckpt["extra"])
+        else:
+            started = time.time()
+            stage = Stage(name, kind, spec, model, trained_now=True)
+            train_fn(stage)
+            stage.extra["train_seconds"] = round(time.time() - started, 1)
+            self._save_checkpoint(stage, fingerprint, data)
+        stage.model.eval()
+        stage.model.requires_grad_(False)  # frozen from here on: later stages only read it
+        return stage
+
+    def _fit(self, stage: Stage, step, cfg, data: DataBundle, normalizer: Normalizer) -> None:
+        stage.history = loop.fit(stage.model, step, data.train, cfg, normalizer=normalizer, device=self.device,
+                                 seed=_seed(self.recipe, stage.name), desc=stage.name)
+
+    def teacher(self, data: DataBundle, normalizer: Normalizer) -> Stage:
+        r = self.recipe
+        cfg = r.teacher.resolve(r.train)
+
+        def train(stage: Stage) -> None:
+            if r.teacher.checkpoint:
+                load_external_checkpoint(stage.model, r.teacher.checkpoint)
+                stage.extra["source"] = str(r.teacher.checkpoint)
+                return
+
+            def step(x, y):
+                logits = stage.model(x).float()
+                return F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing), logits
+
+            self._fit(stage, step, cfg, data, normalizer)
+
+        return self._stage("teacher", "teacher", r.teacher.spec, self.fingerprints()["teacher"], data, train)
+
+    def kd_model(self, name: str, kind: str, spec: ModelSpec, cfg, alpha: float, temperature: float,
+                 fingerprint: str, teacher: Stage, data: DataBundle, normalizer: Normalizer) -> Stage:
+        def train(stage: Stage) -> None:
+            def step(x, y):
+                with torch.no_grad():
+                    t = teacher.model(x).float()
+                s = stage.model(x).float()
+                return kd_loss(s, t, y, alpha, temperature), s
+
+            self._fit(stage, step, cfg, data, normalizer)
+
+        return self._stage(name, kind, spec, fingerprint, data, train)
+
+    def res_student(self, k: int, rcfg: ResStudentConfig, teacher: Stage, frozen: list[Stage], data: DataBundle,
+                    normalizer: Normalizer) -> Stage:
+        cfg = rcfg.resolve(self.recipe.train)
+
+        def cascade_so_far(x):
+            return sum(s.model(x).float() for s in frozen)
+
+        def train(stage: Stage) -> None:
+            # A zero output layer makes the new stage start as a no-op: the cascade is exactly as good as before
+            # and the residual is learned from there, instead of first undoing random logits.
+            torch.nn.init.zeros_(stage.model.fc.weight)
+            torch.nn.init.zeros_(stage.model.fc.bias)
+            scale_sq = self._residual_scale(rcfg, teacher, cascade_so_far, cfg, data, normalizer, stage.name)
+            stage.extra["residual_scale_sq"] = scale_sq
+
+            def step(x, y):
+                with torch.no_grad():
+                    t = teacher.model(x).float()
+                    prev = cascade_so_far(x)
+                r = stage.model(x).float()
+                z = prev + r
+                loss = torch.zeros((), device=x.device)
+                if rcfg.mse_weight:
+                    loss = loss + rcfg.mse_weight * residual_mse(r, residual_target(t, prev), scale_sq)
+                if rcfg.ce_weight:
+                    loss = loss + rcfg.ce_weight * F.cross_entropy(z, y)
+                if rcfg.kd_weight:
+                    loss = loss + rcfg.kd_weight * kd_loss(z, t, y, 0.0, rcfg.kd_temperature)
+                return loss, z
+
+            self._fit(stage, step, cfg, data, normalizer)
+
+        name = f"res{k + 1}"
+        return self._stage(name, "res_student", rcfg.spec, self.fingerprints()[name], data, train)
+
+    @torch.no_grad()
+    def _residual_scale(self, rcfg, teacher, cascade_so_far, cfg, data, normalizer, name) -> float:
+        """rho^2: the mean squared norm of the centred residual over (up to) 20 augmented training batches, or the
+        class count for residual_norm = "none" (plain per-element MSE)."""
+        if rcfg.residual_norm == "none":
+            return float(len(data.labels))  # plain per-element mean squared error
+        total, count = 0.0, 0
+        for i, (x, _) in enumerate(batches(data.train, cfg.batch_size, normalizer=normalizer, device=self.device,
+                                           shuffle=True, seed=_seed(self.recipe, name),
+                                           augmentation=(cfg.crop_padding, cfg.flip))):
+            if i == 20:
+                break
+            with loop.autocast(self.device):
+                target = residual_target(teacher.model(x).float(), cascade_so_far(x))
+            total += float((target ** 2).sum())
+            count += len(x)
+        return max(total / count, 1e-8)
+
+    # -- the whole run ------------------------------------------------------------------------------------------
+    def fingerprints(self) -> dict[str, str]:
+        """Checkpoint name -> a hash of everything that determines that stage's weights: data, seed, its own
+        section with the training settings it resolves to, and the fingerprints of the stages it learns from."""
+        r = self.recipe
+
+        def digest(*parts) -> str:
+            payload = json.dumps([r.seed, r.data.model_dump(mode="json"), *parts], sort_keys=True, default=str)
+            return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+        def section(cfg) -> dict:
+            return {"section": cfg.model_dump(mode="json"), "train": cfg.resolve(r.train).model_dump(mode="json")}
+
+        fps = {"teacher": digest("teacher", section(r.teacher))}
+        fps["student"] = previous = digest(fps["teacher"], "student", section(r.student))
+        for k, rcfg in enumerate(r.res_students):
+            fps[f"res{k + 1}"] = previous = digest(fps["teacher"], previous, "res_student", section(rcfg))
+        b = r.baselines
+        for entry in self._grid_entries():
+            fps[f"kd-{entry.spec.tag}"] = digest(fps["teacher"], "kd_baseline", entry.spec.tag, b.kd_alpha,
+                                                 b.kd_temperature, b.resolve(r.train).model_dump(mode="json"))
+        return fps
+
+    def _grid_entries(self):
+        # The student is itself a KD single model of its size; the report lists it in the grid instead.
+        return [e for e in self.recipe.baselines.kd_grid if e.spec != self.recipe.student.spec]
+
+    def run(self) -> dict:
+        from .report import write_report
+
+        r = self.recipe
+        started = time.time()
+        fps = self.fingerprints()
+        data = load_dataset(r.data)
+        data = data.to(self.device)
+        self._write_run_file(data)
+        normalizer = Normalizer(data.mean, data.std, self.device)
+
+        teacher = self.teacher(data, normalizer)
+        student = self.kd_model("student", "student", r.student.spec, r.student.resolve(r.train), r.student.kd_alpha,
+                                r.student.kd_temperature, fps["student"], teacher, data, normalizer)
+        cascade = [student]
+        for k, rcfg in enumerate(r.res_students):
+            cascade.append(self.res_student(k, rcfg, teacher, list(cascade), data, normalizer))
+
+        bcfg = r.baselines.resolve(r.train)
+        baselines = [self.kd_model(f"kd-{e.spec.tag}", "kd_baseline", e.spec, bcfg, r.baselines.kd_alpha,
+                                   r.baselines.kd_temperature, fps[f"kd-{e.spec.tag}"], teacher, data, normalizer)
+                     for e in self._grid_entries()]
+
+        stages = [teacher, *cascade, *baselines]
+        logits = self.evaluate(stages, data, normalizer)
+        shape = (data.channels, data.height, data.width)
+        report = write_report(self.out, r, data, stages, logits, {s.name: count_flops(s.model, shape) for s in stages},
+                              {s.name: count_params(s.model) for s in stages})
+        report["wall_seconds"] = round(time.time() - started, 1)
+        (self.out / "report.json").write_text(json.dumps(report, indent=1))
+        return report
+
+    def evaluate(self, stages: list[Stage], data: DataBundle, normalizer: Normalizer) -> dict[str, np.ndarray]:
+        """Logits of every model on validation and test, saved to RUN_DIR/logits.npz for export and re-analysis."""
+        bs = self.recipe.train.eval_batch_size
+        arrays = {"val/labels": data.val.labels.cpu().numpy(), "test/labels": data.test.labels.cpu().numpy()}
+        for stage in stages:
+            for split_name, split in (("val", data.val), ("test", data.test)):
+                arrays[f"{split_name}/{stage.name}"] = loop.predict(stage.model, split, normalizer=normalizer,
+                                                                    device=self.device, batch_size=bs).numpy()
+        np.savez_compressed(self.out / LOGITS_FILE, **arrays)
+        return arrays
+
+
+def load_external_checkpoint(model: torch.nn.Module, path: str) -> None:
+    """A teacher from elsewhere: one of our stage checkpoints, or a bare state_dict of the same architecture."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"teacher.checkpoint {path} does not exist")
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if state is None:
+        raise ValueError(f"teacher.checkpoint {path} holds neither a state_dict nor a reskd checkpoint")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"teacher.checkpoint {path} does not fit the recipe's teacher arch: {err}") from None
+
+
+def train(recipe: Recipe, out: str | Path, *, resume: bool = False, device: str = "auto") -> dict:
+    return Trainer(recipe, Path(out), resume=resume, device=device).run()
