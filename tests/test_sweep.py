@@ -1,0 +1,96 @@
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import real_fashion_mnist_or_fail, tiny_recipe_dict
+from reskd.training import loop
+from reskd.training.recipe import RecipeError
+from reskd.training.sweep import run_sweep
+
+SWEEP = Path(__file__).resolve().parents[1] / "training" / "sweeps" / "fashion-mnist-gpu.toml"
+
+
+def _toml_value(v):
+    return json.dumps(v)
+
+
+def write_base_recipe(path: Path, root: Path) -> None:
+    """The tiny recipe as TOML (sections as inline tables: enough for a sweep's base)."""
+    r = tiny_recipe_dict(root, baselines={"kd_grid": [{"arch": "resnet8", "width": 0.375}], "epochs": 1})
+    r["res_students"] = r["res_students"][:1]
+    lines = [f'name = "{r["name"]}"', f"seed = {r['seed']}"]
+    for key in ("data", "train", "teacher", "student", "baselines", "evaluation"):
+        lines.append(f"[{key}]")
+        for k, v in r[key].items():
+            lines.append(f"{k} = " + (_inline(v) if isinstance(v, list) else _toml_value(v)))
+    for res in r["res_students"]:
+        lines.append("[[res_students]]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in res.items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _inline(items):
+    return "[" + ", ".join("{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in d.items()) + "}" for d in items) + "]"
+
+
+def test_sweep_shares_identical_stages_and_selects_on_validation(tiny_idx, tmp_path, monkeypatch):
+    write_base_recipe(tmp_path / "base.toml", tiny_idx)
+    (tmp_path / "sweep.toml").write_text('''
+base = "base.toml"
+select_max_pct_teacher_flops = 100.0
+[[axes]]
+name = "student"
+variants = [{ label = "s25", "student.width" = 0.25 }, { label = "s50", "student.width" = 0.5 }]
+[[axes]]
+name = "loss"
+variants = [{ label = "mse" }, { label = "ce", "res_students.0.ce_weight" = 1.0 }]
+''')
+    trained = []
+    real_fit = loop.fit
+    monkeypatch.setattr(loop, "fit", lambda *a, **kw: trained.append(kw["desc"]) or real_fit(*a, **kw))
+    rows = run_sweep(str(tmp_path / "sweep.toml"), str(tmp_path / "out"), device="cpu")
+    assert [r["variant"] for r in rows] == ["s25_mse", "s25_ce", "s50_mse", "s50_ce"]
+    # one teacher and one KD baseline for the whole sweep, one student per student setting, a res-student each
+    assert trained.count("teacher") == 1 and trained.count("kd-resnet8x0.375") == 1
+    assert trained.count("student") == 2 and trained.count("res1") == 4
+    summary = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    best = max(rows, key=lambda r: (r["val_adaptive"], -r["val_adaptive_pct_teacher_flops"]))
+    assert summary["selected"]["variant"] == best["variant"]
+    assert "Test columns are for reading, not choosing" in (tmp_path / "out" / "sweep.md").read_text()
+    # A rerun resumes: nothing is trained again.
+    trained.clear()
+    run_sweep(str(tmp_path / "sweep.toml"), str(tmp_path / "out"), device="cpu")
+    assert trained == []
+
+
+def test_a_bad_variant_fails_before_anything_trains(tiny_idx, tmp_path, monkeypatch):
+    write_base_recipe(tmp_path / "base.toml", tiny_idx)
+    (tmp_path / "sweep.toml").write_text('''
+base = "base.toml"
+[[axes]]
+name = "teacher"
+variants = [{ label = "ok" }, { label = "typo", "teacher.arch" = "resnet9" }]
+''')
+    trained = []
+    monkeypatch.setattr(loop, "fit", lambda *a, **kw: trained.append(kw["desc"]))
+    with pytest.raises(RecipeError, match="unknown arch 'resnet9'"):
+        run_sweep(str(tmp_path / "sweep.toml"), str(tmp_path / "out"), device="cpu")
+    assert trained == []
+    (tmp_path / "nolabel.toml").write_text('base = "base.toml"\n[[axes]]\nvariants = [{ "teacher.epochs" = 2 }]\n')
+    with pytest.raises(RecipeError, match="each with a `label`"):
+        run_sweep(str(tmp_path / "nolabel.toml"), str(tmp_path / "out2"), device="cpu")
+
+
+@pytest.mark.real_data
+def test_the_gpu_sweep_runs_end_to_end_on_cpu_with_tiny(tmp_path):
+    """The sweep the GPU run will use, whole grid, on real Fashion-MNIST with the file's tiny schedule."""
+    real_fashion_mnist_or_fail()
+    rows = run_sweep(str(SWEEP), str(tmp_path / "sweep"), tiny=True, device="cpu")
+    assert len(rows) == 12
+    summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert summary["selected"] is None or summary["selected"]["variant"] in {r["variant"] for r in rows}
+    for row in rows:
+        assert (tmp_path / "sweep" / row["variant"] / "report.md").is_file()
+    shutil.rmtree(tmp_path / "sweep")
