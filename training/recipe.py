@@ -82,7 +82,9 @@ class _StageOverrides(_Strict):
         return base.model_copy(update=given)
 
 
-class _ModelSection(_StageOverrides):
+class GridEntry(_Strict):
+    """A model of the registry: architecture name and width multiplier."""
+
     arch: str
     width: float = Field(1.0, gt=0)
 
@@ -95,6 +97,10 @@ class _ModelSection(_StageOverrides):
     @property
     def spec(self) -> ModelSpec:
         return ModelSpec(self.arch, self.width)
+
+
+class _ModelSection(_StageOverrides, GridEntry):
+    """A stage: its model plus any training settings it overrides."""
 
 
 class TeacherConfig(_ModelSection):
@@ -118,21 +124,6 @@ class ResStudentConfig(_ModelSection):
         if self.mse_weight + self.ce_weight + self.kd_weight == 0:
             raise ValueError("a res-student needs at least one of mse_weight, ce_weight, kd_weight > 0")
         return self
-
-
-class GridEntry(_Strict):
-    arch: str
-    width: float = Field(1.0, gt=0)
-
-    @model_validator(mode="after")
-    def _known_arch(self):
-        if self.arch not in available_models():
-            raise ValueError(f"unknown arch {self.arch!r}; available: {', '.join(available_models())}")
-        return self
-
-    @property
-    def spec(self) -> ModelSpec:
-        return ModelSpec(self.arch, self.width)
 
 
 class BaselinesConfig(_StageOverrides):
