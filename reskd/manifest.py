@@ -1,0 +1,183 @@
+"""The model repository contract (DESIGN.md section 3): REPO/NAME/VERSION/manifest.json plus one ONNX file per
+stage. Loading verifies every field (naming the one at fault) and every file's sha256 before anything runs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+MANIFEST = "manifest.json"
+
+
+class ManifestError(ValueError):
+    """A model version cannot be used as it is; the message names the file or field and what is wrong."""
+
+
+class InputSpec(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    channels: Literal[1, 3]
+    height: int = Field(gt=0)
+    width: int = Field(gt=0)
+    color: Literal["L", "RGB"]
+    # How an image of another size is brought to height x width: "bilinear" stretches it; "fit-center" scales the
+    # shorter side then centre-crops (aspect kept).
+    resize: Literal["bilinear", "fit-center"] = "bilinear"
+    mean: list[float]
+    std: list[float]
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if (self.color == "L") != (self.channels == 1):
+            raise ValueError(f"color {self.color!r} does not match channels {self.channels}")
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError(f"mean and std need one value per channel ({self.channels})")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std values must be > 0")
+        return self
+
+
+class StageSpec(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    file: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    flops: int = Field(gt=0)
+
+
+class TeacherSpec(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    flops: int = Field(gt=0)
+    accuracy: float | None = None
+
+
+class ExitSpec(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    measure: Literal["max_prob", "margin", "entropy"]
+    thresholds: list[float]
+
+    @model_validator(mode="after")
+    def _range(self):
+        if any(not 0.0 <= t <= 1.0 for t in self.thresholds):
+            raise ValueError("thresholds must lie in [0, 1]")
+        return self
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    version: int = Field(ge=1)
+    labels: list[str] = Field(min_length=2)
+    input: InputSpec
+    stages: list[StageSpec] = Field(min_length=1)
+    teacher: TeacherSpec
+    exit: ExitSpec
+    metrics: dict = {}
+
+    @model_validator(mode="after")
+    def _thresholds_per_stage(self):
+        if len(self.exit.thresholds) != len(self.stages) - 1:
+            raise ValueError(f"exit.thresholds needs {len(self.stages) - 1} values (one per stage but the last), "
+                             f"has {len(self.exit.thresholds)}")
+        return self
+
+    @property
+    def stage_flops(self) -> list[int]:
+        return [s.flops for s in self.stages]
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _errors(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        where = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        parts.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
+    return "; ".join(parts)
+
+
+def load_manifest(version_dir: Path, verify_files: bool = True, check_folder_name: bool = True) -> Manifest:
+    path = Path(version_dir) / MANIFEST
+    if not path.is_file():
+        raise ManifestError(f"{path} is missing")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ManifestError(f"{path} is not valid JSON: {err}") from None
+    try:
+        manifest = Manifest.model_validate(raw)
+    except ValidationError as err:
+        raise ManifestError(f"{path}: {_errors(err)}") from None
+    if check_folder_name and str(manifest.version) != Path(version_dir).name:
+        raise ManifestError(f"{path}: version: {manifest.version} does not match its folder {Path(version_dir).name!r}")
+    if verify_files:
+        for i, stage in enumerate(manifest.stages):
+            f = Path(version_dir) / stage.file
+            if not f.is_file():
+                raise ManifestError(f"{path}: stages.{i}.file: {stage.file} is missing from {version_dir}")
+            digest = sha256_file(f)
+            if digest != stage.sha256:
+                raise ManifestError(f"{path}: stages.{i}.sha256: {stage.file} has sha256 {digest}, the manifest "
+                                    f"says {stage.sha256} (file changed or corrupt; re-export the model)")
+    return manifest
+
+
+def write_manifest(version_dir: Path, manifest: dict) -> None:
+    """Validated, then written atomically."""
+    Manifest.model_validate(manifest)
+    tmp = Path(version_dir) / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, Path(version_dir) / MANIFEST)
+
+
+class ModelRepository:
+    """REPO/NAME/VERSION/ folders. The highest version is used unless one is named."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise ManifestError(f"model repository {self.root} does not exist")
+
+    def models(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and self.versions(p.name))
+
+    def versions(self, name: str) -> list[int]:
+        d = self.root / name
+        if not d.is_dir():
+            return []
+        return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and re.fullmatch(r"[1-9][0-9]*", p.name)
+                      and (p / MANIFEST).is_file())
+
+    def resolve(self, name: str, version: int | None = None) -> Path:
+        versions = self.versions(name)
+        if not versions:
+            known = ", ".join(self.models()) or "none"
+            raise ManifestError(f"no model {name!r} in {self.root} (models: {known})")
+        if version is None:
+            version = versions[-1]
+        if version not in versions:
+            raise ManifestError(f"model {name!r} has no version {version} (versions: {versions})")
+        return self.root / name / str(version)
+
+    def load(self, name: str, version: int | None = None) -> tuple[Path, Manifest]:
+        path = self.resolve(name, version)
+        return path, load_manifest(path)
+
+
+def parse_model_ref(ref: str) -> tuple[str, int | None]:
+    """'NAME' or 'NAME:VERSION'."""
+    name, _, version = ref.partition(":")
+    if not name or (version and not version.isdigit()):
+        raise ManifestError(f"model reference {ref!r} should be NAME or NAME:VERSION")
+    return name, int(version) if version else None

@@ -1,0 +1,106 @@
+"""Image bytes -> the float32 tensor a model expects, per the manifest's `input` section. The one place where
+images are prepared: HTTP requests and batch scoring both come through here.
+
+Steps: decode (format sniffed from the bytes; first frame of animations), refuse decompression bombs, bring any
+mode to the manifest's colour (16-bit scaled, not clipped; palette and alpha composited onto black, the
+background of the training images; CMYK converted), resize to height x width per `resize`, scale to [0, 1],
+then (x - mean) / std per channel.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .manifest import InputSpec
+
+DEFAULT_MAX_PIXELS = 40_000_000
+
+
+class ImageError(ValueError):
+    """The bytes are not an image this service can read; the message says why."""
+
+
+class ImageTooLarge(ImageError):
+    """Decoding would exceed the pixel limit (a decompression bomb, or simply too large)."""
+
+
+def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    if not data:
+        raise ImageError("empty image: the body or part has no bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ImageTooLarge(f"image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}")
+            img.seek(0)
+            img.load()
+    except ImageError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        if isinstance(err, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+            raise ImageTooLarge(f"image rejected as a decompression bomb: {err}") from None
+        raise ImageError("cannot identify an image in the bytes (PNG, JPEG, WebP, BMP and GIF are read)") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ImageError(f"image data is corrupt or truncated: {err}") from None
+    return img
+
+
+def to_mode(img: Image.Image, color: str) -> Image.Image:
+    """Convert any PIL mode to 'L' or 'RGB'."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        scale = 255.0 if arr.max() <= 1.0 else 1.0
+        img = Image.fromarray(np.clip(arr * scale + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert(color)
+
+
+def resize(img: Image.Image, height: int, width: int, how: str) -> Image.Image:
+    if img.size == (width, height):
+        return img
+    if how == "fit-center":
+        scale = max(width / img.width, height / img.height)
+        w, h = max(width, round(img.width * scale)), max(height, round(img.height * scale))
+        img = img.resize((w, h), Image.Resampling.BILINEAR)
+        left, top = (w - width) // 2, (h - height) // 2
+        return img.crop((left, top, left + width, top + height))
+    return img.resize((width, height), Image.Resampling.BILINEAR)
+
+
+def normalise(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """uint8 [C, H, W] (or [N, C, H, W]) -> float32 (x/255 - mean) / std."""
+    x = pixels.astype(np.float32) / np.float32(255.0)
+    shape = (-1, 1, 1)
+    mean = np.asarray(spec.mean, dtype=np.float32).reshape(shape)
+    std = np.asarray(spec.std, dtype=np.float32).reshape(shape)
+    return (x - mean) / std
+
+
+def image_to_pixels(img: Image.Image, spec: InputSpec) -> np.ndarray:
+    img = resize(to_mode(img, spec.color), spec.height, spec.width, spec.resize)
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def preprocess(data: bytes, spec: InputSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Encoded image bytes -> float32 [C, H, W], ready for the cascade."""
+    img = decode(data, max_pixels)
+    try:
+        return normalise(image_to_pixels(img, spec), spec)
+    except (OSError, ValueError) as err:
+        raise ImageError(f"image data is corrupt or truncated: {err}") from None

@@ -1,0 +1,120 @@
+"""The cascade runtime: onnxruntime + numpy, no torch. Calibration, serving, batch scoring and benchmarks all
+execute a model repository version through this one class, so what is calibrated is exactly what is served.
+
+A batch goes through the stages in order; each stage runs only on the samples still undecided. After stage s the
+running logits are the sum of the stage outputs so far; a sample leaves when its confidence (reskd.exit_policy)
+reaches the stage's threshold, or when it reaches max_stage; the last stage always answers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .exit_policy import confidence
+from .manifest import Manifest, load_manifest
+
+
+@dataclass
+class CascadeResult:
+    logits: np.ndarray  # float32 [N, classes]: running logits at the exit stage (summed in float64)
+    class_id: np.ndarray  # int64 [N]
+    confidence: np.ndarray  # float64 [N], the manifest's exit measure at the exit stage
+    exit_stage: np.ndarray  # int32 [N]
+    flops: np.ndarray  # int64 [N]: sum of the FLOPs of the stages each sample ran
+
+    def __len__(self) -> int:
+        return len(self.class_id)
+
+
+def default_providers(device: str = "auto") -> list[str]:
+    available = ort.get_available_providers()
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise RuntimeError(f"device 'cuda' asked for, but onnxruntime offers only {available}")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "auto" and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class CascadeRuntime:
+    def __init__(self, version_dir: str | Path, *, providers: list[str] | None = None,
+                 session_options: ort.SessionOptions | None = None, check_folder_name: bool = True):
+        self.path = Path(version_dir)
+        self.manifest: Manifest = load_manifest(self.path, check_folder_name=check_folder_name)
+        self.providers = providers or default_providers()
+        self.sessions = [ort.InferenceSession(str(self.path / s.file), sess_options=session_options,
+                                              providers=self.providers) for s in self.manifest.stages]
+        self.stage_flops = np.asarray(self.manifest.stage_flops, dtype=np.int64)
+        self.cum_flops = np.cumsum(self.stage_flops)
+        m = self.manifest.input
+        self.input_shape = (m.channels, m.height, m.width)
+        self.num_classes = len(self.manifest.labels)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.sessions)
+
+    def stage_logits(self, stage: int, images: np.ndarray) -> np.ndarray:
+        return self.sessions[stage].run(["logits"], {"images": images})[0]
+
+    def _check(self, images: np.ndarray) -> np.ndarray:
+        images = np.asarray(images)
+        if images.ndim != 4 or images.shape[1:] != self.input_shape:
+            raise ValueError(f"images must be [N, {', '.join(map(str, self.input_shape))}], got {list(images.shape)}")
+        if images.dtype != np.float32:
+            images = images.astype(np.float32)
+        return np.ascontiguousarray(images)
+
+    def thresholds_for(self, threshold: float | None) -> np.ndarray:
+        if threshold is None:
+            return np.asarray(self.manifest.exit.thresholds, dtype=np.float64)
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must be between 0 and 1, got {threshold}")
+        return np.full(self.num_stages - 1, threshold, dtype=np.float64)
+
+    def run(self, images: np.ndarray, *, threshold: float | None = None, max_stage: int | None = None,
+            early_exit: bool = True) -> CascadeResult:
+        """Classify a batch. threshold replaces every calibrated threshold for this call; max_stage stops there at
+        the latest; early_exit=False runs every stage (up to max_stage) on every sample."""
+        images = self._check(images)
+        last = self.num_stages - 1 if max_stage is None else int(max_stage)
+        if not 0 <= last < self.num_stages:
+            raise ValueError(f"max_stage must be between 0 and {self.num_stages - 1}, got {max_stage}")
+        thresholds = self.thresholds_for(threshold)
+        n = len(images)
+        # float64 sums in stage order, as all_stage_logits (calibration) does: identical exit decisions.
+        running = np.zeros((n, self.num_classes), dtype=np.float64)
+        conf = np.zeros(n, dtype=np.float64)
+        exit_stage = np.full(n, last, dtype=np.int32)
+        active = np.arange(n)
+        measure = self.manifest.exit.measure
+        for s in range(last + 1):
+            if len(active) == 0:
+                break
+            batch = images if len(active) == n else images[active]
+            running[active] += self.stage_logits(s, batch)
+            conf[active] = confidence(running[active], measure)
+            if s == last or not early_exit:
+                continue
+            leave = conf[active] >= thresholds[s]
+            exit_stage[active[leave]] = s
+            active = active[~leave]
+        return CascadeResult(running.astype(np.float32), running.argmax(-1).astype(np.int64), conf, exit_stage,
+                             self.cum_flops[exit_stage].astype(np.int64))
+
+    def all_stage_logits(self, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+        """Running logits after every stage for every sample: [stages, N, classes] (for calibration)."""
+        images = self._check(images)
+        out = np.zeros((self.num_stages, len(images), self.num_classes), dtype=np.float64)
+        for i in range(0, len(images), batch_size):
+            chunk = images[i:i + batch_size]
+            total = np.zeros((len(chunk), self.num_classes), dtype=np.float64)
+            for s in range(self.num_stages):
+                total = total + self.stage_logits(s, chunk)
+                out[s, i:i + batch_size] = total
+        return out
