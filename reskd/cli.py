@@ -54,6 +54,55 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from reskd.export.exporter import ExportError, export_run
+    from reskd.manifest import ManifestError
+    from reskd.training.data import DatasetError
+
+    try:
+        out = export_run(args.run, args.repo, args.name, args.version, target_drop_pt=args.target_drop,
+                         flops_budget_pct=args.flops_budget, log=lambda msg: print(msg, file=sys.stderr))
+    except (ExportError, ManifestError, DatasetError, FileNotFoundError) as err:
+        print(f"reskd export: {err}", file=sys.stderr)
+        return 2
+    _print_metrics(out["cascade"], out["cascade_manifest"])
+    _print_metrics(out["teacher"], out["teacher_manifest"])
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from reskd.export.calibrate import calibrate_version
+    from reskd.export.exporter import ExportError, eval_sets
+    from reskd.manifest import ManifestError, ModelRepository, parse_model_ref
+    from reskd.training.data import DatasetError
+
+    try:
+        name, version = parse_model_ref(args.model)
+        path, manifest = ModelRepository(args.repo).load(name, version)
+        if len(manifest.stages) < 2:
+            raise ManifestError(f"{name} has a single stage: there is no exit to calibrate")
+        source = getattr(manifest, "source", None) or {}
+        if "data" not in source:
+            raise ManifestError(f"{path}/manifest.json: source.data is missing, so the validation split is unknown")
+        val, test = eval_sets(source["data"], manifest.input)
+        previous = getattr(manifest, "calibration", None) or {}
+        target = args.target_drop if args.target_drop is not None or args.flops_budget is not None else 0.1
+        new = calibrate_version(path, val, test, target_drop_pt=target, flops_budget_pct=args.flops_budget,
+                                bound=previous.get("bound", "upper"), z=previous.get("z", 1.0))
+    except (ExportError, ManifestError, DatasetError, ValueError) as err:
+        print(f"reskd calibrate: {err}", file=sys.stderr)
+        return 2
+    _print_metrics(str(path), new)
+    return 0
+
+
+def _print_metrics(path: str, manifest: dict) -> None:
+    m = manifest["metrics"]
+    print(f"{path}: thresholds {[round(t, 6) for t in manifest['exit']['thresholds']]}; test accuracy "
+          f"{100 * m['adaptive_accuracy']:.2f}% at {m['pct_teacher_flops']:.2f}% of teacher FLOPs, "
+          f"exits {m['exit_counts']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reskd", description="Train ResKD cascades and serve them with early exit.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -79,7 +128,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny", action="store_true", help="apply the file's [tiny] overrides: a CPU smoke run of the grid")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("export", help="write a run's cascade and teacher to a model repository (ONNX, checked)",
+                       description="Export each stage of RUN_DIR to ONNX as REPO/NAME/VERSION (and the teacher as "
+                                   "REPO/NAME-teacher/VERSION), check parity with PyTorch on every validation "
+                                   "image, calibrate exit thresholds through the runtime, measure the test set. "
+                                   "Existing versions are never overwritten.")
+    p.add_argument("--run", required=True, metavar="RUN_DIR")
+    p.add_argument("--repo", required=True, metavar="REPO")
+    p.add_argument("--name", required=True, metavar="NAME")
+    p.add_argument("--version", type=int, metavar="N", help="default: one above the highest existing")
+    _calibration_args(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("calibrate", help="choose exit thresholds on the validation split, through the runtime",
+                       description="Recalibrate a model version's exit thresholds on its validation split (from "
+                                   "the manifest's source.data) and re-measure the test set; rewrites its manifest.")
+    p.add_argument("--repo", required=True, metavar="REPO")
+    p.add_argument("--model", required=True, metavar="NAME[:VERSION]")
+    _calibration_args(p)
+    p.set_defaults(func=cmd_calibrate)
     return parser
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
+def _calibration_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--target-drop", type=_positive, metavar="PT",
+                   help="minimise FLOPs with accuracy >= full cascade - PT points on validation (default: the "
+                        "recipe's, 0.1)")
+    g.add_argument("--flops-budget", type=_positive, metavar="PCT",
+                   help="maximise accuracy with mean FLOPs <= PCT %% of the teacher's")
 
 
 def main(argv: list[str] | None = None) -> int:

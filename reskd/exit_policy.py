@@ -88,8 +88,15 @@ class CascadeScores:
                            np.bincount(exits, minlength=self.n_stages).tolist(), correct, exits)
 
     def _candidates(self, stage: int, count: int = 200) -> np.ndarray:
-        qs = np.quantile(self.conf[stage], np.linspace(0.0, 1.0, count))
-        return np.unique(np.concatenate([qs, [1.0]]))
+        """About `count` thresholds spread over the stage's confidence quantiles, each half-way between two
+        neighbouring observed values: no sample sits on a threshold, so a 1e-7 numeric difference between
+        runtimes (PyTorch vs onnxruntime, CPU vs GPU) cannot flip a calibration sample's exit."""
+        values = np.unique(self.conf[stage])
+        if len(values) < 2:
+            return np.array([1.0])
+        picks = np.unique(np.linspace(0, len(values) - 2, min(count, len(values) - 1)).round().astype(int))
+        mids = (values[picks] + values[picks + 1]) / 2
+        return np.unique(np.concatenate([[values[0] / 2], mids, [1.0]]))
 
     def _drop_bound(self, outcome: ExitOutcome, reference: np.ndarray, z: float) -> float:
         """Accuracy drop vs `reference` (a correctness vector), as a paired upper bound when z > 0."""

@@ -8,6 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+from reskd.training import loop, pipeline
+from reskd.training.models import ModelSpec, build_model
+from reskd.training.pipeline import Trainer, train
+from reskd.training.recipe import parse_recipe
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -69,3 +75,71 @@ def real_fashion_mnist_or_fail() -> Path:
     if os.environ.get("CI") == "true":
         pytest.fail(message)
     pytest.skip(message)
+
+
+def load_stage(run_dir, name):
+    ckpt = torch.load(run_dir / "checkpoints" / f"{name}.pt", weights_only=True)
+    model = build_model(ModelSpec(ckpt["arch"], ckpt["width"]), ckpt["in_channels"], ckpt["num_classes"])
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval(), ckpt
+
+
+class Spies:
+    def __init__(self):
+        self.fit_calls: list[tuple[str, np.ndarray]] = []  # (stage, ids of the images it trained on)
+        self.residual_calls: list[dict] = []
+        self.teacher_input = None
+        self.current_res = None
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_idx, tmp_path_factory):
+    """The tiny recipe trained once per session, watched by spies on the real functions (they record and pass
+    through; nothing is replaced). Returns (run_dir, recipe, report, spies)."""
+    run_dir = tmp_path_factory.mktemp("run")
+    recipe = parse_recipe(tiny_recipe_dict(tiny_idx))
+    spies = Spies()
+    mp = pytest.MonkeyPatch()
+    real_fit, real_target, real_teacher, real_res = loop.fit, pipeline.residual_target, Trainer.teacher, \
+        Trainer.res_student
+
+    def fit_spy(model, step, train_split, cfg, **kw):
+        spies.fit_calls.append((kw["desc"], np.asarray(train_split.ids).copy()))
+        return real_fit(model, step, train_split, cfg, **kw)
+
+    def teacher_spy(self, data, normalizer):
+        stage = real_teacher(self, data, normalizer)
+        stage.model.register_forward_pre_hook(lambda m, args: setattr(spies, "teacher_input", args[0].detach()))
+        return stage
+
+    def res_spy(self, k, *args, **kwargs):
+        spies.current_res = k + 1
+        return real_res(self, k, *args, **kwargs)
+
+    def target_spy(teacher_logits, cascade_logits):
+        if len([c for c in spies.residual_calls if c["res"] == spies.current_res]) < 3:
+            spies.residual_calls.append({"res": spies.current_res, "x": spies.teacher_input.clone(),
+                                         "teacher": teacher_logits.detach().clone(),
+                                         "cascade": cascade_logits.detach().clone()})
+        return real_target(teacher_logits, cascade_logits)
+
+    mp.setattr(loop, "fit", fit_spy)
+    mp.setattr(pipeline, "residual_target", target_spy)
+    mp.setattr(Trainer, "teacher", teacher_spy)
+    mp.setattr(Trainer, "res_student", res_spy)
+    try:
+        report = train(recipe, run_dir, device="cpu")
+    finally:
+        mp.undo()
+    return run_dir, recipe, report, spies
+
+
+@pytest.fixture(scope="session")
+def exported(tiny_run, tmp_path_factory):
+    """The tiny run exported once per session: (repo, export result)."""
+    from reskd.export.exporter import export_run
+
+    run_dir = tiny_run[0]
+    repo = tmp_path_factory.mktemp("repo")
+    result = export_run(run_dir, repo, "tiny", log=lambda msg: None)
+    return repo, result

@@ -9,67 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_recipe_dict
+from conftest import load_stage, tiny_recipe_dict
 from reskd.training import loop, pipeline
 from reskd.training.data import Normalizer, batches, load_dataset
-from reskd.training.models import ModelSpec, build_model
 from reskd.training.pipeline import RunDirError, Trainer, train
 from reskd.training.recipe import parse_recipe
-
-
-def load_stage(run_dir, name):
-    ckpt = torch.load(run_dir / "checkpoints" / f"{name}.pt", weights_only=True)
-    model = build_model(ModelSpec(ckpt["arch"], ckpt["width"]), ckpt["in_channels"], ckpt["num_classes"])
-    model.load_state_dict(ckpt["state_dict"])
-    return model.eval(), ckpt
-
-
-class Spies:
-    def __init__(self):
-        self.fit_calls: list[tuple[str, np.ndarray]] = []  # (stage, ids of the images it trained on)
-        self.residual_calls: list[dict] = []
-        self.teacher_input = None
-        self.current_res = None
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tiny_idx, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("run")
-    recipe = parse_recipe(tiny_recipe_dict(tiny_idx))
-    spies = Spies()
-    mp = pytest.MonkeyPatch()
-    real_fit, real_target, real_teacher, real_res = loop.fit, pipeline.residual_target, Trainer.teacher, \
-        Trainer.res_student
-
-    def fit_spy(model, step, train_split, cfg, **kw):
-        spies.fit_calls.append((kw["desc"], np.asarray(train_split.ids).copy()))
-        return real_fit(model, step, train_split, cfg, **kw)
-
-    def teacher_spy(self, data, normalizer):
-        stage = real_teacher(self, data, normalizer)
-        stage.model.register_forward_pre_hook(lambda m, args: setattr(spies, "teacher_input", args[0].detach()))
-        return stage
-
-    def res_spy(self, k, *args, **kwargs):
-        spies.current_res = k + 1
-        return real_res(self, k, *args, **kwargs)
-
-    def target_spy(teacher_logits, cascade_logits):
-        if len([c for c in spies.residual_calls if c["res"] == spies.current_res]) < 3:
-            spies.residual_calls.append({"res": spies.current_res, "x": spies.teacher_input.clone(),
-                                         "teacher": teacher_logits.detach().clone(),
-                                         "cascade": cascade_logits.detach().clone()})
-        return real_target(teacher_logits, cascade_logits)
-
-    mp.setattr(loop, "fit", fit_spy)
-    mp.setattr(pipeline, "residual_target", target_spy)
-    mp.setattr(Trainer, "teacher", teacher_spy)
-    mp.setattr(Trainer, "res_student", res_spy)
-    try:
-        report = train(recipe, run_dir, device="cpu")
-    finally:
-        mp.undo()
-    return run_dir, recipe, report, spies
 
 
 def test_every_stage_trains_and_its_loss_falls(tiny_run):

@@ -1,0 +1,1 @@
+"""Run directory -> model repository: ONNX per stage, parity against PyTorch, calibration through the runtime."""
