@@ -116,7 +116,6 @@ class CascadeScores:
         if (target_drop is None) == (flops_budget is None):
             raise ValueError("give exactly one of target_drop or flops_budget")
         full = self.correct[-1]
-        never = np.ones(self.n_stages - 1)
 
         def feasible(o: ExitOutcome) -> bool:
             if target_drop is not None:
@@ -128,16 +127,31 @@ class CascadeScores:
                 return (a.mean_flops, -a.accuracy) < (b.mean_flops, -b.accuracy)
             return (-a.accuracy, a.mean_flops) < (-b.accuracy, b.mean_flops)
 
-        if flops_budget is not None:
-            # Start from the cheapest policy (everything exits at stage 0) so the start is feasible when anything is.
-            start = np.zeros(self.n_stages - 1)
-        else:
-            start = never
+        candidates = [self._candidates(s) for s in range(self.n_stages - 1)]
+        # Coordinate descent finds a local optimum, so it starts from several policies and keeps the best:
+        # nobody exits early, everybody exits at stage 0, and the best single threshold shared by all stages.
+        shared = np.unique(np.concatenate(candidates))
+        starts = [np.ones(self.n_stages - 1), np.zeros(self.n_stages - 1)]
+        shared_best = None
+        for t in shared:
+            o = self.evaluate(np.full(self.n_stages - 1, t))
+            if feasible(o) and (shared_best is None or better(o, shared_best)):
+                shared_best = o
+        if shared_best is not None:
+            starts.append(np.asarray(shared_best.thresholds))
+        best = None
+        for start in starts:
+            o = self._descend(start, candidates, feasible, better, rounds)
+            if o is not None and (best is None or better(o, best)):
+                best = o
+        # Nothing feasible (e.g. a budget below stage 0's cost): the cheapest policy, flagged by its numbers.
+        return best if best is not None else self.evaluate(np.zeros(self.n_stages - 1))
+
+    def _descend(self, start: np.ndarray, candidates: list[np.ndarray], feasible, better, rounds: int):
         best = self.evaluate(start)
         if not feasible(best):
-            return best
+            return None
         thresholds = start.copy()
-        candidates = [self._candidates(s) for s in range(self.n_stages - 1)]
         for _ in range(rounds):
             improved = False
             for s in range(self.n_stages - 1):

@@ -232,9 +232,10 @@ def plot_pareto(r: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     tf = r["teacher_flops"]
-    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
+    fig, ax = plt.subplots(figsize=(11, 5.5), dpi=110)
     curve = sorted(r["adaptive_curve"], key=lambda c: c["test_mean_flops"])
     ax.plot([100 * c["test_mean_flops"] / tf for c in curve], [c["test_accuracy"] for c in curve], "-o", ms=3,
             color="C0", label="ResKD adaptive (thresholds from validation)")
@@ -253,17 +254,21 @@ def plot_pareto(r: dict, path: Path) -> None:
                         textcoords="offset points", xytext=(4, -8))
     if r["independent_cascade"]:
         ic = sorted(r["independent_cascade"]["curve"], key=lambda c: c["test_mean_flops"])
-        ax.plot([100 * c["test_mean_flops"] / tf for c in ic], [c["test_accuracy"] for c in ic], "-", color="C1",
+        ax.plot([100 * c["test_mean_flops"] / tf for c in ic], [c["test_accuracy"] for c in ic], "x-", color="C1",
                 label="independent-students cascade (no residual sum)")
     teacher = r["models"]["teacher"]
     ax.axhline(teacher["test_accuracy"], color="k", lw=0.8, ls=":")
     ax.plot([100.0], [teacher["test_accuracy"]], "kD", label=f"teacher ({teacher['tag']})")
     ax.set_xscale("log")
+    percent = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}%")
+    ax.xaxis.set_major_formatter(percent)
+    ax.xaxis.set_minor_formatter(percent)
+    ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_xlabel("mean FLOPs per sample, % of teacher (log scale; FLOPs = 2 x MACs)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"{r['recipe']}: accuracy vs compute")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
