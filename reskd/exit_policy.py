@@ -115,6 +115,8 @@ class CascadeScores:
         """
         if (target_drop is None) == (flops_budget is None):
             raise ValueError("give exactly one of target_drop or flops_budget")
+        if self.n_stages == 1:  # a single stage has no exit to choose
+            return self.evaluate(np.zeros(0))
         full = self.correct[-1]
 
         def feasible(o: ExitOutcome) -> bool:

@@ -74,3 +74,10 @@ def test_flops_budget_is_respected():
     assert scores.calibrate(flops_budget=16).accuracy >= scores.calibrate(flops_budget=10).accuracy
     with pytest.raises(ValueError, match="exactly one"):
         scores.calibrate()
+
+
+def test_a_single_stage_has_nothing_to_calibrate():
+    logits, labels = _synthetic()
+    scores = CascadeScores(logits[:1], labels, [10])
+    for chosen in (scores.calibrate(target_drop=0.001), scores.calibrate(flops_budget=5)):
+        assert chosen.thresholds == [] and chosen.mean_flops == 10 and chosen.exit_counts == [len(labels)]
