@@ -28,6 +28,7 @@ from .flops import count_flops, count_params
 from .losses import kd_loss, residual_mse, residual_target
 from .models import ModelSpec, build_model
 from .recipe import Recipe, ResStudentConfig
+from .report import write_report
 
 CHECKPOINT_DIR = "checkpoints"
 RUN_FILE = "run.json"
@@ -89,6 +90,13 @@ class Trainer:
                 raise RunDirError(f"{self.out} was trained on other data settings; resume it with the same recipe")
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
 
+    def environment(self) -> dict:
+        return {
+            "torch": torch.__version__, "python": platform.python_version(), "device": str(self.device),
+            "device_name": torch.cuda.get_device_name() if self.device.type == "cuda" else _cpu_name(),
+            "threads": torch.get_num_threads(),
+        }
+
     def _write_run_file(self, data: DataBundle) -> None:
         info = {
             "recipe": self.recipe.model_dump(mode="json"),
@@ -97,11 +105,7 @@ class Trainer:
                 "width": data.width, "mean": data.mean, "std": data.std, **data.meta,
                 "val_ids": data.val.ids.tolist(),
             },
-            "environment": {
-                "torch": torch.__version__, "python": platform.python_version(), "device": str(self.device),
-                "device_name": torch.cuda.get_device_name() if self.device.type == "cuda" else platform.processor(),
-                "threads": torch.get_num_threads(),
-            },
+            "environment": self.environment(),
         }
         (self.out / RUN_FILE).write_text(json.dumps(info, indent=1))
 
@@ -262,8 +266,6 @@ class Trainer:
         return [e for e in self.recipe.baselines.kd_grid if e.spec != self.recipe.student.spec]
 
     def run(self) -> dict:
-        from .report import write_report
-
         r = self.recipe
         started = time.time()
         fps = self.fingerprints()
@@ -288,7 +290,7 @@ class Trainer:
         logits = self.evaluate(stages, data, normalizer)
         shape = (data.channels, data.height, data.width)
         report = write_report(self.out, r, data, stages, logits, {s.name: count_flops(s.model, shape) for s in stages},
-                              {s.name: count_params(s.model) for s in stages})
+                              {s.name: count_params(s.model) for s in stages}, self.environment())
         report["wall_seconds"] = round(time.time() - started, 1)
         (self.out / "report.json").write_text(json.dumps(report, indent=1))
         return report
@@ -303,6 +305,16 @@ class Trainer:
                                                                     device=self.device, batch_size=bs).numpy()
         np.savez_compressed(self.out / LOGITS_FILE, **arrays)
         return arrays
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def load_external_checkpoint(model: torch.nn.Module, path: str) -> None:

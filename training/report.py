@@ -53,7 +53,8 @@ def _curve(val: CascadeScores, test: CascadeScores, points: int = 24) -> list[di
     return curve
 
 
-def write_report(out: Path, recipe, data, stages, logits: dict, flops: dict, params: dict) -> dict:
+def write_report(out: Path, recipe, data, stages, logits: dict, flops: dict, params: dict,
+                 environment: dict | None = None) -> dict:
     ev = recipe.evaluation
     y_val, y_test = logits["val/labels"], logits["test/labels"]
     boot = Bootstrap(len(y_test), ev.bootstrap_samples, seed=recipe.seed)
@@ -147,6 +148,7 @@ def write_report(out: Path, recipe, data, stages, logits: dict, flops: dict, par
 
     report = {
         "recipe": recipe.name, "dataset": data.name, "flops_note": FLOPS_NOTE, "teacher_flops": teacher_flops,
+        "environment": environment or {},
         "split": data.meta, "models": models, "cascade": {"stages": names, "stage_flops": stage_flops,
                                                            "depths": depths},
         "adaptive": adaptive, "adaptive_curve": _curve(val_scores, test_scores), "kd_grid": kd_grid,
@@ -169,6 +171,12 @@ def _outcome(o: ExitOutcome, teacher_flops: int, stage_flops: list, boot: Bootst
     return out
 
 
+def _machine(env: dict) -> str:
+    if not env:
+        return "an unrecorded machine"
+    return f"{env.get('device_name') or env.get('device')} ({env.get('device')}, {env.get('threads')} threads, torch {env.get('torch')})"
+
+
 def _ci(ci: list[float]) -> str:
     return f"[{ci[0]:.2f}, {ci[1]:.2f}]"
 
@@ -179,12 +187,18 @@ def render_markdown(r: dict) -> str:
              f"Dataset {r['dataset']}: {r['split']['train_size']} train / {r['split']['val_size']} validation "
              f"(carved from train, never trained on) / {r['split']['test_size']} test.",
              f"{r['flops_note']}. Accuracy on the test set with 95% bootstrap intervals; thresholds and model "
-             "choices from validation only.", "",
-             "## Models", "", "| model | role | FLOPs | % teacher | params | val acc | test acc | 95% CI |",
-             "|---|---|---:|---:|---:|---:|---:|---|"]
+             "choices from validation only.",
+             f"Trained on {_machine(r['environment'])}; `train s` is each stage's training wall time there.", "",
+             "## Models", "",
+             "| model | role | FLOPs | % teacher | params | epochs | train s | val acc | test acc | 95% CI |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, v in m.items():
+        seconds = v["extra"].get("train_seconds", "—")
+        # A res-student outputs a correction, not a prediction: its accuracy is in the cascade table below.
+        accuracy = ("(a residual: see the cascade) | | " if v["kind"] == "res_student" else
+                    f"{v['val_accuracy']:.2f} | {v['test_accuracy']:.2f} | {_ci(v['test_ci95'])}")
         lines.append(f"| {name} ({v['tag']}) | {v['kind']} | {v['flops']:,} | {v['pct_teacher_flops']:.2f} | "
-                     f"{v['params']:,} | {v['val_accuracy']:.2f} | {v['test_accuracy']:.2f} | {_ci(v['test_ci95'])} |")
+                     f"{v['params']:,} | {len(v['history'])} | {seconds} | {accuracy} |")
     lines += ["", "## ResKD cascade", "", "| stages run | FLOPs | % teacher | val acc | test acc | 95% CI |",
               "|---|---:|---:|---:|---:|---|"]
     for d in r["cascade"]["depths"]:
