@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import gzip
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -351,7 +350,3 @@ def batches(split: Split, batch_size: int, *, normalizer: Normalizer, device: to
         if augmentation is not None:
             images = augment(images, augmentation[0], augmentation[1], gen)
         yield normalizer(images), labels
-
-
-def default_workers() -> int:
-    return min(8, os.cpu_count() or 1)
