@@ -29,7 +29,7 @@ from reskd.training.models import ModelSpec, build_model
 from reskd.training.pipeline import CHECKPOINT_DIR, RUN_FILE
 from reskd.training.recipe import parse_recipe
 
-from .calibrate import EvalSet, calibrate_version
+from .calibrate import EvalSet, calibrate_version, measure_test
 
 
 class ExportError(RuntimeError):
@@ -196,16 +196,12 @@ def export_run(run_dir: str | Path, repo: str | Path, name: str, version: int | 
         write_manifest(tmp, base_manifest(teacher_name, teacher_version, write_stages(tmp, ["teacher"]), []))
         rt = _runtime(tmp)
         parity, _ = check_parity(rt, ["teacher"])
-        test_classes = rt.run(test.images).class_id
-        acc = float((test_classes == test.labels).mean())
+        metrics = measure_test(rt, test, flops["teacher"], None)
+        acc = metrics["teacher_accuracy"] = metrics["adaptive_accuracy"]
         results["teacher_accuracy"] = acc
         manifest = json.loads((tmp / "manifest.json").read_text())
         manifest["teacher"]["accuracy"] = acc
-        manifest["metrics"] = {"split": "test", "n": int(len(test.labels)), "teacher_accuracy": acc,
-                               "stage_accuracy": [acc], "adaptive_accuracy": acc,
-                               "mean_flops": float(flops["teacher"]), "pct_teacher_flops": 100.0,
-                               "flops_saved_vs_teacher_pct": 0.0, "flops_saved_vs_cascade_pct": 0.0,
-                               "exit_counts": [int(len(test.labels))]}
+        manifest["metrics"] = metrics
         manifest["parity"] = parity
         write_manifest(tmp, manifest)
         results["teacher"] = manifest
