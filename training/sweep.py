@@ -1,7 +1,7 @@
 """`reskd sweep`: a grid of recipe variants, sharing every stage two variants would train identically.
 
-A sweep file names a base recipe and axes; each axis is a list of variants (dotted recipe overrides plus a label);
-the sweep runs the product. Before a variant runs, any finished checkpoint of an earlier variant with the same
+A sweep file names a base recipe, overrides every variant shares ([fixed], e.g. no KD grid while searching), and
+axes; each axis is a list of variants (dotted recipe overrides plus a label); the sweep runs the product. Before a variant runs, any finished checkpoint of an earlier variant with the same
 stage fingerprint (same data, seed, settings and upstream stages) is linked into its run directory, so a teacher
 is trained once per teacher setting, not once per student. Rerunning a sweep resumes it.
 
@@ -38,9 +38,10 @@ def load_sweep(path: Path) -> dict:
 
 
 def variants(spec: dict, tiny: bool) -> list[tuple[str, dict]]:
+    """(label, overrides) per grid point: the file's [fixed] overrides, then each axis' variant, then [tiny]."""
     out = []
     for combo in itertools.product(*(axis["variants"] for axis in spec["axes"])):
-        overrides = {}
+        overrides = dict(spec.get("fixed", {}))
         for v in combo:
             overrides.update({k: val for k, val in v.items() if k != "label"})
         if tiny:
