@@ -189,3 +189,22 @@ def test_eval_sets_refuse_a_changed_split(exported):
     m = load_manifest(repo / "tiny" / "1")
     with pytest.raises(ExportError, match="validation split loaded now differs"):
         eval_sets(m.source["data"], InputSpec(**m.input.model_dump()), expected_val_ids=[0, 1, 2])
+
+
+def test_export_command_errors_say_what_to_fix(tiny_run, tmp_path, capsys):
+    from reskd.cli import main
+
+    assert main(["export", "--run", str(tmp_path / "nope"), "--repo", str(tmp_path / "r"), "--name", "x"]) == 2
+    assert "RUN_DIR must be a directory written by `reskd train`" in capsys.readouterr().err
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(tiny_run[0], unfinished)
+    (unfinished / "checkpoints" / "res2.pt").unlink()
+    assert main(["export", "--run", str(unfinished), "--repo", str(tmp_path / "r"), "--name", "x"]) == 2
+    assert "res2.pt is missing: is the run finished?" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "x").exists()
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--repo", "r", "--model", "m", "--target-drop", "0.1", "--flops-budget", "10"])
+    assert "not allowed with argument" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--repo", "r", "--model", "m", "--flops-budget", "-5"])
+    assert "must be a number >= 0" in capsys.readouterr().err
