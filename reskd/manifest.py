@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .validation import describe
+
 MANIFEST = "manifest.json"
 
 
@@ -99,14 +101,6 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _errors(err: ValidationError) -> str:
-    parts = []
-    for e in err.errors():
-        where = ".".join(str(x) for x in e["loc"]) or "(top level)"
-        parts.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
-    return "; ".join(parts)
-
-
 def load_manifest(version_dir: Path, verify_files: bool = True, check_folder_name: bool = True) -> Manifest:
     path = Path(version_dir) / MANIFEST
     if not path.is_file():
@@ -118,7 +112,7 @@ def load_manifest(version_dir: Path, verify_files: bool = True, check_folder_nam
     try:
         manifest = Manifest.model_validate(raw)
     except ValidationError as err:
-        raise ManifestError(f"{path}: {_errors(err)}") from None
+        raise ManifestError(f"{path}: {'; '.join(describe(err))}") from None
     if check_folder_name and str(manifest.version) != Path(version_dir).name:
         raise ManifestError(f"{path}: version: {manifest.version} does not match its folder {Path(version_dir).name!r}")
     if verify_files:

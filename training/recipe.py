@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from reskd.validation import describe
+
 from .models import ModelSpec, available_models
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
@@ -174,22 +176,11 @@ def resolve_recipe_path(name_or_path: str) -> Path:
     raise RecipeError(f"recipe {name_or_path!r} is neither a file nor a bundled recipe ({names})")
 
 
-def _format_errors(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        where = ".".join(str(x) for x in e["loc"]) or "(top level)"
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown field (typo?)"
-        lines.append(f"  {where}: {msg}")
-    return "\n".join(lines)
-
-
 def parse_recipe(data: dict, source: str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:
-        raise RecipeError(f"{source} is invalid:\n{_format_errors(err)}") from None
+        raise RecipeError(f"{source} is invalid:\n" + "\n".join("  " + line for line in describe(err))) from None
 
 
 def load_recipe(name_or_path: str, overrides: dict | None = None) -> Recipe:
