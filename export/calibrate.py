@@ -47,7 +47,6 @@ def calibrate_version(version_dir: Path, val: EvalSet, test: EvalSet, *, target_
         "accuracy": chosen.accuracy, "full_cascade_accuracy": float(scores.correct[-1].mean()),
         "mean_flops": chosen.mean_flops, "exit_counts": chosen.exit_counts, **scores.drop_vs_full(chosen),
     }
-    write_manifest(version_dir, manifest)
     rt.manifest.exit.thresholds = thresholds
     manifest["metrics"] = measure_test(rt, test, teacher_flops, manifest["teacher"].get("accuracy"))
     write_manifest(version_dir, manifest)

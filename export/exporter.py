@@ -27,7 +27,7 @@ from reskd.training.data import load_dataset
 from reskd.training.flops import count_flops
 from reskd.training.models import ModelSpec, build_model
 from reskd.training.pipeline import CHECKPOINT_DIR, RUN_FILE
-from reskd.training.recipe import parse_recipe
+from reskd.training.recipe import DataConfig, parse_recipe
 
 from .calibrate import EvalSet, calibrate_version, measure_test
 
@@ -62,9 +62,7 @@ def split_pixels(split) -> tuple[np.ndarray, np.ndarray]:
 
 def eval_sets(data_cfg: dict, input_spec, expected_val_ids: list[int] | None = None) -> tuple[EvalSet, EvalSet]:
     """Validation and test images of a run, normalised exactly as the server will (reskd.preprocess)."""
-    recipe_data = parse_recipe({"name": "x", "data": data_cfg, "teacher": {"arch": "resnet8"},
-                                "student": {"arch": "resnet8"}}).data
-    data = load_dataset(recipe_data)
+    data = load_dataset(DataConfig.model_validate(data_cfg))
     if expected_val_ids is not None and data.val.ids.tolist() != expected_val_ids:
         raise ExportError("the validation split loaded now differs from the one the run recorded (run.json); "
                           "the dataset or split settings changed")
@@ -135,12 +133,13 @@ def export_run(run_dir: str | Path, repo: str | Path, name: str, version: int | 
               "exported": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "torch": torch.__version__}
     calib = recipe.evaluation
+    results = {}  # filled by the builders: the teacher's test accuracy, then both manifests
     if target_drop_pt is None and flops_budget_pct is None:
         target_drop_pt = calib.target_drop_pt
 
     def base_manifest(model_name, v, stages, thresholds):
         return {"name": model_name, "version": v, "labels": d["labels"], "input": input_spec, "stages": stages,
-                "teacher": {"flops": flops["teacher"], "accuracy": None},
+                "teacher": {"flops": flops["teacher"], "accuracy": results.get("teacher_accuracy")},
                 "exit": {"measure": calib.exit_measure, "thresholds": thresholds}, "metrics": {}, "source": source}
 
     def write_stages(tmp: Path, names: list[str]) -> list[dict]:
@@ -166,17 +165,11 @@ def export_run(run_dir: str | Path, repo: str | Path, name: str, version: int | 
             torch_outs.append(ref)
         return report, torch_outs
 
-    results = {}
-
     def build_cascade(tmp: Path) -> None:
         stages = write_stages(tmp, stage_names)
         write_manifest(tmp, base_manifest(name, cascade_version, stages, [1.0] * (len(stages) - 1)))
         rt = _runtime(tmp)
         parity, torch_outs = check_parity(rt, stage_names)
-        teacher_acc = results["teacher_accuracy"]
-        manifest = json.loads((tmp / "manifest.json").read_text())
-        manifest["teacher"]["accuracy"] = teacher_acc
-        write_manifest(tmp, manifest)
         manifest = calibrate_version(tmp, val, test, target_drop_pt=target_drop_pt, flops_budget_pct=flops_budget_pct,
                                      bound=calib.bound, z=calib.bound_z, runtime=rt)
         # The exits PyTorch's logits would give under the calibrated thresholds must be the runtime's.
