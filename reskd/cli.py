@@ -96,6 +96,22 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from reskd.manifest import ManifestError
+    from reskd.service.server import serve
+    from reskd.service.settings import ServeSettings
+
+    overrides = {k: v for k, v in {"repo": args.repo, "host": args.host, "port": args.port,
+                                   "device": args.device}.items() if v is not None}
+    try:
+        settings = ServeSettings(**overrides)
+        serve(settings)
+    except (ManifestError, ValueError, RuntimeError) as err:
+        print(f"reskd serve: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _print_metrics(path: str, manifest: dict) -> None:
     m = manifest["metrics"]
     print(f"{path}: thresholds {[round(t, 6) for t in manifest['exit']['thresholds']]}; test accuracy "
@@ -148,6 +164,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, metavar="NAME[:VERSION]")
     _calibration_args(p)
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("serve", help="serve a model repository over HTTP with early exit (v1 + KServe v2)",
+                       description="Serve every model and version in REPO: /v1/.../classify, the KServe v2 / "
+                                   "Triton HTTP endpoints, /metrics. Every setting can also come from a RESKD_* "
+                                   "environment variable (see README); flags win over the environment.")
+    p.add_argument("--repo", metavar="REPO", help="model repository (default: RESKD_REPO, else the bundled models/)")
+    p.add_argument("--host", help="bind address (default 127.0.0.1; 0.0.0.0 in containers)")
+    p.add_argument("--port", type=int, help="default 8000")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"],
+                   help="auto: the CUDA EP when onnxruntime offers it, else CPU (default auto)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -8,6 +8,8 @@ reaches the stage's threshold, or when it reaches max_stage; the last stage alwa
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +18,9 @@ import onnxruntime as ort
 
 from .exit_policy import confidence
 from .manifest import Manifest, load_manifest
+
+
+StageHook = Callable[[int, int, float], None]
 
 
 @dataclass
@@ -77,35 +82,61 @@ class CascadeRuntime:
             raise ValueError(f"threshold must be between 0 and 1, got {threshold}")
         return np.full(self.num_stages - 1, threshold, dtype=np.float64)
 
-    def run(self, images: np.ndarray, *, threshold: float | None = None, max_stage: int | None = None,
-            early_exit: bool = True) -> CascadeResult:
-        """Classify a batch. threshold replaces every calibrated threshold for this call; max_stage stops there at
-        the latest; early_exit=False runs every stage (up to max_stage) on every sample."""
-        images = self._check(images)
+    def check_max_stage(self, max_stage: int | None) -> int:
         last = self.num_stages - 1 if max_stage is None else int(max_stage)
         if not 0 <= last < self.num_stages:
             raise ValueError(f"max_stage must be between 0 and {self.num_stages - 1}, got {max_stage}")
-        thresholds = self.thresholds_for(threshold)
+        return last
+
+    def run(self, images: np.ndarray, *, threshold: float | None | Sequence[float | None] = None,
+            max_stage: int | None | Sequence[int | None] = None, early_exit: bool = True,
+            on_stage: StageHook | None = None) -> CascadeResult:
+        """Classify a batch. threshold replaces every calibrated threshold; max_stage stops there at the latest;
+        both may be given per sample (a sequence of N values, None meaning the manifest's), so one batch can hold
+        requests with different settings. early_exit=False runs every stage (up to max_stage) on every sample.
+        on_stage(stage, samples, seconds) is called after each stage that ran (for metrics)."""
+        images = self._check(images)
         n = len(images)
+        thresholds, last = self._per_sample(n, threshold, max_stage)
         # float64 sums in stage order, as all_stage_logits (calibration) does: identical exit decisions.
         running = np.zeros((n, self.num_classes), dtype=np.float64)
         conf = np.zeros(n, dtype=np.float64)
-        exit_stage = np.full(n, last, dtype=np.int32)
+        exit_stage = last.copy()
         active = np.arange(n)
         measure = self.manifest.exit.measure
-        for s in range(last + 1):
+        for s in range(int(last.max(initial=0)) + 1):
             if len(active) == 0:
                 break
             batch = images if len(active) == n else images[active]
+            start = time.perf_counter()
             running[active] += self.stage_logits(s, batch)
+            if on_stage is not None:
+                on_stage(s, len(active), time.perf_counter() - start)
             conf[active] = confidence(running[active], measure)
-            if s == last or not early_exit:
-                continue
-            leave = conf[active] >= thresholds[s]
-            exit_stage[active[leave]] = s
-            active = active[~leave]
+            done = last[active] == s
+            if early_exit and s < self.num_stages - 1:
+                done |= conf[active] >= thresholds[active, s]
+            exit_stage[active[done]] = s
+            active = active[~done]
         return CascadeResult(running.astype(np.float32), running.argmax(-1).astype(np.int64), conf, exit_stage,
                              self.cum_flops[exit_stage].astype(np.int64))
+
+    def _per_sample(self, n: int, threshold, max_stage) -> tuple[np.ndarray, np.ndarray]:
+        """-> thresholds [N, stages-1] float64 and last stage [N] int32."""
+        if threshold is None or np.isscalar(threshold):
+            rows = [self.thresholds_for(threshold)] * n
+        else:
+            if len(threshold) != n:
+                raise ValueError(f"{len(threshold)} thresholds for {n} images")
+            rows = [self.thresholds_for(t) for t in threshold]
+        if max_stage is None or np.isscalar(max_stage):
+            last = [self.check_max_stage(max_stage)] * n
+        else:
+            if len(max_stage) != n:
+                raise ValueError(f"{len(max_stage)} max_stage values for {n} images")
+            last = [self.check_max_stage(m) for m in max_stage]
+        table = np.asarray(rows, dtype=np.float64).reshape(n, self.num_stages - 1)
+        return table, np.asarray(last, dtype=np.int32).reshape(n)
 
     def all_stage_logits(self, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
         """Running logits after every stage for every sample: [stages, N, classes] (for calibration)."""

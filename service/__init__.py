@@ -1,0 +1,1 @@
+"""The HTTP service: FastAPI routes around the cascade runtime, with dynamic batching, limits and metrics."""

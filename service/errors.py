@@ -1,0 +1,80 @@
+"""Every error leaves as JSON {"error": "<what is wrong and how to fix it>"} with the status DESIGN.md section 3
+names. No stack trace ever reaches a client; unexpected exceptions are logged here and answered with a 500."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("reskd.service")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+def bad_request(message: str) -> ApiError:
+    return ApiError(400, message)
+
+
+def not_found(message: str) -> ApiError:
+    return ApiError(404, message)
+
+
+def too_large(message: str) -> ApiError:
+    return ApiError(413, message)
+
+
+def unsupported(message: str) -> ApiError:
+    return ApiError(415, message)
+
+
+def invalid(message: str) -> ApiError:
+    return ApiError(422, message)
+
+
+def unavailable(message: str, retry_after_s: int) -> ApiError:
+    return ApiError(503, message, {"Retry-After": str(retry_after_s)})
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _describe_validation(err: RequestValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "request"
+        parts.append(f"{where}: {e.get('msg', 'invalid')}")
+    return "; ".join(parts)
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, err: ApiError):
+        return error_response(err.status, err.message, err.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, err: RequestValidationError):
+        return error_response(422, _describe_validation(err))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, err: StarletteHTTPException):
+        if err.status_code == 404:
+            return error_response(404, f"no route {request.method} {request.url.path} (see /docs for the API)")
+        if err.status_code == 405:
+            return error_response(405, f"{request.method} is not allowed on {request.url.path}", err.headers)
+        return error_response(err.status_code, str(err.detail), err.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, err: Exception):
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return error_response(500, f"internal error ({type(err).__name__}); the server logged the details")

@@ -1,0 +1,187 @@
+"""The KServe v2 inference protocol with Triton's binary tensor data extension: parsing a request body into
+tensors and encoding outputs, JSON or binary. Nothing here knows about models; v2.py does the serving."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import bad_request, too_large, unsupported
+
+HEADER_LENGTH = "inference-header-content-length"
+DTYPES = {"FP32": "<f4", "FP64": "<f8", "INT64": "<i8", "INT32": "<i4", "UINT8": "u1"}
+
+
+class TensorIn(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] = {}
+    data: Any = None
+
+
+class OutputRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    parameters: dict[str, Any] = {}
+
+
+class InferRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str | None = None
+    parameters: dict[str, Any] = {}
+    inputs: list[TensorIn] = Field(min_length=1)
+    outputs: list[OutputRequest] | None = None
+
+
+@dataclass
+class Tensor:
+    name: str
+    datatype: str
+    shape: list[int]
+    value: np.ndarray | list[bytes]
+
+
+def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """Content-Encoding gzip or deflate (tritonclient's request_compression_algorithm), bounded by limit."""
+    if not encoding or encoding == "identity":
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise unsupported(f"Content-Encoding {encoding!r} is not supported (gzip, deflate or none)")
+    d = zlib.decompressobj(zlib.MAX_WBITS | 16 if encoding == "gzip" else zlib.MAX_WBITS)
+    try:
+        out = d.decompress(body, limit + 1)
+    except zlib.error as err:
+        raise bad_request(f"body is not valid {encoding} data: {err}") from None
+    if len(out) > limit:
+        raise too_large(f"decompressed body is over the limit of {limit:,} bytes")
+    return out
+
+
+def parse_request(body: bytes, header_length: str | None) -> tuple[InferRequest, list[Tensor]]:
+    if header_length is not None:
+        if not header_length.isdigit() or int(header_length) > len(body):
+            raise bad_request(f"Inference-Header-Content-Length {header_length!r} must be a byte count within the "
+                              f"body ({len(body)} bytes)")
+        split = int(header_length)
+    else:
+        split = len(body)
+    try:
+        raw = json.loads(body[:split])
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise bad_request(f"inference request header is not valid JSON: {err}") from None
+    try:
+        req = InferRequest.model_validate(raw)
+    except ValidationError as err:
+        where = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise bad_request(f"inference request does not follow the KServe v2 schema: {where}") from None
+    binary = memoryview(body)[split:]
+    offset = 0
+    tensors = []
+    for t in req.inputs:
+        if any(d < 0 for d in t.shape):
+            raise bad_request(f"input {t.name!r}: shape {t.shape} has a negative dimension")
+        size = t.parameters.get("binary_data_size")
+        if size is not None:
+            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+                raise bad_request(f"input {t.name!r}: binary_data_size {size!r} runs past the {len(binary)} bytes "
+                                  f"of binary data after the JSON header")
+            value = _from_binary(t, bytes(binary[offset:offset + size]))
+            offset += size
+        else:
+            if t.data is None:
+                raise bad_request(f"input {t.name!r} has neither 'data' nor a binary_data_size parameter")
+            value = _from_json(t)
+        tensors.append(Tensor(t.name, t.datatype, t.shape, value))
+    if offset != len(binary):
+        raise bad_request(f"{len(binary) - offset} bytes of binary data after the JSON header belong to no input "
+                          f"(check binary_data_size and Inference-Header-Content-Length)")
+    return req, tensors
+
+
+def _count(shape: list[int]) -> int:
+    return int(np.prod(shape, dtype=np.int64)) if shape else 1
+
+
+def _from_binary(t: TensorIn, raw: bytes) -> np.ndarray | list[bytes]:
+    if t.datatype == "BYTES":
+        items, i = [], 0
+        while i < len(raw):
+            if i + 4 > len(raw):
+                raise bad_request(f"input {t.name!r}: BYTES data ends inside a 4-byte length prefix")
+            (n,) = struct.unpack_from("<I", raw, i)
+            if i + 4 + n > len(raw):
+                raise bad_request(f"input {t.name!r}: a BYTES element of {n} bytes runs past the tensor's data")
+            items.append(raw[i + 4:i + 4 + n])
+            i += 4 + n
+        if len(items) != _count(t.shape):
+            raise bad_request(f"input {t.name!r}: shape {t.shape} needs {_count(t.shape)} BYTES elements, the "
+                              f"binary data holds {len(items)}")
+        return items
+    dtype = _dtype(t)
+    want = _count(t.shape) * np.dtype(dtype).itemsize
+    if len(raw) != want:
+        raise bad_request(f"input {t.name!r}: shape {t.shape} of {t.datatype} needs {want} bytes, binary_data_size "
+                          f"is {len(raw)}")
+    return np.frombuffer(raw, dtype=dtype).reshape(t.shape)
+
+
+def _from_json(t: TensorIn) -> np.ndarray | list[bytes]:
+    if t.datatype == "BYTES":
+        flat = _flatten(t.data)
+        if len(flat) != _count(t.shape) or not all(isinstance(x, str) for x in flat):
+            raise bad_request(f"input {t.name!r}: shape {t.shape} needs {_count(t.shape)} BYTES elements as "
+                              f"strings, got {len(flat)}")
+        try:
+            return [base64.b64decode(x, validate=True) for x in flat]
+        except (binascii.Error, ValueError):
+            raise bad_request(f"input {t.name!r}: in JSON, BYTES elements must be base64 strings of the encoded "
+                              f"images (or send them as binary tensor data)") from None
+    dtype = _dtype(t)
+    try:
+        arr = np.asarray(t.data, dtype=np.float64 if dtype.startswith("<f") else np.int64)
+    except (ValueError, TypeError, OverflowError):
+        raise bad_request(f"input {t.name!r}: 'data' must be a (possibly nested) list of numbers") from None
+    if arr.size != _count(t.shape):
+        raise bad_request(f"input {t.name!r}: shape {t.shape} needs {_count(t.shape)} values, 'data' has {arr.size}")
+    return arr.astype(dtype).reshape(t.shape)
+
+
+def _flatten(data: Any) -> list:
+    if isinstance(data, list):
+        return [x for item in data for x in _flatten(item)]
+    return [data]
+
+
+def _dtype(t: TensorIn) -> str:
+    if t.datatype not in DTYPES:
+        raise bad_request(f"input {t.name!r}: datatype {t.datatype!r} is not one of {sorted(DTYPES)} or BYTES")
+    return DTYPES[t.datatype]
+
+
+def encode_response(head: dict, outputs: list[tuple[str, str, np.ndarray, bool]]) -> tuple[bytes, int | None]:
+    """outputs: (name, datatype, array, binary?). -> (body, JSON header length or None when all JSON)."""
+    entries, blobs = [], []
+    for name, datatype, arr, binary in outputs:
+        arr = np.ascontiguousarray(arr, dtype=DTYPES[datatype])
+        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
+        if binary:
+            blob = arr.tobytes()
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = arr.reshape(-1).tolist()
+        entries.append(entry)
+    header = json.dumps({**head, "outputs": entries}).encode()
+    if not blobs:
+        return header, None
+    return header + b"".join(blobs), len(header)

@@ -1,0 +1,106 @@
+"""ASGI middlewares: request metrics (outermost, so refusals are counted too), bearer-token auth, body-size guard."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .errors import too_large
+from .metrics import Metrics
+
+# Always open, even with auth on: probes, scrapes and the API documentation.
+OPEN_PATHS = ("/v2/health/", "/metrics", "/docs", "/redoc", "/openapi.json")
+
+
+async def _send_json(send: Send, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+    body = json.dumps({"error": message}).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+class BodyLimit:
+    """Refuse bodies over max_bytes with 413: at once from Content-Length, or while streaming (chunked uploads)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.max_bytes
+        message = (f"request body is over the limit of {limit:,} bytes (RESKD_MAX_BODY_BYTES); send fewer or "
+                   f"smaller images per request")
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None:
+            if not length.isdigit():
+                return await _send_json(send, 400, "Content-Length is not a number")
+            if int(length) > limit:
+                return await _send_json(send, 413, message)
+        seen = 0
+
+        async def guarded() -> Message:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > limit:
+                    raise too_large(message)  # turned into a 413 by the app's ApiError handler
+            return msg
+
+        await self.app(scope, guarded, send)
+
+
+class BearerAuth:
+    """With a token set, every path but OPEN_PATHS needs `Authorization: Bearer <token>` (compared in constant
+    time). 401 otherwise."""
+
+    def __init__(self, app: ASGIApp, token: str):
+        self.app = app
+        self.token = token.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"].startswith(OPEN_PATHS) or scope["path"] == "/":
+            return await self.app(scope, receive, send)
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, given = header.partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.token):
+            what = "missing" if not header else "invalid"
+            return await _send_json(send, 401, f"{what} credentials: send 'Authorization: Bearer <token>' with the "
+                                               f"server's RESKD_AUTH_TOKEN", {"WWW-Authenticate": "Bearer"})
+        await self.app(scope, receive, send)
+
+
+class RequestMetrics:
+    """reskd_requests_total{endpoint,code} and reskd_request_duration_seconds{endpoint}; endpoint is the route
+    template (bounded label values), model/version as resolved by the route ("" when none was)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        status = 500
+
+        async def send_status(msg: Message) -> None:
+            nonlocal status
+            if msg["type"] == "http.response.start":
+                status = msg["status"]
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", "") if route is not None else ""
+            model, version = scope.get("reskd.model", ("", ""))
+            self.metrics.requests.labels(model, str(version), endpoint, str(status)).inc()
+            self.metrics.request_duration.labels(model, str(version), endpoint).observe(time.perf_counter() - start)

@@ -1,0 +1,16 @@
+"""Operations endpoints: Prometheus exposition."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from .state import ServerState, get_state
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/metrics", summary="Prometheus metrics (names per DESIGN.md section 3)")
+async def metrics(state: ServerState = Depends(get_state)):
+    return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

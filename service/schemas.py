@@ -1,0 +1,41 @@
+"""Response bodies of the v1 API as pydantic models: the contract, and accurate OpenAPI documentation."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class TopClass(BaseModel):
+    label: str
+    class_id: int
+    probability: float = Field(description="softmax of the logits at the exit stage")
+
+
+class Prediction(BaseModel):
+    filename: str | None = Field(None, description="the multipart part's filename, when it had one")
+    label: str
+    class_id: int
+    confidence: float = Field(description="the model's exit measure (max_prob, margin or entropy) at the exit stage")
+    top_k: list[TopClass]
+    exit_stage: int = Field(description="the stage that answered (0 = the student)")
+    stages_run: int = Field(description="exit_stage + 1")
+    flops: int = Field(description="FLOPs this image used: the sum of the stages it ran (2 x MACs)")
+    flops_saved_vs_teacher: int = Field(description="teacher FLOPs - flops (negative if the cascade cost more)")
+    flops_saved_vs_cascade: int = Field(description="full-cascade FLOPs - flops")
+
+
+class ClassifyResponse(BaseModel):
+    model: str
+    version: int
+    predictions: list[Prediction]
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="what is wrong and how to fix it")
+
+
+ERROR_RESPONSES = {code: {"model": ErrorBody, "description": text} for code, text in {
+    400: "malformed request", 401: "missing or wrong bearer token (when auth is on)",
+    404: "unknown model or version", 413: "body, image count or image pixels over the limit",
+    415: "unsupported media type or undecodable image", 422: "well-formed but invalid parameters or values",
+    503: "overloaded or not ready; retry after Retry-After seconds"}.items()}

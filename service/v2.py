@@ -1,0 +1,216 @@
+"""KServe v2 / Triton HTTP endpoints: health, server and model metadata, model config, readiness, infer.
+
+Inputs: `images` FP32 [N, C, H, W] (normalised as the manifest says) or `image_bytes` BYTES [N] (encoded images;
+base64 strings when sent as JSON). Outputs: `logits` FP32 [N, classes], `class_id` INT64 [N], `exit_stage` INT32
+[N], `flops` INT64 [N]. Request parameters `threshold` and `max_stage` act as the v1 query parameters do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+
+import reskd
+
+from . import kserve
+from .decoding import decode_batch
+from .errors import bad_request, invalid, too_large
+from .models import ServedModel
+from .schemas import ERROR_RESPONSES
+from .state import ServerState, get_state
+from .v1 import run_cascade
+
+router = APIRouter(tags=["kserve v2"], responses=ERROR_RESPONSES)
+
+OUTPUTS = {"logits": "FP32", "class_id": "INT64", "exit_stage": "INT32", "flops": "INT64"}
+INPUTS = {"images": "FP32", "image_bytes": "BYTES"}
+
+
+@router.get("/v2/health/live", summary="Liveness: 200 while the process serves (503 if model loading failed)")
+async def live(state: ServerState = Depends(get_state)):
+    if state.failed:
+        return JSONResponse({"error": f"model loading failed: {state.failed}"}, status_code=503)
+    return {"live": True}
+
+
+@router.get("/v2/health/ready", summary="Readiness: 200 once every model is loaded and warmed up")
+async def ready(state: ServerState = Depends(get_state)):
+    state.require_ready()
+    return {"ready": True}
+
+
+@router.get("/v2", summary="Server metadata")
+async def server_metadata():
+    return {"name": "reskd", "version": reskd.__version__,
+            "extensions": ["binary_tensor_data", "model_configuration", "reskd_early_exit"]}
+
+
+def _metadata(model: ServedModel, versions: list[int]) -> dict:
+    m = model.manifest
+    c, h, w = model.runtime.input_shape
+    cum = model.runtime.cum_flops.tolist()
+    return {
+        "name": model.name, "versions": [str(v) for v in versions], "platform": "reskd_cascade",
+        "inputs": [{"name": "images", "datatype": "FP32", "shape": [-1, c, h, w]},
+                   {"name": "image_bytes", "datatype": "BYTES", "shape": [-1]}],
+        "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, len(m.labels)]},
+                    {"name": "class_id", "datatype": "INT64", "shape": [-1]},
+                    {"name": "exit_stage", "datatype": "INT32", "shape": [-1]},
+                    {"name": "flops", "datatype": "INT64", "shape": [-1]}],
+        # reskd's additions: what a client needs to reason about early exit and compute.
+        "version": str(model.version),
+        "labels": m.labels,
+        "input": m.input.model_dump(),
+        "stages": [{"stage": i, "name": s.name, "flops": s.flops, "cumulative_flops": cum[i],
+                    "threshold": m.exit.thresholds[i] if i < len(m.exit.thresholds) else None}
+                   for i, s in enumerate(m.stages)],
+        "exit_measure": m.exit.measure,
+        "teacher_flops": m.teacher.flops,
+        "metrics": m.metrics,
+    }
+
+
+@router.get("/v2/models/{name}", summary="Model metadata: versions, tensors, stages, thresholds, FLOPs")
+async def model_metadata(request: Request, name: str, state: ServerState = Depends(get_state)):
+    model = state.model(request, name)
+    return _metadata(model, state.store.versions(name))
+
+
+@router.get("/v2/models/{name}/versions/{version}", summary="Metadata of one model version")
+async def model_version_metadata(request: Request, name: str, version: str, state: ServerState = Depends(get_state)):
+    model = state.model(request, name, version)
+    return _metadata(model, state.store.versions(name))
+
+
+def _config(model: ServedModel, state: ServerState) -> dict:
+    """Triton's model configuration (JSON form), describing what this server really does."""
+    c, h, w = model.runtime.input_shape
+    s = state.settings
+    return {
+        "name": model.name, "platform": "reskd_cascade", "backend": "onnxruntime",
+        "version_policy": {"all": {}},
+        "max_batch_size": s.max_images,
+        "input": [{"name": "images", "data_type": "TYPE_FP32", "dims": [c, h, w]},
+                  {"name": "image_bytes", "data_type": "TYPE_STRING", "dims": [1], "reshape": {"shape": []}}],
+        "output": [{"name": "logits", "data_type": "TYPE_FP32", "dims": [len(model.manifest.labels)]},
+                   {"name": "class_id", "data_type": "TYPE_INT64", "dims": [1], "reshape": {"shape": []}},
+                   {"name": "exit_stage", "data_type": "TYPE_INT32", "dims": [1], "reshape": {"shape": []}},
+                   {"name": "flops", "data_type": "TYPE_INT64", "dims": [1], "reshape": {"shape": []}}],
+        "dynamic_batching": {"max_queue_delay_microseconds": int(s.max_queue_delay_ms * 1000),
+                             "preferred_batch_size": [s.max_batch_size],
+                             "default_queue_policy": {"max_queue_size": s.max_queue_images}},
+        "instance_group": [{"kind": "KIND_GPU" if "CUDAExecutionProvider" in state.providers else "KIND_CPU",
+                            "count": 1}],
+        "parameters": {"stages": {"string_value": str(model.runtime.num_stages)},
+                       "exit_measure": {"string_value": model.manifest.exit.measure}},
+    }
+
+
+@router.get("/v2/models/{name}/config", summary="Model configuration (Triton's JSON form)")
+async def model_config(request: Request, name: str, state: ServerState = Depends(get_state)):
+    return _config(state.model(request, name), state)
+
+
+@router.get("/v2/models/{name}/versions/{version}/config", summary="Configuration of one model version")
+async def model_version_config(request: Request, name: str, version: str, state: ServerState = Depends(get_state)):
+    return _config(state.model(request, name, version), state)
+
+
+@router.get("/v2/models/{name}/ready", summary="Model readiness")
+async def model_ready(request: Request, name: str, state: ServerState = Depends(get_state)):
+    state.model(request, name)
+    return {"name": name, "ready": True}
+
+
+@router.get("/v2/models/{name}/versions/{version}/ready", summary="Model version readiness")
+async def model_version_ready(request: Request, name: str, version: str, state: ServerState = Depends(get_state)):
+    model = state.model(request, name, version)
+    return {"name": name, "version": str(model.version), "ready": True}
+
+
+_INFER_DOC = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": kserve.InferRequest.model_json_schema()},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary", "description":
+                                            "JSON header (length in Inference-Header-Content-Length) followed by "
+                                            "binary tensor data"}}}}}
+
+
+@router.post("/v2/models/{name}/infer", openapi_extra=_INFER_DOC, summary="Infer with the highest version")
+async def infer(request: Request, name: str, state: ServerState = Depends(get_state)):
+    return await _infer(request, state, name, None)
+
+
+@router.post("/v2/models/{name}/versions/{version}/infer", openapi_extra=_INFER_DOC, summary="Infer with a version")
+async def infer_version(request: Request, name: str, version: str, state: ServerState = Depends(get_state)):
+    return await _infer(request, state, name, version)
+
+
+def _parameter(params: dict, key: str, kind: type):
+    value = params.get(key)
+    if value is None:
+        return None
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise invalid(f"parameter {key!r} must be an integer, got {value!r}")
+    if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise invalid(f"parameter {key!r} must be a number, got {value!r}")
+    return kind(value)
+
+
+async def _infer(request: Request, state: ServerState, name: str, version: str | None) -> Response:
+    model = state.model(request, name, version)
+    s = state.settings
+    raw = await request.body()
+    encoding, header_length = request.headers.get("content-encoding"), request.headers.get(kserve.HEADER_LENGTH)
+
+    def parse():  # JSON tensors can be megabytes: parsed in a worker, not on the event loop
+        return kserve.parse_request(kserve.decompress(raw, encoding, s.max_body_bytes), header_length)
+
+    req, tensors = await asyncio.get_running_loop().run_in_executor(state.decoding, parse)
+    if len(tensors) != 1 or tensors[0].name not in INPUTS:
+        raise bad_request(f"send exactly one input, 'images' (FP32 [N, C, H, W]) or 'image_bytes' (BYTES [N]); "
+                          f"got {[t.name for t in tensors]}")
+    t = tensors[0]
+    if t.datatype != INPUTS[t.name]:
+        raise invalid(f"input {t.name!r} must be {INPUTS[t.name]}, got {t.datatype}")
+    n = t.shape[0] if t.shape else 0
+    if n > s.max_images:
+        raise too_large(f"batch of {n} images is over the limit of {s.max_images} (RESKD_MAX_IMAGES); split it")
+    if n == 0:
+        raise invalid(f"input {t.name!r} holds no images (shape {t.shape})")
+    if t.name == "images":
+        c, h, w = model.runtime.input_shape
+        if t.shape[1:] != [c, h, w] or len(t.shape) != 4:
+            raise invalid(f"input 'images' must have shape [N, {c}, {h}, {w}] for {model.name}, got {t.shape}")
+        images = np.asarray(t.value, dtype=np.float32)
+        if not np.isfinite(images).all():
+            raise invalid("input 'images' holds NaN or infinite values; send normalised finite pixels")
+    else:
+        if len(t.shape) != 1:
+            raise invalid(f"input 'image_bytes' must have shape [N], got {t.shape}")
+        images = await decode_batch(state.decoding, t.value, [f"image_bytes[{i}]" for i in range(n)],
+                                    model.manifest.input, s.max_pixels)
+    threshold = _parameter(req.parameters, "threshold", float)
+    max_stage = _parameter(req.parameters, "max_stage", int)
+    result = await run_cascade(state, model, images, threshold, max_stage)
+
+    binary_default = bool(req.parameters.get("binary_data_output", False))
+    wanted = req.outputs if req.outputs else [kserve.OutputRequest(name=o) for o in OUTPUTS]
+    values = {"logits": result.logits, "class_id": result.class_id, "exit_stage": result.exit_stage,
+              "flops": result.flops}
+    outputs = []
+    for o in wanted:
+        if o.name not in OUTPUTS:
+            raise bad_request(f"unknown output {o.name!r} (outputs: {', '.join(OUTPUTS)})")
+        binary = bool(o.parameters.get("binary_data", binary_default))
+        outputs.append((o.name, OUTPUTS[o.name], values[o.name], binary))
+    head = {"model_name": model.name, "model_version": str(model.version)}
+    if req.id is not None:
+        head["id"] = req.id
+    content, header_length = kserve.encode_response(head, outputs)
+    if header_length is None:
+        return Response(content, media_type="application/json")
+    return Response(content, media_type="application/octet-stream",
+                    headers={"Inference-Header-Content-Length": str(header_length)})

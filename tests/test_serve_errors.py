@@ -1,0 +1,240 @@
+"""Bad input, overload, auth and start-up, against a real `reskd serve` on loopback: every refusal is JSON
+{"error": ...} with the status DESIGN.md section 3 names, and the server stays healthy."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from server_process import MODELS, ServerProcess
+
+CLASSIFY = "/v1/models/fashion-mnist/classify"
+INFER = "/v2/models/fashion-mnist/infer"
+
+
+def png(size=(28, 28), value=128) -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", size, value).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = ServerProcess(max_images=4, max_body_bytes=300_000)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with server.client() as c:
+        yield c
+
+
+def v2(tensor: dict, **extra) -> dict:
+    return {"json": {"inputs": [tensor], **extra}}
+
+
+def fp32(shape=(1, 1, 28, 28), data=None, **kw) -> dict:
+    n = int(np.prod(shape))
+    return {"name": "images", "datatype": "FP32", "shape": list(shape),
+            "data": data if data is not None else [0.0] * n, **kw}
+
+
+def binary(header: dict, blob: bytes, length: int | None = None) -> dict:
+    head = json.dumps(header).encode()
+    return {"content": head + blob, "headers": {"Inference-Header-Content-Length": str(len(head) if length is None
+                                                                                      else length)}}
+
+
+GOOD = png()
+NOISE = io.BytesIO()
+Image.fromarray(np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)).save(NOISE, "PNG")
+BOMB = png((7000, 7000), 0)  # 49 M pixels in a few tens of kB: over the 40 M pixel limit
+CASES = [
+    # (what, method, path, request kwargs, status, words in the message)
+    ("no file part", "post", CLASSIFY, {"files": [("image", ("a.png", GOOD))]}, 400, "no 'file' part"),
+    ("text field, not a file", "post", CLASSIFY, {"data": {"file": "abc"}, "files": [("x", ("x", b"1"))]}, 400,
+     "not a file upload"),
+    ("empty body", "post", CLASSIFY, {"content": b"", "headers": {"content-type": "image/png"}}, 400, "no body"),
+    ("json body", "post", CLASSIFY, {"json": {"image": "x"}}, 415, "application/json"),
+    ("text body", "post", "/v1/classify", {"content": b"hello", "headers": {"content-type": "text/plain"}}, 415,
+     "text/plain"),
+    ("not an image", "post", CLASSIFY, {"files": [("file", ("a.png", b"GIF89a not really"))]}, 415,
+     "cannot identify"),
+    ("truncated png", "post", CLASSIFY, {"files": [("file", ("a.png", NOISE.getvalue()[:400]))]}, 415, "truncated"),
+    ("empty part", "post", CLASSIFY, {"files": [("file", ("a.png", b""))]}, 415, "empty image"),
+    ("decompression bomb", "post", CLASSIFY, {"content": BOMB, "headers": {"content-type": "image/png"}}, 413,
+     "pixels"),
+    ("body over the limit", "post", CLASSIFY, {"content": b"\0" * 300_001, "headers": {"content-type": "image/png"}},
+     413, "300,000 bytes"),
+    ("chunked body over the limit", "post", CLASSIFY, {"content": iter([b"\0" * 200_000] * 2),
+                                                       "headers": {"content-type": "image/png"}}, 413, "limit"),
+    ("too many images", "post", CLASSIFY, {"files": [("file", ("a.png", GOOD))] * 5}, 413, "more than 4 images"),
+    ("unknown model", "post", "/v1/models/nope/classify", {"content": GOOD}, 404, "no model 'nope'"),
+    ("unknown version", "post", "/v1/models/fashion-mnist/versions/9/classify", {"content": GOOD}, 404,
+     "no version"),
+    ("unknown route", "get", "/v3/anything", {}, 404, "no route"),
+    ("threshold > 1", "post", CLASSIFY + "?threshold=1.5", {"content": GOOD}, 422, "threshold"),
+    ("threshold not a number", "post", CLASSIFY + "?threshold=high", {"content": GOOD}, 422, "threshold"),
+    ("max_stage past the last", "post", CLASSIFY + "?max_stage=3", {"content": GOOD}, 422, "between 0 and 2"),
+    ("top_k 0", "post", CLASSIFY + "?top_k=0", {"content": GOOD}, 422, "top_k"),
+    ("v2 malformed json", "post", INFER, {"content": b"{not json", "headers": {"content-type": "application/json"}},
+     400, "not valid JSON"),
+    ("v2 no inputs", "post", INFER, {"json": {"inputs": []}}, 400, "inputs"),
+    ("v2 NaN", "post", INFER, {"content": json.dumps({"inputs": [fp32(data=[math.nan] * 784)]}).encode()}, 422,
+     "NaN or infinite"),
+    ("v2 infinite (binary)", "post", INFER,
+     binary({"inputs": [fp32(data=None, parameters={"binary_data_size": 3136}) | {"data": None}]},
+            np.full(784, np.inf, "<f4").tobytes()), 422, "NaN or infinite"),
+    ("v2 wrong image shape", "post", INFER, v2(fp32((1, 3, 28, 28))), 422, "[N, 1, 28, 28]"),
+    ("v2 data size mismatch", "post", INFER, v2(fp32(data=[0.0] * 10)), 400, "needs 784 values"),
+    ("v2 binary size mismatch", "post", INFER,
+     binary({"inputs": [fp32(parameters={"binary_data_size": 100}) | {"data": None}]}, b"\0" * 100), 400,
+     "needs 3136 bytes"),
+    ("v2 header length past the body", "post", INFER, binary({"inputs": [fp32()]}, b"", length=10**6), 400,
+     "Inference-Header-Content-Length"),
+    ("v2 stray binary data", "post", INFER, binary({"inputs": [fp32()]}, b"\0" * 8), 400, "belong to no input"),
+    ("v2 unknown input", "post", INFER, v2(fp32() | {"name": "pixels"}), 400, "exactly one input"),
+    ("v2 unknown output", "post", INFER, v2(fp32(), outputs=[{"name": "probs"}]), 400, "unknown output"),
+    ("v2 wrong datatype", "post", INFER, v2(fp32() | {"datatype": "INT64", "data": [0] * 784}), 422, "must be FP32"),
+    ("v2 bad base64", "post", INFER, v2({"name": "image_bytes", "datatype": "BYTES", "shape": [1],
+                                         "data": ["%%%"]}), 400, "base64"),
+    ("v2 undecodable bytes", "post", INFER, v2({"name": "image_bytes", "datatype": "BYTES", "shape": [1],
+                                                "data": ["aGVsbG8="]}), 415, "image_bytes[0]"),
+    ("v2 batch too large", "post", INFER, v2(fp32((5, 1, 28, 28))), 413, "limit of 4"),
+    ("v2 empty batch", "post", INFER, v2(fp32((0, 1, 28, 28))), 422, "no images"),
+    ("v2 threshold not a number", "post", INFER, v2(fp32(), parameters={"threshold": "x"}), 422, "threshold"),
+    ("v2 max_stage too large", "post", INFER, v2(fp32(), parameters={"max_stage": 7}), 422, "max_stage"),
+    ("v2 unsupported encoding", "post", INFER, {"content": b"x", "headers": {"content-encoding": "br"}}, 415, "br"),
+    ("v2 unknown model metadata", "get", "/v2/models/nope", {}, 404, "no model"),
+    ("v2 unknown version config", "get", "/v2/models/fashion-mnist/versions/2/config", {}, 404, "no version"),
+    ("wrong method", "get", CLASSIFY, {}, 405, "GET"),
+]
+
+
+@pytest.mark.parametrize("what,method,path,kwargs,status,words", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gets_a_clear_error(client, what, method, path, kwargs, status, words):
+    r = client.request(method.upper(), path, **kwargs)
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and words in body["error"], body
+    assert "Traceback" not in r.text
+
+
+def test_server_is_healthy_after_bad_input(server, client):
+    for what, method, path, kwargs, status, words in CASES:
+        if isinstance(kwargs.get("content"), type(iter([]))):
+            continue  # a consumed iterator
+        client.request(method.upper(), path, **kwargs)
+    assert server.proc.poll() is None
+    assert client.get("/v2/health/ready").status_code == 200
+    r = client.post(CLASSIFY, files=[("file", ("a.png", GOOD))] * 4)
+    assert r.status_code == 200 and len(r.json()["predictions"]) == 4
+
+
+def test_gzip_request_bodies_are_accepted(client):
+    import gzip
+
+    r = client.post(INFER, content=gzip.compress(json.dumps({"inputs": [fp32()]}).encode()),
+                    headers={"content-encoding": "gzip", "content-type": "application/json"})
+    assert r.status_code == 200, r.text
+
+
+def test_full_queue_answers_503_with_retry_after():
+    s = ServerProcess(max_queue_images=64, max_batch_size=64, retry_after_s=2)
+    images = np.zeros((64, 1, 28, 28), "<f4").tobytes()
+    request = binary({"inputs": [{"name": "images", "datatype": "FP32", "shape": [64, 1, 28, 28],
+                                  "parameters": {"binary_data_size": len(images)}}],
+                      "outputs": [{"name": "class_id"}]}, images)
+    try:
+        with s.client() as c, ThreadPoolExecutor(12) as pool:
+            responses = list(pool.map(lambda _: c.post("/v2/models/fashion-mnist-teacher/infer", **request),
+                                      range(12)))
+            codes = [r.status_code for r in responses]
+            assert set(codes) <= {200, 503} and 503 in codes and 200 in codes, codes
+            for r in responses:
+                if r.status_code == 503:
+                    assert r.headers["retry-after"] == "2" and "queued" in r.json()["error"]
+                else:
+                    assert len(r.json()["outputs"][0]["data"]) == 64
+            # Nothing was left behind: the queue drains and the server serves again.
+            assert c.post("/v2/models/fashion-mnist-teacher/infer", **request).status_code == 200
+            assert c.get("/v2/health/ready").status_code == 200
+    finally:
+        s.stop()
+
+
+def test_bearer_token_guards_inference_and_models_only():
+    s = ServerProcess(auth_token="s3cret-token")
+    try:
+        with s.client() as c:
+            for path, method in ((CLASSIFY, "POST"), ("/v1/classify", "POST"), (INFER, "POST"),
+                                 ("/v2/models/fashion-mnist", "GET"), ("/v2/models/fashion-mnist/config", "GET"),
+                                 ("/v2", "GET")):
+                r = c.request(method, path, content=GOOD)
+                assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", (path, r.text)
+                assert "missing credentials" in r.json()["error"]
+                r = c.request(method, path, content=GOOD, headers={"authorization": "Bearer wrong"})
+                assert r.status_code == 401 and "invalid credentials" in r.json()["error"]
+            ok = {"authorization": "Bearer s3cret-token"}
+            assert c.post(CLASSIFY, content=GOOD, headers=ok).status_code == 200
+            assert c.get("/v2/models/fashion-mnist", headers=ok).status_code == 200
+            for open_path in ("/v2/health/live", "/v2/health/ready", "/metrics", "/docs", "/openapi.json"):
+                assert c.get(open_path).status_code == 200, open_path
+            assert 'code="401"' in c.get("/metrics").text
+    finally:
+        s.stop()
+
+
+def test_ready_only_after_warm_up():
+    s = ServerProcess(wait_ready=False, warmup_batch_sizes="[1024, 1024]")
+    try:
+        with s.client() as c:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    live = c.get("/v2/health/live")
+                    break
+                except httpx.TransportError:
+                    assert time.monotonic() < deadline, s.output()
+                    time.sleep(0.05)
+            ready = c.get("/v2/health/ready")
+            refused = c.post(CLASSIFY, content=GOOD)
+            assert live.status_code == 200
+            assert ready.status_code == 503 and "loading" in ready.json()["error"], s.output()
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+            s.wait_ready()
+            assert c.post(CLASSIFY, content=GOOD).status_code == 200
+    finally:
+        s.stop()
+
+
+def serve_exit(repo) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "reskd.cli", "serve", "--repo", str(repo), "--port", "1"],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_a_broken_repository_fails_at_start_with_a_message(tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(MODELS, repo)
+    stage = next((repo / "fashion-mnist" / "1").glob("*.onnx"))
+    stage.write_bytes(stage.read_bytes()[:-10])
+    out = serve_exit(repo)
+    assert out.returncode == 2 and "sha256" in out.stderr and stage.name in out.stderr, out.stderr
+    out = serve_exit(tmp_path / "missing")
+    assert out.returncode == 2 and "does not exist" in out.stderr
+    (tmp_path / "empty").mkdir()
+    out = serve_exit(tmp_path / "empty")
+    assert out.returncode == 2 and "holds no model versions" in out.stderr
