@@ -97,10 +97,16 @@ def image_to_pixels(img: Image.Image, spec: InputSpec) -> np.ndarray:
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
-def preprocess(data: bytes, spec: InputSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Encoded image bytes -> float32 [C, H, W], ready for the cascade."""
+def decode_pixels(data: bytes, spec: InputSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Encoded image bytes -> uint8 [C, H, W] at the manifest's size and colour, not yet normalised (a quarter of
+    the float32 bytes: batch scoring ships these between processes and normalises whole batches)."""
     img = decode(data, max_pixels)
     try:
-        return normalise(image_to_pixels(img, spec), spec)
+        return image_to_pixels(img, spec)
     except (OSError, ValueError) as err:
         raise ImageError(f"image data is corrupt or truncated: {err}") from None
+
+
+def preprocess(data: bytes, spec: InputSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Encoded image bytes -> float32 [C, H, W], ready for the cascade."""
+    return normalise(decode_pixels(data, spec, max_pixels), spec)
