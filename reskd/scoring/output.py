@@ -1,0 +1,219 @@
+"""Output rows, shards and the final file.
+
+A job scores into OUT.parts/ next to OUT: job.json (what is being scored) and one Parquet shard per block of
+`shard_size` consecutive inputs (shard k holds inputs k*shard_size ...). A shard is written to a temporary name,
+flushed to disk, then renamed: it is there whole or not at all. When every shard is there, they are concatenated
+in input order into a temporary file beside OUT, which is renamed to OUT, and OUT.parts/ is removed. So OUT is
+never partial, and `--resume` rescores only the shards that are missing: no row lost, none duplicated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from .errors import ScoreError
+
+# The output schema (docs/scoring.md). Nulls where `error` is set; `error` is null where the image was scored.
+SCHEMA = pa.schema([
+    ("path", pa.string()),
+    ("label", pa.string()),
+    ("class_id", pa.int64()),
+    ("confidence", pa.float64()),
+    ("exit_stage", pa.int32()),
+    ("flops", pa.int64()),
+    ("flops_saved_vs_teacher", pa.int64()),
+    ("error", pa.string()),
+])
+SHARD_SCHEMA = SCHEMA.append(pa.field("index", pa.int64()))
+FORMATS = {".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+JOB_FILE = "job.json"
+
+
+def output_format(path: str | Path) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix not in FORMATS:
+        raise ScoreError(f"--out {path}: the format comes from the extension; use one of "
+                         f"{', '.join(sorted(FORMATS))}")
+    return FORMATS[suffix]
+
+
+def rows_table(result: dict[str, np.ndarray], paths: list[str], class_names: list[str],
+               teacher_flops: int) -> pa.Table:
+    """An engine's result batch -> output rows (plus `index`)."""
+    index = result["index"]
+    errors = np.asarray(result["error"], dtype=object)
+    failed = errors.astype(bool)
+    class_id = result["class_id"]
+    names = np.asarray(class_names, dtype=object)[np.where(failed, 0, class_id)]
+    columns = {
+        "path": pa.array([paths[i] for i in index], pa.string()),
+        "label": pa.array(names, pa.string(), mask=failed),
+        "class_id": pa.array(class_id, pa.int64(), mask=failed),
+        "confidence": pa.array(result["confidence"], pa.float64(), mask=failed),
+        "exit_stage": pa.array(result["exit_stage"], pa.int32(), mask=failed),
+        "flops": pa.array(result["flops"], pa.int64(), mask=failed),
+        "flops_saved_vs_teacher": pa.array(teacher_flops - result["flops"], pa.int64(), mask=failed),
+        "error": pa.array(errors, pa.string(), mask=~failed),
+        "index": pa.array(index, pa.int64()),
+    }
+    return pa.table(columns, schema=SHARD_SCHEMA)
+
+
+class ShardStore:
+    """OUT.parts/: job.json and the committed shards of one job."""
+
+    def __init__(self, out: Path, job: dict, num_inputs: int, shard_size: int, resume: bool):
+        self.out = Path(out)
+        self.dir = self.out.with_name(self.out.name + ".parts")
+        self.num_inputs = num_inputs
+        job = {**job, "inputs": num_inputs, "shard_size": shard_size}
+        previous = self._previous_job()
+        if previous is not None and not resume:
+            raise ScoreError(f"{self.dir} holds an unfinished job ({len(self._committed(previous))} shard(s) "
+                             f"done): pass --resume to continue it, or delete that folder to start over")
+        if previous is not None:
+            changed = [k for k in job if k != "shard_size" and previous.get(k) != job[k]]
+            if changed:
+                raise ScoreError(f"--resume: the unfinished job in {self.dir} scored different "
+                                 f"{', '.join(changed)}; rerun it with the same model and INPUTS, or delete "
+                                 f"that folder to start over")
+            job["shard_size"] = previous["shard_size"]  # shards already committed fix it
+        self.shard_size = job["shard_size"]
+        self.num_shards = -(-num_inputs // self.shard_size)
+        self.resumed = previous is not None
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.dir.glob("*.tmp"):
+            stale.unlink()
+        if previous is None:
+            _write_atomic(self.dir / JOB_FILE, (json.dumps(job, indent=1) + "\n").encode())
+        self.done = self._committed(job)
+        self._buffers: dict[int, list[pa.Table]] = {}
+        self._counts: dict[int, int] = {}
+
+    def _previous_job(self) -> dict | None:
+        path = self.dir / JOB_FILE
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ScoreError(f"{path} is unreadable ({err}); delete {self.dir} to start over") from None
+
+    def shard_path(self, k: int) -> Path:
+        return self.dir / f"shard-{k:08d}.parquet"
+
+    def shard_rows(self, k: int) -> int:
+        return min(self.shard_size, self.num_inputs - k * self.shard_size)
+
+    def _committed(self, job: dict) -> set[int]:
+        size = job["shard_size"]
+        done = set()
+        for path in self.dir.glob("shard-*.parquet") if self.dir.is_dir() else []:
+            k = int(path.stem.split("-")[1])
+            expected = min(size, job["inputs"] - k * size)
+            if pq.read_metadata(path).num_rows == expected:
+                done.add(k)
+        return done
+
+    def pending_indices(self) -> np.ndarray:
+        return np.concatenate([np.arange(k * self.shard_size, k * self.shard_size + self.shard_rows(k))
+                               for k in range(self.num_shards) if k not in self.done] or [np.zeros(0, np.int64)])
+
+    def add(self, rows: pa.Table) -> None:
+        """Buffer rows (any order, any batch size); commit each shard as soon as all its rows are in."""
+        shard = rows.column("index").to_numpy() // self.shard_size
+        for k in np.unique(shard):
+            k = int(k)
+            part = rows.filter(pa.array(shard == k))
+            self._buffers.setdefault(k, []).append(part)
+            self._counts[k] = self._counts.get(k, 0) + len(part)
+            if self._counts[k] == self.shard_rows(k):
+                table = pa.concat_tables(self._buffers.pop(k)).sort_by("index")
+                del self._counts[k]
+                tmp = self.shard_path(k).with_suffix(".parquet.tmp")
+                pq.write_table(table, tmp)
+                _fsync(tmp)
+                os.replace(tmp, self.shard_path(k))
+                self.done.add(k)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.done) == self.num_shards
+
+    def tables(self) -> Iterator[pa.Table]:
+        """Every committed row, in input order, checked to be one row per input."""
+        for k in range(self.num_shards):
+            table = pq.read_table(self.shard_path(k), schema=SHARD_SCHEMA)
+            start = k * self.shard_size
+            if not np.array_equal(table.column("index").to_numpy(), np.arange(start, start + self.shard_rows(k))):
+                raise ScoreError(f"{self.shard_path(k)} does not hold inputs {start}.. in order; delete "
+                                 f"{self.dir} to start over")
+            yield table.drop_columns(["index"])
+
+    def finish(self, fmt: str, each: Callable[[pa.Table], None] = lambda table: None) -> None:
+        """Write OUT from the shards (atomically), then remove OUT.parts/. each(table) sees every block of rows."""
+        tmp = self.out.with_name(f".{self.out.name}.{os.getpid()}.tmp")
+
+        def tables() -> Iterator[pa.Table]:
+            for table in self.tables():
+                each(table)
+                yield table
+
+        try:
+            write_table_stream(tables(), tmp, fmt)
+            _fsync(tmp)
+            os.replace(tmp, self.out)
+        finally:
+            tmp.unlink(missing_ok=True)
+        shutil.rmtree(self.dir)
+
+
+def write_table_stream(tables: Iterator[pa.Table], path: Path, fmt: str) -> None:
+    if fmt == "parquet":
+        with pq.ParquetWriter(path, SCHEMA) as writer:
+            for table in tables:
+                writer.write_table(table)
+    elif fmt == "csv":
+        with pacsv.CSVWriter(path, SCHEMA) as writer:
+            for table in tables:
+                writer.write_table(table)
+    else:
+        with open(path, "w", encoding="utf-8") as f:
+            for table in tables:
+                f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in table.to_pylist())
+
+
+def read_output(path: str | Path) -> pa.Table:
+    """A `reskd score` output file (any of the three formats) -> a table with SCHEMA."""
+    fmt = output_format(path)
+    if fmt == "parquet":
+        return pq.read_table(path, schema=SCHEMA)
+    if fmt == "csv":
+        options = pacsv.ConvertOptions(column_types=SCHEMA, strings_can_be_null=True)
+        return pacsv.read_csv(path, convert_options=options).select(SCHEMA.names)
+    if Path(path).stat().st_size == 0:
+        return SCHEMA.empty_table()
+    table = pajson.read_json(path, parse_options=pajson.ParseOptions(explicit_schema=SCHEMA))
+    return table.select(SCHEMA.names)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    _fsync(tmp)
+    os.replace(tmp, path)
