@@ -112,6 +112,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    from reskd.manifest import ManifestError
+    from reskd.scoring import ScoreError, ScoreOptions, score
+
+    options = ScoreOptions(repo=args.repo, model=args.model, inputs=args.inputs, out=args.out, engine=args.engine,
+                           resume=args.resume, labels=args.labels, batch_size=args.batch_size,
+                           shard_size=args.shard_size, device=args.device, workers=args.workers,
+                           threads=args.threads, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
+                           progress=not args.quiet)
+    try:
+        summary = score(options)
+    except (ScoreError, ManifestError) as err:
+        print(f"reskd score: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(summary.lines()))
+    return 0
+
+
 def _print_metrics(path: str, manifest: dict) -> None:
     m = manifest["metrics"]
     print(f"{path}: thresholds {[round(t, 6) for t in manifest['exit']['thresholds']]}; test accuracy "
@@ -175,6 +193,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"],
                    help="auto: the CUDA EP when onnxruntime offers it, else CPU (default auto)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("score", help="score image files offline (local processes or Ray Data); JSONL/CSV/Parquet",
+                       description="Classify every input image with the cascade and write one row per input: path, "
+                                   "label, class_id, confidence, exit_stage, flops, flops_saved_vs_teacher, error. "
+                                   "An unreadable image becomes a row with `error` set; the job still exits 0. "
+                                   "Exit status 2: the job could not run (the message says what to fix). "
+                                   "See docs/scoring.md.")
+    p.add_argument("--repo", required=True, metavar="REPO", help="model repository, e.g. models (the bundled one)")
+    p.add_argument("--model", required=True, metavar="NAME[:VERSION]", help="default version: the highest")
+    p.add_argument("inputs", nargs="+", metavar="INPUTS",
+                   help="image files; directories (searched recursively for image files); glob patterns (quote "
+                        "them; ** recurses); or lists of paths: .txt/.lst (one a line), .csv or .parquet (a "
+                        "'path' column), relative paths being relative to the list's folder")
+    p.add_argument("--out", required=True, metavar="FILE",
+                   help="output file; its extension picks the format: .jsonl, .csv or .parquet. Written whole or "
+                        "not at all; work in progress is kept in FILE.parts/")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: decode worker processes + this process's runtime (default); ray: Ray Data on the "
+                        "cluster named by RAY_ADDRESS, else a local Ray instance")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the unfinished job in FILE.parts/ (same model and INPUTS): only the missing "
+                        "shards are scored")
+    p.add_argument("--labels", metavar="CSV",
+                   help="true labels, for accuracy in the summary: CSV with header 'path,label', label a class "
+                        "name of the model or a class id, paths relative to the CSV's folder")
+    p.add_argument("--batch-size", type=int, default=512, help="images per runtime call (default 512)")
+    p.add_argument("--shard-size", type=int, default=10_000,
+                   help="inputs per committed shard: the most work a killed job loses (default 10000)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (the summary is still printed)")
+    g = p.add_argument_group("local engine")
+    g.add_argument("--workers", type=int, help="decode processes (default: cores - 1, at least 1; 0: decode "
+                                               "in the main process)")
+    g.add_argument("--threads", type=int, help="onnxruntime threads per stage (default: onnxruntime's)")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: the CUDA EP when onnxruntime offers it, else CPU (default auto)")
+    g = p.add_argument_group("ray engine")
+    g.add_argument("--actors", type=int, default=1, help="actors holding the cascade (default 1)")
+    g.add_argument("--gpus-per-actor", type=float, default=0.0, metavar="G",
+                   help="GPUs each actor reserves, e.g. 1 or 0.25; > 0 runs the cascade on CUDA (default 0)")
+    p.set_defaults(func=cmd_score)
     return parser
 
 
