@@ -238,3 +238,30 @@ def test_a_broken_repository_fails_at_start_with_a_message(tmp_path):
     (tmp_path / "empty").mkdir()
     out = serve_exit(tmp_path / "empty")
     assert out.returncode == 2 and "holds no model versions" in out.stderr
+
+
+def test_several_versions_are_served_at_once(tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(MODELS, repo)
+    v2_dir = repo / "fashion-mnist" / "2"
+    shutil.copytree(repo / "fashion-mnist" / "1", v2_dir)
+    manifest = json.loads((v2_dir / "manifest.json").read_text())
+    manifest["version"] = 2
+    manifest["exit"]["thresholds"] = [1.0, 1.0]  # version 2 runs (almost) every image through every stage
+    (v2_dir / "manifest.json").write_text(json.dumps(manifest))
+    s = ServerProcess(repo=repo)
+    try:
+        with s.client() as c:
+            meta = c.get("/v2/models/fashion-mnist").json()
+            assert meta["versions"] == ["1", "2"] and meta["version"] == "2"
+            assert [st["threshold"] for st in meta["stages"][:2]] == [1.0, 1.0]
+            files = [("file", ("a.png", NOISE.getvalue()))] * 3
+            latest = c.post(CLASSIFY, files=files).json()
+            first = c.post("/v1/models/fashion-mnist/versions/1/classify", files=files).json()
+            assert latest["version"] == 2 and first["version"] == 1
+            assert {p["exit_stage"] for p in latest["predictions"]} == {2}
+            assert c.get("/v2/models/fashion-mnist/versions/1").json()["stages"][0]["threshold"] < 1
+            assert 'model_info{model="fashion-mnist",stages="3",version="2"}' in c.get("/metrics").text.replace(
+                "reskd_", "")
+    finally:
+        s.stop()
