@@ -7,11 +7,15 @@ Ray actor): it normalises the whole batch at once and runs the runtime on the im
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from reskd.manifest import InputSpec
 from reskd.preprocess import DEFAULT_MAX_PIXELS, ImageError, decode_pixels, normalise
-from reskd.runtime import CascadeRuntime
+
+if TYPE_CHECKING:  # decode workers never load onnxruntime
+    from reskd.runtime import CascadeRuntime
 
 
 def read_file(path: str) -> bytes:

@@ -1,10 +1,15 @@
-"""The local engine: worker processes read and decode batches of files while this process runs the cascade on the
-previous ones, at large batch sizes.
+"""The local engine: worker processes read and decode batches of files, at large batch sizes, in input order.
 
-Why processes: decoding a small image is mostly Python work in Pillow (header parsing), which threads would
-serialise on the GIL; onnxruntime releases the GIL and uses its own threads. Workers send uint8 pixels (a quarter
-of the float32 bytes). At most 2 batches per worker are in flight, so memory stays bounded whatever the input size.
-Results come back in input order.
+- CPU (the default): each worker also holds its own cascade runtime with one onnxruntime thread and classifies the
+  batch it decoded; this process only collects rows. Measured on 2 cores (bench/score_throughput.py): one
+  onnxruntime thread does ~70% of what two do, and decoding a 28x28 PNG costs ~0.6x of classifying it, so a
+  split of cores between decoders and one multi-threaded runtime leaves cores idle, while workers that do both
+  keep every core busy.
+- CUDA: the GPU runtime lives in this process and the workers only decode (one CUDA context, not one per worker).
+
+Processes rather than threads: decoding a small image is mostly Python work in Pillow (header parsing), which
+threads would serialise on the GIL. At most 2 batches per worker are in flight, so memory stays bounded whatever
+the number of inputs. --workers 0 does everything in this process (debugging, tiny jobs).
 """
 
 from __future__ import annotations
@@ -19,55 +24,78 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from reskd.manifest import InputSpec, load_manifest
 from reskd.runtime import CascadeRuntime, default_providers
 
 from .batch import classify, decode_files
 
-
-def default_workers() -> int:
-    """One decode worker per core but one: the cascade's threads need the other."""
-    return max(1, (os.cpu_count() or 2) - 1)
+_worker_runtime: CascadeRuntime | None = None  # a CPU worker's own cascade
 
 
 def session_options(threads: int | None) -> ort.SessionOptions:
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
-    # Busy-waiting onnxruntime threads would take the cores the decode workers need between batches.
+    # Busy-waiting onnxruntime threads would take cores from the other processes between batches.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
+
+
+def _start_worker(version_dir: str | None, threads: int) -> None:
+    global _worker_runtime
+    if version_dir is not None:
+        _worker_runtime = CascadeRuntime(version_dir, providers=["CPUExecutionProvider"],
+                                         session_options=session_options(threads))
+
+
+def _work(index: np.ndarray, paths: list[str], spec: InputSpec):
+    """In a worker: decode, then classify when this worker holds a cascade; else return the pixels."""
+    pixels, errors = decode_files(paths, spec)
+    if _worker_runtime is not None:
+        return classify(_worker_runtime, index, pixels, errors)
+    return pixels, errors
 
 
 class LocalEngine:
     def __init__(self, version_dir: Path, *, batch_size: int = 512, workers: int | None = None,
                  threads: int | None = None, device: str = "auto"):
-        self.runtime = CascadeRuntime(version_dir, providers=default_providers(device),
-                                      session_options=session_options(threads))
+        self.version_dir = Path(version_dir)
+        self.spec = load_manifest(self.version_dir).input
         self.batch_size = batch_size
-        self.workers = default_workers() if workers is None else workers
+        self.workers = (os.cpu_count() or 1) if workers is None else workers
+        providers = default_providers(device)
+        self.on_cpu = providers == ["CPUExecutionProvider"]
+        self.threads = threads
+        self.runtime = None  # this process's cascade: GPU, or --workers 0
+        if not self.on_cpu or self.workers == 0:
+            self.runtime = CascadeRuntime(self.version_dir, providers=providers, session_options=session_options(threads))
+            if not self.on_cpu:
+                self.workers = max(1, self.workers - 1)  # a core feeds the GPU
 
     def score(self, paths: list[str], indices: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
         """Yield result batches (batch.classify's columns) covering `indices`, in order."""
-        spec = self.runtime.manifest.input
         chunks = [indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
         if self.workers == 0:
             for chunk in chunks:
-                yield classify(self.runtime, chunk, *decode_files([paths[i] for i in chunk], spec))
+                yield classify(self.runtime, chunk, *decode_files([paths[i] for i in chunk], self.spec))
             return
+        worker_model = str(self.version_dir) if self.on_cpu else None
         context = multiprocessing.get_context("forkserver")
-        with ProcessPoolExecutor(self.workers, mp_context=context) as pool:
+        context.set_forkserver_preload([__name__])  # workers fork with numpy, Pillow, onnxruntime imported
+        with ProcessPoolExecutor(self.workers, mp_context=context, initializer=_start_worker,
+                                 initargs=(worker_model, self.threads or 1)) as pool:
             queue: deque = deque()
             todo = iter(chunks)
 
             def submit() -> None:
                 chunk = next(todo, None)
                 if chunk is not None:
-                    queue.append((chunk, pool.submit(decode_files, [paths[i] for i in chunk], spec)))
+                    queue.append((chunk, pool.submit(_work, chunk, [paths[i] for i in chunk], self.spec)))
 
             for _ in range(2 * self.workers):
                 submit()
             while queue:
                 chunk, future = queue.popleft()
-                pixels, errors = future.result()
+                result = future.result()
                 submit()
-                yield classify(self.runtime, chunk, pixels, errors)
+                yield result if isinstance(result, dict) else classify(self.runtime, chunk, *result)

@@ -79,8 +79,12 @@ class ShardStore:
         job = {**job, "inputs": num_inputs, "shard_size": shard_size}
         previous = self._previous_job()
         if previous is not None and not resume:
-            raise ScoreError(f"{self.dir} holds an unfinished job ({len(self._committed(previous))} shard(s) "
-                             f"done): pass --resume to continue it, or delete that folder to start over")
+            done = len(self._committed(previous))
+            if done:  # refuse to throw finished work away unasked
+                raise ScoreError(f"{self.dir} holds an unfinished job ({done} shard(s) done): pass --resume to "
+                                 f"continue it, or delete that folder to start over")
+            shutil.rmtree(self.dir)
+            previous = None
         if previous is not None:
             changed = [k for k in job if k != "shard_size" and previous.get(k) != job[k]]
             if changed:
