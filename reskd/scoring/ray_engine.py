@@ -36,13 +36,17 @@ def decode_batch(batch: dict[str, np.ndarray], spec: InputSpec) -> dict[str, np.
 class CascadeActor:
     """Holds one cascade runtime; `files` are the model version's files (name -> bytes)."""
 
-    def __init__(self, files: dict[str, bytes], device: str):
+    def __init__(self, files: dict[str, bytes], device: str, threads: int):
         from reskd.runtime import CascadeRuntime, default_providers
+
+        from .local import session_options
 
         self._dir = tempfile.TemporaryDirectory(prefix="reskd-model-")
         for name, data in files.items():
             (Path(self._dir.name) / name).write_bytes(data)
-        self.runtime = CascadeRuntime(self._dir.name, providers=default_providers(device), check_folder_name=False)
+        # One onnxruntime thread per CPU the actor reserved: actors on one node do not oversubscribe its cores.
+        self.runtime = CascadeRuntime(self._dir.name, providers=default_providers(device), check_folder_name=False,
+                                      session_options=session_options(threads))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return classify(self.runtime, batch["index"], batch["pixels"], batch["error"])
@@ -82,7 +86,8 @@ class RayEngine:
                                 batch_format="numpy")
             ds = ds.map_batches(CascadeActor, batch_size=self.batch_size, batch_format="numpy",
                                 fn_constructor_kwargs={"files": self.files,
-                                                       "device": "cuda" if self.gpus_per_actor > 0 else "cpu"},
+                                                       "device": "cuda" if self.gpus_per_actor > 0 else "cpu",
+                                                       "threads": 1},
                                 compute=ray.data.ActorPoolStrategy(size=self.actors),
                                 num_gpus=self.gpus_per_actor or None)
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
