@@ -37,6 +37,8 @@ class CascadeResult:
 
 def default_providers(device: str = "auto") -> list[str]:
     available = ort.get_available_providers()
+    if device != "cpu" and "CUDAExecutionProvider" in available and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()  # onnxruntime-gpu finds the CUDA/cuDNN libraries of the nvidia-* wheels this way
     if device == "cuda":
         if "CUDAExecutionProvider" not in available:
             raise RuntimeError(f"device 'cuda' asked for, but onnxruntime offers only {available}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,12 +12,13 @@ import numpy as np
 import onnxruntime as ort
 
 from reskd.manifest import Manifest, ManifestError, ModelRepository
-from reskd.runtime import CascadeResult, CascadeRuntime
+from reskd.runtime import CascadeResult, CascadeRuntime, default_providers
 
-from .batching import RequestBatcher
 from .errors import not_found
 from .metrics import Metrics
+from .scheduler import CascadeScheduler
 from .settings import ServeSettings
+from .stages import BoundStages, HostStages, StageRunner
 
 log = logging.getLogger("reskd.service")
 
@@ -27,7 +29,8 @@ class ServedModel:
     version: int
     path: Path
     runtime: CascadeRuntime
-    batcher: RequestBatcher
+    runner: StageRunner
+    scheduler: CascadeScheduler
 
     @property
     def manifest(self) -> Manifest:
@@ -45,20 +48,30 @@ class ServedModel:
     def last_stage(self) -> int:
         return self.runtime.num_stages - 1
 
+    @property
+    def device(self) -> str:
+        return "cuda" if self.runtime.sessions[0].get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+
     async def classify(self, images: np.ndarray, threshold: float | None, max_stage: int | None) -> CascadeResult:
-        return await self.batcher.submit(images, threshold, max_stage)
-
-    def warm_up(self, batch_sizes: list[int]) -> None:
-        """Run every stage at each batch size once, so the first requests do not pay for allocation."""
-        c, h, w = self.runtime.input_shape
-        for n in batch_sizes:
-            self.runtime.run(np.zeros((n, c, h, w), np.float32), early_exit=False)
+        return await self.scheduler.submit(images, threshold, max_stage)
 
 
-def session_options(settings: ServeSettings) -> ort.SessionOptions:
+def thread_budget(settings: ServeSettings, cuda: bool) -> tuple[int, int]:
+    """-> (stage batches at once, onnxruntime threads each): one budget of the machine's cores."""
+    workers = settings.inference_threads or (2 if cuda else 1)
+    intra = settings.intra_op_threads or max(1, (os.cpu_count() or 1) // workers)
+    return workers, intra
+
+
+def providers_for(settings: ServeSettings) -> list:
+    names = default_providers(settings.device)  # raises under device=cuda without the CUDA EP
+    return [("CUDAExecutionProvider", {"cudnn_conv_algo_search": settings.cudnn_conv_algo_search})
+            if n == "CUDAExecutionProvider" else n for n in names]
+
+
+def session_options(settings: ServeSettings, intra_op_threads: int) -> ort.SessionOptions:
     opts = ort.SessionOptions()
-    # Stages run one after another in one inference thread, so a single call may use every core.
-    opts.intra_op_num_threads = settings.intra_op_threads
+    opts.intra_op_num_threads = intra_op_threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -66,11 +79,14 @@ def session_options(settings: ServeSettings) -> ort.SessionOptions:
 
 
 class ModelStore:
-    def __init__(self, settings: ServeSettings, metrics: Metrics, executor: Executor, providers: list[str]):
+    def __init__(self, settings: ServeSettings, metrics: Metrics, executor: Executor, providers: list,
+                 workers: int, intra_op_threads: int):
         self.settings = settings
         self.metrics = metrics
         self.executor = executor
         self.providers = providers
+        self.workers = workers
+        self.intra_op_threads = intra_op_threads
         self.repo = ModelRepository(settings.repo)
         self._models: dict[str, dict[int, ServedModel]] = {}
 
@@ -80,20 +96,39 @@ class ModelStore:
         names = self.repo.models()
         if not names:
             raise ManifestError(f"model repository {self.repo.root} holds no model versions")
-        opts = session_options(self.settings)
+        opts = session_options(self.settings, self.intra_op_threads)
         for name in names:
             for version in self.repo.versions(name):
                 path = self.repo.resolve(name, version)
                 runtime = CascadeRuntime(path, providers=self.providers, session_options=opts)
-                batcher = RequestBatcher(
-                    runtime, self.executor, self.metrics, model=name, version=version,
-                    max_batch_size=self.settings.max_batch_size,
-                    max_queue_delay_s=self.settings.max_queue_delay_ms / 1000,
-                    max_queue_images=self.settings.max_queue_images, teacher_flops=runtime.manifest.teacher.flops)
-                self._models.setdefault(name, {})[version] = ServedModel(name, version, path, runtime, batcher)
+                runner = self._runner(runtime, opts)
+                s = self.settings
+                scheduler = CascadeScheduler(
+                    runtime, runner, self.executor, self.metrics, model=name, version=version, policy=s.scheduler,
+                    max_batch_sizes=s.stage_max_batch_size or [s.max_batch_size],
+                    max_queue_delays_s=[d / 1000 for d in (s.stage_max_queue_delay_ms or [s.max_queue_delay_ms])],
+                    max_queue_images=s.max_queue_images, pipeline_depth=self.workers)
+                model = ServedModel(name, version, path, runtime, runner, scheduler)
+                self._models.setdefault(name, {})[version] = model
                 self.metrics.register_model(name, version, runtime.num_stages)
-                log.info("loaded %s version %d: %d stages on %s", name, version, runtime.num_stages,
-                         runtime.sessions[0].get_providers()[0])
+                log.info("loaded %s version %d: %d stages on %s (%s), scheduler %s", name, version,
+                         runtime.num_stages, runtime.sessions[0].get_providers()[0], type(runner).__name__,
+                         s.scheduler)
+
+    def _runner(self, runtime: CascadeRuntime, opts: ort.SessionOptions) -> StageRunner:
+        s = self.settings
+        wanted_cuda = isinstance(self.providers[0], tuple)  # (CUDA EP, options) first: see providers_for
+        got = runtime.sessions[0].get_providers()[0]
+        if wanted_cuda and got != "CUDAExecutionProvider":
+            if s.device == "cuda":
+                raise RuntimeError(f"device 'cuda' asked for, but onnxruntime could not create a CUDA session for "
+                                   f"{runtime.path} (it fell back to {got}); check the CUDA and cuDNN libraries")
+            log.warning("CUDA execution provider failed for %s; serving it on CPU", runtime.path)
+        on_cuda = got == "CUDAExecutionProvider"
+        if s.stage_runner == "bound" or (s.stage_runner == "auto" and on_cuda):
+            return BoundStages(runtime, device="cuda" if on_cuda else "cpu", buckets=s.batch_buckets,
+                               max_blocks=s.max_gather_blocks, session_options=opts)
+        return HostStages(runtime, s.warmup_batch_sizes)
 
     def all(self) -> list[ServedModel]:
         return [m for versions in self._models.values() for m in versions.values()]

@@ -16,10 +16,10 @@ from fastapi import FastAPI
 
 import reskd
 from reskd.manifest import ManifestError, ModelRepository
-from reskd.runtime import default_providers
 
 from . import errors, ops, v1, v2
 from .middlewares import BearerAuth, BodyLimit, RequestMetrics
+from .models import providers_for
 from .settings import ServeSettings
 from .state import ServerState
 
@@ -73,8 +73,8 @@ def check_repository(settings: ServeSettings) -> None:
 def serve(settings: ServeSettings) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     check_repository(settings)
-    providers = default_providers(settings.device)  # raises under --device cuda without the CUDA EP
-    if settings.device == "auto" and "CUDAExecutionProvider" not in providers:
-        log.info("no CUDA execution provider in this onnxruntime: serving on CPU")
+    providers = providers_for(settings)  # raises under --device cuda without the CUDA EP
+    if settings.device == "auto" and not isinstance(providers[0], tuple):
+        log.warning("device auto: this onnxruntime has no CUDA execution provider, serving on CPU")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
                 timeout_graceful_shutdown=10)

@@ -27,17 +27,34 @@ class ServeSettings(BaseSettings):
     max_images: int = Field(256, gt=0, description="images per request (v1 parts or v2 batch; 413 above)")
     max_pixels: int = Field(40_000_000, gt=0, description="decoded pixels per image (413 above: decompression bomb)")
 
-    # Dynamic batching: a batch closes at max_batch_size images or max_queue_delay_ms after its first request.
+    # Scheduling (service/scheduler.py): "stage" re-batches survivors per stage; "request" batches whole requests
+    # (Triton's way); "none" runs each request alone.
+    scheduler: Literal["stage", "request", "none"] = "stage"
+    # A batch closes at max_batch_size samples or max_queue_delay_ms after its oldest sample arrived. The
+    # stage_* lists set them per stage (the last value repeats for deeper stages); unset, every stage uses these.
     max_batch_size: int = Field(64, gt=0)
     max_queue_delay_ms: float = Field(2.0, ge=0)
-    # Images waiting per model before admission refuses with 503 + Retry-After (bounded memory under overload).
+    stage_max_batch_size: list[int] | None = None
+    stage_max_queue_delay_ms: list[float] | None = None
+    # Samples waiting per stage queue before admission refuses with 503 + Retry-After (bounded memory).
     max_queue_images: int = Field(1024, gt=0)
     retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 503")
 
-    # CPU: threads of one inference call (stages run one at a time, so this is the whole budget).
-    intra_op_threads: int = Field(0, ge=0, description="0: onnxruntime's default (one per core)")
+    # One thread budget: `inference_threads` stage batches run at once (the pipeline depth), each with
+    # `intra_op_threads` onnxruntime threads. 0 = auto: on CPU one batch at a time using every core (stages take
+    # turns, no oversubscription); on CUDA two, so the host work of one overlaps the GPU work of the other.
+    inference_threads: int = Field(0, ge=0)
+    intra_op_threads: int = Field(0, ge=0, description="0: cores / inference_threads")
     decode_workers: int = Field(2, gt=0, description="threads decoding and preprocessing images")
-    warmup_batch_sizes: list[int] = Field([1, 8, 64], description="batch sizes run once per model before ready")
+    warmup_batch_sizes: list[int] = Field([1, 8, 64], description="CPU: batch sizes run once per stage before ready")
+
+    # Device path (CUDA): images uploaded once per stage-0 batch and kept on the device (IO binding); later
+    # stages gather their rows there. Batches are padded to these sizes, each warmed at start. "bound" forces
+    # the IO-binding path on CPU as well (it is what runs on a GPU; useful to test without one).
+    stage_runner: Literal["auto", "host", "bound"] = "auto"
+    batch_buckets: list[int] = Field([1, 2, 4, 8, 16, 32, 64, 128, 256])
+    max_gather_blocks: int = Field(8, gt=0, description="stage-0 batches one later-stage batch may draw from")
+    cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "EXHAUSTIVE"
 
     # Bearer-token auth on inference and model endpoints; health, /metrics and docs stay open. Unset: off.
     auth_token: SecretStr | None = None

@@ -8,11 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import Request
 
-from reskd.runtime import default_providers
-
 from .errors import unavailable
 from .metrics import Metrics
-from .models import ModelStore, ServedModel
+from .models import ModelStore, ServedModel, providers_for, thread_budget
 from .settings import ServeSettings
 
 log = logging.getLogger("reskd.service")
@@ -22,12 +20,13 @@ class ServerState:
     def __init__(self, settings: ServeSettings):
         self.settings = settings
         self.metrics = Metrics()
-        self.providers = default_providers(settings.device)
-        # One inference thread: stages and models take turns, each call using the whole intra-op thread budget,
-        # so two cores are never oversubscribed. Decoding has its own small pool.
-        self.inference = ThreadPoolExecutor(1, thread_name_prefix="reskd-infer")
+        self.providers = providers_for(settings)
+        # One thread budget for every model: `workers` stage batches at once, each with `intra` onnxruntime
+        # threads (on CPU by default one batch using every core). Decoding has its own small pool.
+        workers, intra = thread_budget(settings, cuda=isinstance(self.providers[0], tuple))
+        self.inference = ThreadPoolExecutor(workers, thread_name_prefix="reskd-infer")
         self.decoding = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="reskd-decode")
-        self.store = ModelStore(settings, self.metrics, self.inference, self.providers)
+        self.store = ModelStore(settings, self.metrics, self.inference, self.providers, workers, intra)
         self.ready = False
         self.failed: str | None = None
 
@@ -37,8 +36,8 @@ class ServerState:
             self.store.load()
             loop = asyncio.get_running_loop()
             for model in self.store.all():
-                await loop.run_in_executor(self.inference, model.warm_up, self.settings.warmup_batch_sizes)
-                model.batcher.start()
+                await loop.run_in_executor(self.inference, model.runner.warm_up)
+                model.scheduler.start()
             self.ready = True
             log.info("ready: %s", ", ".join(f"{m.name}/{m.version}" for m in self.store.all()))
         except Exception as err:
@@ -47,7 +46,7 @@ class ServerState:
 
     async def stop(self) -> None:
         for model in self.store.all():
-            await model.batcher.stop()
+            await model.scheduler.stop()
         self.inference.shutdown(wait=True, cancel_futures=True)
         self.decoding.shutdown(wait=False, cancel_futures=True)
 

@@ -10,7 +10,7 @@ from starlette.formparsers import MultiPartException
 
 from reskd.runtime import CascadeResult
 
-from .batching import QueueFull
+from .scheduler import QueueFull
 from .decoding import decode_batch
 from .errors import bad_request, invalid, too_large, unavailable, unsupported
 from .models import ServedModel

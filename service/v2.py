@@ -102,9 +102,9 @@ def _config(model: ServedModel, state: ServerState) -> dict:
         "dynamic_batching": {"max_queue_delay_microseconds": int(s.max_queue_delay_ms * 1000),
                              "preferred_batch_size": [s.max_batch_size],
                              "default_queue_policy": {"max_queue_size": s.max_queue_images}},
-        "instance_group": [{"kind": "KIND_GPU" if "CUDAExecutionProvider" in state.providers else "KIND_CPU",
-                            "count": 1}],
+        "instance_group": [{"kind": "KIND_GPU" if model.device == "cuda" else "KIND_CPU", "count": 1}],
         "parameters": {"stages": {"string_value": str(model.runtime.num_stages)},
+                       "scheduler": {"string_value": s.scheduler},
                        "exit_measure": {"string_value": model.manifest.exit.measure}},
     }
 

@@ -1,0 +1,195 @@
+"""The cascade scheduler in process, with the real runtime and onnxruntime sessions: per-stage re-batching merges
+survivors of different requests, every policy gives each sample what the runtime alone gives, back-pressure
+refuses instead of queueing without bound, and a failing stage fails only its batch."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from reskd.runtime import CascadeRuntime
+from reskd.service.metrics import Metrics
+from reskd.service.models import thread_budget
+from reskd.service.scheduler import CascadeScheduler, QueueFull
+from reskd.service.settings import ServeSettings
+from reskd.service.stages import BoundStages, HostStages
+from server_process import MODELS
+
+
+@pytest.fixture(scope="module")
+def rt():
+    return CascadeRuntime(MODELS / "fashion-mnist" / "1", providers=["CPUExecutionProvider"])
+
+
+class Spy:
+    """Passes every call to the real runner and records which requests each stage batch held."""
+
+    def __init__(self, runner, fail_marker: float | None = None):
+        self.runner = runner
+        self.max_blocks = runner.max_blocks
+        self.batches: list[tuple[int, list[int]]] = []
+        self.fail_marker = fail_marker
+        self.current: list[int] = []
+
+    def upload(self, images):
+        return self.runner.upload(images)
+
+    def run(self, stage, parts):
+        self.batches.append((stage, list(self.current)))
+        return self.runner.run(stage, parts)
+
+    def warm_up(self):
+        self.runner.warm_up()
+
+
+def scheduler(rt, runner, policy="stage", batch=(64,), delay_ms=(1,), bound=1024, depth=1, metrics=None):
+    return CascadeScheduler(rt, runner, ThreadPoolExecutor(depth), metrics or Metrics(), model="m", version=1,
+                            policy=policy, max_batch_sizes=list(batch),
+                            max_queue_delays_s=[d / 1000 for d in delay_ms], max_queue_images=bound,
+                            pipeline_depth=depth)
+
+
+def requests(seed=0, count=24):
+    """Random-sized requests of random images with a mix of per-request settings."""
+    rng = np.random.default_rng(seed)
+    settings = [(None, None), (1.0, None), (0.0, None), (1.0, 1), (None, 0), (0.6, None)]
+    return [(rng.normal(size=(int(rng.integers(1, 6)), 1, 28, 28)).astype(np.float32), *settings[i % len(settings)])
+            for i in range(count)]
+
+
+async def serve_all(sched, reqs, stagger_s=0.0):
+    sched.start()
+    try:
+        futures = []
+        for images, threshold, max_stage in reqs:
+            futures.append(sched.submit(images, threshold, max_stage))
+            if stagger_s:
+                await asyncio.sleep(stagger_s)
+        return await asyncio.gather(*futures, return_exceptions=True)
+    finally:
+        await sched.stop()
+
+
+def test_a_later_stage_batch_merges_survivors_of_several_requests(rt):
+    spy = Spy(HostStages(rt, [1]))
+    ids = {}
+
+    real_step = CascadeScheduler._step
+
+    def step(self, stage, batch):  # note which request each row group belongs to, then run the real step
+        spy.current = sorted({ids[id(r.request.images)] for r in batch})
+        return real_step(self, stage, batch)
+
+    sched = scheduler(rt, spy, batch=(1, 64, 64), delay_ms=(0, 200, 200))
+    sched._step = step.__get__(sched)
+    rng = np.random.default_rng(1)
+    reqs = [(rng.normal(size=(1, 1, 28, 28)).astype(np.float32), 1.0, None) for _ in range(6)]
+    for i, (images, _, _) in enumerate(reqs):
+        ids[id(images)] = i
+    results = asyncio.run(serve_all(sched, reqs))
+    assert all(r.exit_stage[0] == 2 for r in results)
+    stage0 = [b for s, b in spy.batches if s == 0]
+    stage1 = [b for s, b in spy.batches if s == 1]
+    assert all(len(b) == 1 for b in stage0) and len(stage0) == 6  # stage 0 took one request at a time
+    assert max(len(b) for b in stage1) >= 2, stage1  # ...and stage 1 merged their survivors
+    assert sorted(i for b in stage1 for i in b) == list(range(6))
+
+
+@pytest.mark.parametrize("policy", ["stage", "request", "none"])
+@pytest.mark.parametrize("runner", ["host", "bound"])
+def test_every_policy_gives_what_the_runtime_gives(rt, policy, runner):
+    reqs = requests()
+    if runner == "host":
+        stages = HostStages(rt, [1])
+    else:
+        stages = BoundStages(rt, device="cpu", buckets=[1, 4, 16, 64], max_blocks=3)
+    metrics = Metrics()
+    sched = scheduler(rt, stages, policy=policy, batch=(16, 8, 8), delay_ms=(2, 5, 5), depth=2, metrics=metrics)
+    results = asyncio.run(serve_all(sched, reqs, stagger_s=0.001))
+    for (images, threshold, max_stage), got in zip(reqs, results):
+        want = rt.run(images, threshold=threshold, max_stage=max_stage)
+        np.testing.assert_array_equal(got.exit_stage, want.exit_stage)
+        np.testing.assert_array_equal(got.class_id, want.class_id)
+        np.testing.assert_array_equal(got.flops, want.flops)
+        np.testing.assert_allclose(got.logits, want.logits, atol=1e-5)
+        np.testing.assert_allclose(got.confidence, want.confidence, atol=1e-6)
+    total = sum(len(r[0]) for r in reqs)
+    images = metrics.images.labels("m", "1")._value.get()
+    assert images == total  # each sample counted once: no request lost or answered twice
+    exits = np.concatenate([r.exit_stage for r in results])
+    assert len(set(exits.tolist())) == 3
+    padding = sum(metrics.padding_flops.labels("m", "1", str(s))._value.get() for s in range(3))
+    assert (padding > 0) == (runner == "bound")  # bucketed batches pad; the host path never does
+
+
+def test_back_pressure_refuses_at_admission(rt):
+    async def go():
+        sched = scheduler(rt, HostStages(rt, [1]), batch=(8,), delay_ms=(10_000,), bound=8)
+        sched.start()
+        try:
+            first = sched.submit(np.zeros((8, 1, 28, 28), np.float32))
+            with pytest.raises(QueueFull, match="8 images queued"):
+                sched.submit(np.zeros((1, 1, 28, 28), np.float32))
+            result = await first  # a full batch is ready at once, whatever the delay
+            assert len(result) == 8
+            assert len(await sched.submit(np.zeros((3, 1, 28, 28), np.float32), 0.0)) == 3
+        finally:
+            await sched.stop()
+
+    asyncio.run(go())
+
+
+def test_a_full_next_queue_holds_back_the_stage_before_it(rt):
+    sched = scheduler(rt, HostStages(rt, [1]), batch=(4, 4, 4), delay_ms=(0, 0, 0), bound=4)
+    q0, q1 = sched.queues[0], sched.queues[1]
+
+    async def fill():
+        sched._wakeup = asyncio.Event()
+        sched.submit(np.zeros((4, 1, 28, 28), np.float32))
+
+    asyncio.run(fill())
+    now = q0.items[0].enqueued + 1
+    assert sched._pick(now) == 0
+    q1.size = q1.bound  # stage 1's queue at its bound...
+    q1.items.append(q0.items[0])
+    assert sched._pick(now) == 1  # ...is served first, and stage 0 waits for room
+    q1.items.clear()
+    q1.size = q1.bound
+    assert sched._pick(now) is None
+
+
+MARK = np.float32(7.77)
+
+
+def test_a_failing_stage_fails_only_its_batch(rt):
+    class Failing(HostStages):
+        def run(self, stage, parts):
+            if stage == 1 and any((block[rows][:, 0, 0, 0] == MARK).any() for block, rows in parts):
+                raise RuntimeError("stage 1 exploded")
+            return super().run(stage, parts)
+
+    rng = np.random.default_rng(2)
+    good = [(rng.normal(size=(2, 1, 28, 28)).astype(np.float32), 1.0, None) for _ in range(3)]
+    bad = rng.normal(size=(2, 1, 28, 28)).astype(np.float32)
+    bad[:, 0, 0, 0] = MARK
+    reqs = [good[0], (bad, 1.0, None), good[1], good[2]]
+    # Each request alone in its batches: the bad one fails at stage 1, the others finish.
+    results = asyncio.run(serve_all(scheduler(rt, Failing(rt, [1]), policy="none"), reqs, stagger_s=0.01))
+    assert isinstance(results[1], RuntimeError)
+    for (images, threshold, _), got in zip(reqs, results):
+        if images is not bad:
+            np.testing.assert_array_equal(got.class_id, rt.run(images, threshold=threshold).class_id)
+    # The scheduler survived: the next requests are served.
+    again = asyncio.run(serve_all(scheduler(rt, Failing(rt, [1])), good))
+    assert all(len(r) == 2 for r in again)
+
+
+def test_one_thread_budget():
+    cores = os.cpu_count() or 1
+    assert thread_budget(ServeSettings(), cuda=False) == (1, cores)
+    assert thread_budget(ServeSettings(), cuda=True) == (2, max(1, cores // 2))
+    assert thread_budget(ServeSettings(inference_threads=2, intra_op_threads=3), cuda=False) == (2, 3)
