@@ -64,9 +64,8 @@ def thread_budget(settings: ServeSettings, cuda: bool) -> tuple[int, int]:
 
 
 def providers_for(settings: ServeSettings) -> list:
-    names = default_providers(settings.device)  # raises under device=cuda without the CUDA EP
-    return [("CUDAExecutionProvider", {"cudnn_conv_algo_search": settings.cudnn_conv_algo_search})
-            if n == "CUDAExecutionProvider" else n for n in names]
+    """Raises under device=cuda without the CUDA EP. On CUDA the first entry is (name, options)."""
+    return default_providers(settings.device, settings.cudnn_conv_algo_search)
 
 
 def session_options(settings: ServeSettings, intra_op_threads: int) -> ort.SessionOptions:
@@ -127,7 +126,7 @@ class ModelStore:
         on_cuda = got == "CUDAExecutionProvider"
         if s.stage_runner == "bound" or (s.stage_runner == "auto" and on_cuda):
             return BoundStages(runtime, device="cuda" if on_cuda else "cpu", buckets=s.batch_buckets,
-                               max_blocks=s.max_gather_blocks, session_options=opts)
+                               max_blocks=s.max_gather_blocks)
         return HostStages(runtime, s.warmup_batch_sizes)
 
     def all(self) -> list[ServedModel]:

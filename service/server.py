@@ -16,10 +16,11 @@ from fastapi import FastAPI
 
 import reskd
 from reskd.manifest import ManifestError, ModelRepository
+from reskd.runtime import share_threads
 
 from . import errors, ops, v1, v2
 from .middlewares import BearerAuth, BodyLimit, RequestMetrics
-from .models import providers_for
+from .models import providers_for, thread_budget
 from .settings import ServeSettings
 from .state import ServerState
 
@@ -76,5 +77,7 @@ def serve(settings: ServeSettings) -> None:
     providers = providers_for(settings)  # raises under --device cuda without the CUDA EP
     if settings.device == "auto" and not isinstance(providers[0], tuple):
         log.warning("device auto: this onnxruntime has no CUDA execution provider, serving on CPU")
+    # One onnxruntime thread pool for every stage of every model: the thread budget, with no idle pool spinning.
+    share_threads(thread_budget(settings, cuda=isinstance(providers[0], tuple))[1])
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
                 timeout_graceful_shutdown=10)

@@ -81,15 +81,14 @@ class DeviceBlock:
 
 
 class BoundStages:
-    def __init__(self, runtime: CascadeRuntime, *, device: str, buckets: list[int], max_blocks: int = 8,
-                 session_options: ort.SessionOptions | None = None):
+    def __init__(self, runtime: CascadeRuntime, *, device: str, buckets: list[int], max_blocks: int = 8):
         self.runtime = runtime
         self.device = device  # "cuda" or "cpu" (the latter lets tests run this path without a GPU)
         self.buckets = sorted(set(buckets))
         self.max_blocks = max_blocks
         self.shape = runtime.input_shape
-        self.gather = ort.InferenceSession(gather_model(max_blocks, self.shape), sess_options=session_options,
-                                           providers=runtime.providers)
+        self.gather = ort.InferenceSession(gather_model(max_blocks, self.shape),
+                                           sess_options=runtime.session_options, providers=runtime.providers)
         self.empty = self._to_device(np.zeros((0, *self.shape), np.float32))
 
     def _to_device(self, array: np.ndarray) -> ort.OrtValue:
