@@ -97,14 +97,22 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from reskd.manifest import ManifestError
     from reskd.service.server import serve
     from reskd.service.settings import ServeSettings
+    from reskd.validation import describe
 
     overrides = {k: v for k, v in {"repo": args.repo, "host": args.host, "port": args.port,
                                    "device": args.device}.items() if v is not None}
     try:
         settings = ServeSettings(**overrides)
+    except ValidationError as err:
+        fields = "; ".join(f"RESKD_{line.upper().split(':')[0]}:{line.split(':', 1)[1]}" for line in describe(err))
+        print(f"reskd serve: invalid setting: {fields}", file=sys.stderr)
+        return 2
+    try:
         serve(settings)
     except (ManifestError, ValueError, RuntimeError) as err:
         print(f"reskd serve: {err}", file=sys.stderr)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -221,9 +222,9 @@ def test_ready_only_after_warm_up():
         s.stop()
 
 
-def serve_exit(repo) -> subprocess.CompletedProcess:
+def serve_exit(repo, **env) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "reskd.cli", "serve", "--repo", str(repo), "--port", "1"],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, env={**os.environ, **env})
 
 
 def test_a_broken_repository_fails_at_start_with_a_message(tmp_path):
@@ -238,6 +239,10 @@ def test_a_broken_repository_fails_at_start_with_a_message(tmp_path):
     (tmp_path / "empty").mkdir()
     out = serve_exit(tmp_path / "empty")
     assert out.returncode == 2 and "holds no model versions" in out.stderr
+    out = serve_exit(MODELS, RESKD_SCHEDULER="fastest", RESKD_MAX_IMAGES="-1")
+    assert out.returncode == 2, out.stderr
+    assert "RESKD_SCHEDULER: Input should be 'stage', 'request' or 'none'" in out.stderr
+    assert "RESKD_MAX_IMAGES: Input should be greater than 0" in out.stderr
 
 
 def test_several_versions_are_served_at_once(tmp_path):
