@@ -103,7 +103,9 @@ def _write_version(repo: Path, name: str, version: int, build) -> Path:
 
 def export_run(run_dir: str | Path, repo: str | Path, name: str, version: int | None = None, *,
                target_drop_pt: float | None = None, flops_budget_pct: float | None = None,
-               log=print) -> dict:
+               model: str | None = None, log=print) -> dict:
+    """model=None: the cascade as NAME and its teacher as NAME-teacher. model="kd-resnet8" (any checkpoint of the
+    run): that one network alone as a one-stage NAME, measured against the run's teacher (for baselines)."""
     run_dir, repo = Path(run_dir), Path(repo)
     run_file = run_dir / RUN_FILE
     if not run_file.is_file():
@@ -115,12 +117,16 @@ def export_run(run_dir: str | Path, repo: str | Path, name: str, version: int | 
     cascade_version = version or next_version(repo, name)
     teacher_name = f"{name}-teacher"
     teacher_version = version or next_version(repo, teacher_name)
-    for n, v in ((name, cascade_version), (teacher_name, teacher_version)):
+    targets = ((name, cascade_version),) if model else ((name, cascade_version), (teacher_name, teacher_version))
+    for n, v in targets:
         if (repo / n / str(v)).exists():
             raise ExportError(f"{repo / n / str(v)} already exists: versions are never overwritten")
 
-    stage_names = ["student"] + [f"res{k + 1}" for k in range(len(recipe.res_students))]
-    models = {n: load_stage_model(run_dir, n) for n in ["teacher", *stage_names]}
+    stage_names = [model] if model else ["student"] + [f"res{k + 1}" for k in range(len(recipe.res_students))]
+    if model is not None and not (run_dir / CHECKPOINT_DIR / f"{model}.pt").is_file():
+        have = sorted(p.stem for p in (run_dir / CHECKPOINT_DIR).glob("*.pt"))
+        raise ExportError(f"the run has no model {model!r} (checkpoints: {', '.join(have) or 'none'})")
+    models = {n: load_stage_model(run_dir, n) for n in dict.fromkeys(["teacher", *stage_names])}
     shape = (d["channels"], d["height"], d["width"])
     flops = {n: count_flops(m, shape) for n, m in models.items()}
     input_spec = {"channels": d["channels"], "height": d["height"], "width": d["width"],
@@ -185,21 +191,31 @@ def export_run(run_dir: str | Path, repo: str | Path, name: str, version: int | 
         write_manifest(tmp, manifest)
         results["cascade"] = manifest
 
-    def build_teacher(tmp: Path) -> None:
-        write_manifest(tmp, base_manifest(teacher_name, teacher_version, write_stages(tmp, ["teacher"]), []))
-        rt = _runtime(tmp)
-        parity, _ = check_parity(rt, ["teacher"])
-        metrics = measure_test(rt, test, flops["teacher"], None)
-        acc = metrics["teacher_accuracy"] = metrics["adaptive_accuracy"]
-        results["teacher_accuracy"] = acc
-        manifest = json.loads((tmp / "manifest.json").read_text())
-        manifest["teacher"]["accuracy"] = acc
-        manifest["metrics"] = metrics
-        manifest["parity"] = parity
-        write_manifest(tmp, manifest)
-        results["teacher"] = manifest
+    def build_single(key: str, model_name: str, v: int):
+        def build(tmp: Path) -> None:
+            write_manifest(tmp, base_manifest(model_name, v, write_stages(tmp, [key]), []))
+            rt = _runtime(tmp)
+            parity, _ = check_parity(rt, [key])
+            metrics = measure_test(rt, test, flops["teacher"], results.get("teacher_accuracy"))
+            if key == "teacher":
+                results["teacher_accuracy"] = metrics["teacher_accuracy"] = metrics["adaptive_accuracy"]
+            manifest = json.loads((tmp / "manifest.json").read_text())
+            manifest["teacher"]["accuracy"] = results["teacher_accuracy"]
+            manifest["metrics"] = metrics
+            manifest["parity"] = parity
+            write_manifest(tmp, manifest)
+            results[key] = manifest
+        return build
 
-    teacher_dir = _write_version(repo, teacher_name, teacher_version, build_teacher)
+    if model is not None:
+        teacher_logits = torch_logits(models["teacher"], test.images)
+        results["teacher_accuracy"] = float((teacher_logits.argmax(-1) == test.labels).mean())
+        out = _write_version(repo, name, cascade_version, build_single(model, name, cascade_version))
+        ModelRepository(repo).load(name, cascade_version)
+        return {"model": str(out), "model_manifest": results[model]}
+
+    teacher_dir = _write_version(repo, teacher_name, teacher_version, build_single("teacher", teacher_name,
+                                                                                  teacher_version))
     try:
         cascade_dir = _write_version(repo, name, cascade_version, build_cascade)
     except BaseException:

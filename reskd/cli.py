@@ -61,10 +61,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     try:
         out = export_run(args.run, args.repo, args.name, args.version, target_drop_pt=args.target_drop,
-                         flops_budget_pct=args.flops_budget, log=lambda msg: print(msg, file=sys.stderr))
+                         flops_budget_pct=args.flops_budget, model=args.model,
+                         log=lambda msg: print(msg, file=sys.stderr))
     except (ExportError, ManifestError, DatasetError, FileNotFoundError) as err:
         print(f"reskd export: {err}", file=sys.stderr)
         return 2
+    if args.model:
+        _print_metrics(out["model"], out["model_manifest"])
+        return 0
     _print_metrics(out["cascade"], out["cascade_manifest"])
     _print_metrics(out["teacher"], out["teacher_manifest"])
     return 0
@@ -180,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repo", required=True, metavar="REPO")
     p.add_argument("--name", required=True, metavar="NAME")
     p.add_argument("--version", type=int, metavar="N", help="default: one above the highest existing")
+    p.add_argument("--model", metavar="CHECKPOINT",
+                   help="export only this network of the run (e.g. kd-resnet8, a KD baseline) as a one-stage NAME, "
+                        "measured against the run's teacher; no NAME-teacher is written")
     _calibration_args(p)
     p.set_defaults(func=cmd_export)
 

@@ -208,3 +208,21 @@ def test_export_command_errors_say_what_to_fix(tiny_run, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["calibrate", "--repo", "r", "--model", "m", "--flops-budget", "-5"])
     assert "must be a number >= 0" in capsys.readouterr().err
+
+
+def test_one_network_of_a_run_exports_as_a_one_stage_model(tiny_run, exported, tmp_path):
+    from reskd.export.exporter import ExportError, export_run
+
+    run_dir = tiny_run[0]
+    kd = sorted(p.stem for p in (run_dir / "checkpoints").glob("kd-*.pt"))[0]
+    out = export_run(run_dir, tmp_path, "tiny-kd", model=kd, log=lambda msg: None)
+    manifest = out["model_manifest"]
+    assert [s["name"] for s in manifest["stages"]] == [kd] and manifest["exit"]["thresholds"] == []
+    cascade = exported[1]["cascade_manifest"]
+    assert manifest["teacher"] == cascade["teacher"]  # measured against the same teacher
+    assert manifest["parity"][kd]["argmax_agreement"] == 1.0
+    rt = CascadeRuntime(tmp_path / "tiny-kd" / "1")
+    assert rt.num_stages == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-kd"]  # no teacher version written
+    with pytest.raises(ExportError, match="no model 'kd-nope'.*checkpoints: .*student"):
+        export_run(run_dir, tmp_path, "x", model="kd-nope", log=lambda msg: None)
