@@ -1,0 +1,91 @@
+"""In-process throughput of the cascade runtime: images/s at batch 1, 32 and 256 for the teacher, the full cascade
+(every image through every stage), the adaptive cascade, and the KD single models; and how much of the compute
+saving turns into speed (time ratio / compute ratio against the teacher).
+
+    python bench/inprocess_throughput.py [--device cpu|cuda] [--seconds 3] [--batches 1,32,256]
+
+All sessions share one onnxruntime thread pool of one thread per core, as `reskd serve` runs them
+(reskd.runtime.share_threads). Inputs cycle through the 10k real test images, so the adaptive cascade's exits are
+the real ones. Each figure is the best of 3 timed runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+from common import CASCADE, KD_MODELS, MODELS, TEACHER, machine, test_set
+from reskd.runtime import CascadeRuntime, default_providers, share_threads
+
+
+def rate(fn, images: np.ndarray, batch: int, seconds: float) -> float:
+    starts = range(0, len(images) - batch + 1, batch)
+    for s in list(starts)[:3]:
+        fn(images[s:s + batch])
+    best = 0.0
+    for _ in range(3):
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds / 3:
+            for s in starts:
+                fn(images[s:s + batch])
+                n += batch
+                if n >= 2000 and time.perf_counter() - t0 >= seconds / 3:
+                    break
+        best = max(best, n / (time.perf_counter() - t0))
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--seconds", type=float, default=3)
+    ap.add_argument("--batches", default="1,32,256")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    share_threads(0)
+    providers = default_providers(args.device)
+    _, images, labels = test_set()
+    cascade = CascadeRuntime(MODELS / CASCADE / "1", providers=providers)
+    teacher = CascadeRuntime(MODELS / TEACHER / "1", providers=providers)
+    t_flops = cascade.manifest.teacher.flops
+    adaptive = cascade.run(images)
+    runs = {
+        "teacher": (teacher.run, t_flops, float((teacher.run(images).class_id == labels).mean())),
+        "full cascade": (lambda x: cascade.run(x, early_exit=False), float(cascade.cum_flops[-1]), None),
+        "adaptive cascade": (cascade.run, float(adaptive.flops.mean()), float((adaptive.class_id == labels).mean())),
+        "student alone (KD resnet8x0.5)": (lambda x: cascade.run(x, max_stage=0), float(cascade.cum_flops[0]),
+                                           float((cascade.run(images, max_stage=0).class_id == labels).mean())),
+    }
+    for name in KD_MODELS:
+        rt = CascadeRuntime(MODELS / name / "1", providers=providers)
+        runs[f"KD {name.removeprefix('fashion-mnist-kd-')}"] = (rt.run, float(rt.cum_flops[-1]),
+                                                               float((rt.run(images).class_id == labels).mean()))
+    batches = [int(b) for b in args.batches.split(",")]
+    print(f"machine: {machine()}; device {args.device}; shared onnxruntime pool; best of 3")
+    print(f"{'model':<32} {'acc %':>6} {'% FLOPs':>8}" + "".join(f" {'b' + str(b) + ' img/s':>12}" for b in batches)
+          + "  speed-up vs teacher at b" + str(batches[-1]) + " (compute ratio)")
+    results = {}
+    for name, (fn, flops, acc) in runs.items():
+        results[name] = {"accuracy": acc, "flops": flops,
+                         "images_per_s": {b: rate(fn, images, b, args.seconds) for b in batches}}
+    t_rate = results["teacher"]["images_per_s"]
+    for name, r in results.items():
+        last = batches[-1]
+        speed = r["images_per_s"][last] / t_rate[last]
+        compute = t_flops / r["flops"]
+        r["speedup_vs_teacher"] = {b: r["images_per_s"][b] / t_rate[b] for b in batches}
+        r["compute_ratio"] = compute
+        acc = f"{100 * r['accuracy']:.2f}" if r["accuracy"] is not None else "-"
+        print(f"{name:<32} {acc:>6} {100 * r['flops'] / t_flops:>8.2f}"
+              + "".join(f" {r['images_per_s'][b]:>12,.0f}" for b in batches)
+              + f"  {speed:.2f}x ({compute:.1f}x)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine(), "device": args.device, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
