@@ -1,8 +1,10 @@
--- wrk script: POST one image per request (raw body, image/png), cycling through every file listed in the
--- IMAGE_LIST file (one path per line), so requests differ and exit at different stages. At the end, prints one
--- JSON line with the figures bench/serve_schedulers.py reads.
+-- wrk script: POST request bodies cycling through every file listed in the IMAGE_LIST file (one path per line),
+-- so requests differ and their images exit at different stages. The bodies are raw PNGs (Content-Type image/png)
+-- or, with CONTENT_TYPE set (e.g. a multipart type with its boundary), whatever that type says. At the end,
+-- prints one JSON line with the figures the bench scripts read.
 local bodies = {}
 local counter = 0
+local content_type = os.getenv("CONTENT_TYPE") or "image/png"
 
 function init(args)
   for path in io.lines(os.getenv("IMAGE_LIST")) do
@@ -15,7 +17,7 @@ end
 
 function request()
   counter = counter % #bodies + 1
-  return wrk.format("POST", nil, {["Content-Type"] = "image/png"}, bodies[counter])
+  return wrk.format("POST", nil, {["Content-Type"] = content_type}, bodies[counter])
 end
 
 function done(summary, latency, requests)

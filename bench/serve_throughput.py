@@ -1,0 +1,186 @@
+"""Served throughput, measured with wrk on loopback: `reskd serve` with each scheduler, for the adaptive cascade and
+for the teacher, and LitServe serving the same teacher ONNX with its own dynamic batching.
+
+    python bench/serve_throughput.py [--duration 8] [--schedulers stage,request,none] [--threshold T] \
+        [--litserve] [--json FILE]
+
+Loads: single-image requests at concurrency 1, 16 and 64, and 32-image requests at concurrency 16; every body a
+multipart POST (`file` parts, as a browser or curl -F sends), cycling through distinct real Fashion-MNIST test
+images so the cascade's images exit where they really would. A fresh server per scheduler (default settings:
+max batch 64, delay 2 ms); wrk -t2 (-t1 at concurrency 1) on the same machine. --threshold sends more images to
+later stages (one threshold for every exit), where per-stage re-batching has survivors to merge.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from common import CASCADE, ROOT, TEACHER, machine, test_set
+
+sys.path.insert(0, str(ROOT / "tests"))
+from server_process import ServerProcess, free_port, metric, scrape  # noqa: E402
+
+BOUNDARY = "reskd-bench-boundary"
+CONTENT_TYPE = f"multipart/form-data; boundary={BOUNDARY}"
+LOADS = {"single c1": (1, 1), "single c16": (1, 16), "single c64": (1, 64), "32-image c16": (32, 16)}
+
+
+def multipart(blobs: list[bytes]) -> bytes:
+    parts = [f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="{i}.png"\r\n'
+             f"Content-Type: image/png\r\n\r\n".encode() + blob + b"\r\n" for i, blob in enumerate(blobs)]
+    return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
+
+
+def write_bodies(folder: Path, pngs: list[bytes], per_request: int, count: int) -> Path:
+    paths = []
+    for i in range(count):
+        start = (i * per_request) % (len(pngs) - per_request)
+        p = folder / f"body-{per_request}-{i}.bin"
+        p.write_bytes(multipart(pngs[start:start + per_request]))
+        paths.append(str(p))
+    listing = folder / f"bodies-{per_request}.txt"
+    listing.write_text("\n".join(paths) + "\n")
+    return listing
+
+
+def run_wrk(url: str, listing: Path, concurrency: int, duration: int, images: int) -> dict:
+    threads = 1 if concurrency == 1 else 2
+    out = subprocess.run(["wrk", f"-t{threads}", f"-c{concurrency}", f"-d{duration}s", "-s",
+                          str(ROOT / "bench/wrk/post_images.lua"), url], capture_output=True, text=True,
+                         env=dict(os.environ, IMAGE_LIST=str(listing), CONTENT_TYPE=CONTENT_TYPE),
+                         timeout=duration + 60)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    if out.returncode or not lines:
+        raise RuntimeError(f"wrk failed:\n{out.stdout}\n{out.stderr}")
+    r = json.loads(lines[-1])
+    r["requests_per_s"] = r["requests"] / r["duration_s"]
+    r["images_per_s"] = r["requests_per_s"] * images
+    if r["errors"]:
+        r["note"] = f"{r['errors']} non-2xx or failed requests"
+    return r
+
+
+def encode_pngs(n: int) -> list[bytes]:
+    import io
+
+    from PIL import Image
+
+    pixels, _, _ = test_set()
+    out = []
+    for img in pixels[:n]:
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, "PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def litserve_run(listings: dict, duration: int) -> dict:
+    port = free_port()
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bench/litserve_teacher.py"), "--port", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).text == "ok":
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(f"LitServe did not start:\n{log.read()[-3000:]}")
+            time.sleep(0.3)
+        images, conc = LOADS["single c64"]
+        return {"single c64": run_wrk(f"http://127.0.0.1:{port}/predict", listings[images], conc, duration, images)}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--duration", type=int, default=8)
+    ap.add_argument("--schedulers", default="stage,request,none")
+    ap.add_argument("--loads", default=",".join(LOADS))
+    ap.add_argument("--threshold", type=float)
+    ap.add_argument("--litserve", action="store_true", help="also LitServe serving the teacher (pip install litserve)")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    if not shutil.which("wrk"):
+        sys.exit("wrk is not installed (apt-get install wrk)")
+    loads = args.loads.split(",")
+    query = "" if args.threshold is None else f"?threshold={args.threshold}"
+    results = {"machine": machine(), "duration_s": args.duration, "threshold": args.threshold, "reskd": {}}
+    pngs = encode_pngs(2000)
+    with tempfile.TemporaryDirectory() as tmp:
+        listings = {n: write_bodies(Path(tmp), pngs, n, 60) for n in {LOADS[k][0] for k in loads}}
+        for scheduler in args.schedulers.split(","):
+            server = ServerProcess(scheduler=scheduler, log_level="warning")
+            try:
+                for model in (CASCADE, TEACHER):
+                    url = f"{server.url}/v1/models/{model}/classify{query if model == CASCADE else ''}"
+                    for load in loads:
+                        images, conc = LOADS[load]
+                        r = run_wrk(url, listings[images], conc, args.duration, images)
+                        results["reskd"].setdefault(scheduler, {}).setdefault(model, {})[load] = r
+                        print(json.dumps({"scheduler": scheduler, "model": model, "load": load, **r}), flush=True)
+                with server.client() as c:
+                    m = scrape(c)
+                labels = {"model": CASCADE, "version": "1"}
+                results["reskd"][scheduler]["mean_batch"] = {
+                    s: metric(m, "reskd_batch_size_sum", stage=s, **labels)
+                    / max(1.0, metric(m, "reskd_batch_size_count", stage=s, **labels)) for s in ("0", "1", "2")}
+                results["reskd"][scheduler]["exits"] = [metric(m, "reskd_exits_total", stage=s, **labels)
+                                                        for s in ("0", "1", "2")]
+            finally:
+                server.stop()
+        if args.litserve and 1 in listings:
+            results["litserve_teacher"] = litserve_run(listings, args.duration)
+            print(json.dumps({"litserve_teacher": results["litserve_teacher"]}), flush=True)
+    report(results, loads)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+def report(results: dict, loads: list[str]) -> None:
+    print(f"\nmachine: {results['machine']}; wrk on loopback, {results['duration_s']} s per run; "
+          f"threshold {results['threshold'] or 'calibrated'}")
+    print(f"{'scheduler':<9} {'model':<22} {'load':<13} {'req/s':>8} {'img/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
+    for scheduler, per_model in results["reskd"].items():
+        for model in (CASCADE, TEACHER):
+            for load in loads:
+                r = per_model[model][load]
+                print(f"{scheduler:<9} {model:<22} {load:<13} {r['requests_per_s']:>8.0f} {r['images_per_s']:>8.0f} "
+                      f"{r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f}{'  ' + r['note'] if 'note' in r else ''}")
+    print("\nratios (images/s):")
+    stage = results["reskd"].get("stage")
+    for load in loads:
+        if stage:
+            c, t = stage[CASCADE][load]["images_per_s"], stage[TEACHER][load]["images_per_s"]
+            line = f"  {load:<13} cascade / teacher (stage scheduler) {c / t:5.2f}x"
+            for other in ("request", "none"):
+                if other in results["reskd"]:
+                    line += f"; stage / {other} (cascade) {c / results['reskd'][other][CASCADE][load]['images_per_s']:5.2f}x"
+            print(line)
+    if "litserve_teacher" in results and stage and "single c64" in stage[TEACHER]:
+        lit = results["litserve_teacher"]["single c64"]["requests_per_s"]
+        ours = stage[TEACHER]["single c64"]["requests_per_s"]
+        print(f"  single c64    reskd serve teacher / LitServe teacher {ours / lit:5.2f}x ({ours:.0f} vs {lit:.0f} req/s)")
+
+
+if __name__ == "__main__":
+    main()
