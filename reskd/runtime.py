@@ -160,18 +160,8 @@ class CascadeRuntime:
 
     def _per_sample(self, n: int, threshold, max_stage) -> tuple[np.ndarray, np.ndarray]:
         """-> thresholds [N, stages-1] float64 and last stage [N] int32."""
-        if threshold is None or np.isscalar(threshold):
-            rows = [self.thresholds_for(threshold)] * n
-        else:
-            if len(threshold) != n:
-                raise ValueError(f"{len(threshold)} thresholds for {n} images")
-            rows = [self.thresholds_for(t) for t in threshold]
-        if max_stage is None or np.isscalar(max_stage):
-            last = [self.check_max_stage(max_stage)] * n
-        else:
-            if len(max_stage) != n:
-                raise ValueError(f"{len(max_stage)} max_stage values for {n} images")
-            last = [self.check_max_stage(m) for m in max_stage]
+        rows = _each(threshold, n, self.thresholds_for, "thresholds")
+        last = _each(max_stage, n, self.check_max_stage, "max_stage values")
         table = np.asarray(rows, dtype=np.float64).reshape(n, self.num_stages - 1)
         return table, np.asarray(last, dtype=np.int32).reshape(n)
 
@@ -186,3 +176,12 @@ class CascadeRuntime:
                 total = total + self.stage_logits(s, chunk)
                 out[s, i:i + batch_size] = total
         return out
+
+
+def _each(value, n: int, check, what: str) -> list:
+    """A setting given once (None or a scalar) or per sample (a sequence of N), checked, as N values."""
+    if value is None or np.isscalar(value):
+        return [check(value)] * n
+    if len(value) != n:
+        raise ValueError(f"{len(value)} {what} for {n} images")
+    return [check(v) for v in value]

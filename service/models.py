@@ -45,10 +45,6 @@ class ServedModel:
         return int(self.runtime.cum_flops[-1])
 
     @property
-    def last_stage(self) -> int:
-        return self.runtime.num_stages - 1
-
-    @property
     def device(self) -> str:
         return "cuda" if self.runtime.sessions[0].get_providers()[0] == "CUDAExecutionProvider" else "cpu"
 

@@ -87,18 +87,16 @@ def predictions(model: ServedModel, result: CascadeResult, top_k: int,
 
 async def run_cascade(state: ServerState, model: ServedModel, images: np.ndarray, threshold: float | None,
                       max_stage: int | None) -> CascadeResult:
-    """The one path from decoded images to results, shared by v1 and v2: checks, queue, inference."""
-    if max_stage is not None and not 0 <= max_stage <= model.last_stage:
-        raise invalid(f"max_stage must be between 0 and {model.last_stage} for {model.name} version "
-                      f"{model.version}, got {max_stage}")
-    if threshold is not None and not 0.0 <= threshold <= 1.0:
-        raise invalid(f"threshold must be between 0 and 1, got {threshold}")
+    """The one path from decoded images to results, shared by v1 and v2: queue and inference. threshold and
+    max_stage are range-checked where they are used, by the runtime (ValueError -> 422)."""
     gauge = state.metrics.inflight.labels(model.name, str(model.version))
     gauge.inc()
     try:
         return await model.classify(images, threshold, max_stage)
     except QueueFull as err:
         raise unavailable(str(err), state.settings.retry_after_s) from None
+    except ValueError as err:
+        raise invalid(f"{err} ({model.name} version {model.version})") from None
     finally:
         gauge.dec()
 
