@@ -129,8 +129,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         listings = {n: write_bodies(Path(tmp), pngs, n, 60) for n in {LOADS[k][0] for k in loads}}
         for scheduler in args.schedulers.split(","):
-            server = ServerProcess(scheduler=scheduler, log_level="warning")
-            try:
+            with ServerProcess(scheduler=scheduler, log_level="warning") as server:
                 for model in (CASCADE, TEACHER):
                     url = f"{server.url}/v1/models/{model}/classify{query if model == CASCADE else ''}"
                     for load in loads:
@@ -146,8 +145,6 @@ def main() -> None:
                     / max(1.0, metric(m, "reskd_batch_size_count", stage=s, **labels)) for s in ("0", "1", "2")}
                 results["reskd"][scheduler]["exits"] = [metric(m, "reskd_exits_total", stage=s, **labels)
                                                         for s in ("0", "1", "2")]
-            finally:
-                server.stop()
         if args.litserve and 1 in listings:
             results["litserve_teacher"] = litserve_run(listings, args.duration)
             print(json.dumps({"litserve_teacher": results["litserve_teacher"]}), flush=True)

@@ -26,9 +26,8 @@ TEACHER = MODELS / "fashion-mnist-teacher" / "1"
 
 @pytest.fixture(scope="module")
 def server():
-    s = ServerProcess()
-    yield s
-    s.stop()
+    with ServerProcess() as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
@@ -301,8 +300,7 @@ def test_openapi_documents_the_api(client):
 
 
 def test_concurrent_requests_are_batched_together(real_files):
-    s = ServerProcess(max_queue_delay_ms=400, max_batch_size=64)
-    try:
+    with ServerProcess(max_queue_delay_ms=400, max_batch_size=64) as s:
         with s.client() as c, ThreadPoolExecutor(8) as pool:
             before = scrape(c)
             codes = list(pool.map(lambda f: c.post("/v1/classify", files=[("file", f)]).status_code,
@@ -314,5 +312,3 @@ def test_concurrent_requests_are_batched_together(real_files):
         images = metric(after, "reskd_batch_size_sum", **labels) - metric(before, "reskd_batch_size_sum", **labels)
         assert images == 8
         assert batches < 8, "every request ran in a batch of its own"
-    finally:
-        s.stop()

@@ -32,9 +32,8 @@ def png(size=(28, 28), value=128) -> bytes:
 
 @pytest.fixture(scope="module")
 def server():
-    s = ServerProcess(max_images=4, max_body_bytes=300_000)
-    yield s
-    s.stop()
+    with ServerProcess(max_images=4, max_body_bytes=300_000) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
@@ -157,12 +156,11 @@ def test_gzip_request_bodies_are_accepted(client):
 
 
 def test_full_queue_answers_503_with_retry_after():
-    s = ServerProcess(max_queue_images=64, max_batch_size=64, retry_after_s=2)
     images = np.zeros((64, 1, 28, 28), "<f4").tobytes()
     request = binary({"inputs": [{"name": "images", "datatype": "FP32", "shape": [64, 1, 28, 28],
                                   "parameters": {"binary_data_size": len(images)}}],
                       "outputs": [{"name": "class_id"}]}, images)
-    try:
+    with ServerProcess(max_queue_images=64, max_batch_size=64, retry_after_s=2) as s:
         with s.client() as c, ThreadPoolExecutor(12) as pool:
             responses = list(pool.map(lambda _: c.post("/v2/models/fashion-mnist-teacher/infer", **request),
                                       range(12)))
@@ -176,13 +174,10 @@ def test_full_queue_answers_503_with_retry_after():
             # Nothing was left behind: the queue drains and the server serves again.
             assert c.post("/v2/models/fashion-mnist-teacher/infer", **request).status_code == 200
             assert c.get("/v2/health/ready").status_code == 200
-    finally:
-        s.stop()
 
 
 def test_bearer_token_guards_inference_and_models_only():
-    s = ServerProcess(auth_token="s3cret-token")
-    try:
+    with ServerProcess(auth_token="s3cret-token") as s:
         with s.client() as c:
             for path, method in ((CLASSIFY, "POST"), ("/v1/classify", "POST"), (INFER, "POST"),
                                  ("/v2/models/fashion-mnist", "GET"), ("/v2/models/fashion-mnist/config", "GET"),
@@ -198,13 +193,10 @@ def test_bearer_token_guards_inference_and_models_only():
             for open_path in ("/v2/health/live", "/v2/health/ready", "/metrics", "/docs", "/openapi.json"):
                 assert c.get(open_path).status_code == 200, open_path
             assert 'code="401"' in c.get("/metrics").text
-    finally:
-        s.stop()
 
 
 def test_ready_only_after_warm_up():
-    s = ServerProcess(wait_ready=False, warmup_batch_sizes="[1024, 1024]")
-    try:
+    with ServerProcess(wait_ready=False, warmup_batch_sizes="[1024, 1024]") as s:
         with s.client() as c:
             deadline = time.monotonic() + 30
             while True:
@@ -221,8 +213,6 @@ def test_ready_only_after_warm_up():
             assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
             s.wait_ready()
             assert c.post(CLASSIFY, content=GOOD).status_code == 200
-    finally:
-        s.stop()
 
 
 def serve_exit(repo, **env) -> subprocess.CompletedProcess:
@@ -257,8 +247,7 @@ def test_several_versions_are_served_at_once(tmp_path):
     manifest["version"] = 2
     manifest["exit"]["thresholds"] = [1.0, 1.0]  # version 2 runs (almost) every image through every stage
     (v2_dir / "manifest.json").write_text(json.dumps(manifest))
-    s = ServerProcess(repo=repo)
-    try:
+    with ServerProcess(repo=repo) as s:
         with s.client() as c:
             meta = c.get("/v2/models/fashion-mnist").json()
             assert meta["versions"] == ["1", "2"] and meta["version"] == "2"
@@ -271,5 +260,3 @@ def test_several_versions_are_served_at_once(tmp_path):
             assert c.get("/v2/models/fashion-mnist/versions/1").json()["stages"][0]["threshold"] < 1
             assert 'model_info{model="fashion-mnist",stages="3",version="2"}' in c.get("/metrics").text.replace(
                 "reskd_", "")
-    finally:
-        s.stop()

@@ -61,16 +61,13 @@ def test_no_request_is_lost_or_answered_twice_and_policies_agree(pngs):
     requests = plan(pngs)
     answers = {}
     for scheduler, runner in (("stage", "host"), ("request", "host"), ("stage", "bound")):
-        s = ServerProcess(scheduler=scheduler, stage_runner=runner, max_batch_size=16, max_queue_delay_ms=3,
-                          batch_buckets="[1, 4, 16, 64]")
-        try:
+        with ServerProcess(scheduler=scheduler, stage_runner=runner, max_batch_size=16, max_queue_delay_ms=3,
+                           batch_buckets="[1, 4, 16, 64]") as s:
             with s.client() as c:
                 before = scrape(c)
             got = send_all(s, pngs, requests)
             with s.client() as c:
                 after = scrape(c)
-        finally:
-            s.stop()
         for n, ((idx, _), preds) in enumerate(zip(requests, got)):
             assert [p["filename"] for p in preds] == [f"r{n}-{i}.png" for i in idx]
         total = sum(len(idx) for idx, _ in requests)
@@ -92,15 +89,12 @@ def test_no_request_is_lost_or_answered_twice_and_policies_agree(pngs):
 def test_a_stage_1_batch_holds_survivors_of_several_requests(pngs):
     # Stage 0 takes one image at a time; stage 1 waits up to 300 ms to fill: its batches can only be large by
     # merging survivors of different requests (each request here is one image).
-    s = ServerProcess(stage_max_batch_size="[1, 64, 64]", stage_max_queue_delay_ms="[0, 300, 0]")
-    try:
+    with ServerProcess(stage_max_batch_size="[1, 64, 64]", stage_max_queue_delay_ms="[0, 300, 0]") as s:
         with s.client() as c:
             before = scrape(c)
         preds = send_all(s, pngs, [([i], {"threshold": 1.0}) for i in range(12)], threads=12)
         with s.client() as c:
             after = scrape(c)
-    finally:
-        s.stop()
     survivors = sum(p[0]["exit_stage"] >= 1 for p in preds)
     assert survivors >= 6
 
