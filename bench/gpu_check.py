@@ -16,7 +16,6 @@ Everything measured is printed as JSON (and written to --out).
 from __future__ import annotations
 
 import argparse
-import gzip
 import io
 import json
 import os
@@ -32,17 +31,11 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import idx  # noqa: E402
 from loadgen import run_load  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
-
-
-def idx(path: str) -> np.ndarray:
-    raw = gzip.open(path).read()
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(raw[4 + 4 * ndim:], np.uint8).reshape(dims)
 
 
 def png(img: np.ndarray) -> bytes:
@@ -186,7 +179,6 @@ def main() -> None:
         results.setdefault("in_process_batch256_images_per_s", {})[d] = in_process(d, tensors)
         print(json.dumps({d: results["in_process_batch256_images_per_s"][d]}), flush=True)
 
-    single, _ = multipart(blobs[:1])
     single_h = {"content-type": "image/png"}
     thirty_two, thirty_two_h = multipart(blobs[:32])
     v2_body, v2_h = v2_binary(tensors[:256])

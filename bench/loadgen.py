@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 
 
-def _worker(url: str, content: bytes, headers: dict, threads: int, duration: float, images: int, out) -> None:
+def _worker(url: str, content: bytes, headers: dict, threads: int, duration: float, out) -> None:
     latencies: list[float] = []
     errors = 0
     lock = threading.Lock()
@@ -47,7 +47,7 @@ def run_load(url: str, content: bytes, headers: dict, *, concurrency: int, durat
     per = [concurrency // processes + (1 if i < concurrency % processes else 0) for i in range(processes)]
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(url, content, headers, n, duration, images, out)) for n in per]
+    procs = [ctx.Process(target=_worker, args=(url, content, headers, n, duration, out)) for n in per]
     start = time.perf_counter()
     for p in procs:
         p.start()

@@ -94,7 +94,7 @@ def test_prometheus_scrapes_the_served_compute_share(tmp_path):
         counts = {r["metric"]["stage"]: float(r["value"][1]) for r in exits}
         assert counts == {str(s): sum(p["exit_stage"] == s for p in served) for s in range(3)}
         assert counts["2"] > 0  # threshold=1.0 sent images to the last stage
-        batches = prom.query(f"reskd_batch_size_count{{job=\"reskd\",model=\"fashion-mnist\",stage=\"0\"}}")
+        batches = prom.query('reskd_batch_size_count{job="reskd",model="fashion-mnist",stage="0"}')
         assert float(batches[0]["value"][1]) >= 3
     finally:
         prom.stop()
