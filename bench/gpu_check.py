@@ -112,11 +112,12 @@ def agreement(server: Server, blobs: list[bytes], labels: np.ndarray) -> dict:
 
 
 def in_process(device: str, images: np.ndarray) -> dict:
-    from reskd.runtime import CascadeRuntime, default_providers
+    from reskd.device import Device
+    from reskd.runtime import CascadeRuntime
 
     out = {}
     for name in ("fashion-mnist", "fashion-mnist-teacher"):
-        rt = CascadeRuntime(MODELS / name / "1", providers=default_providers(device))
+        rt = CascadeRuntime(MODELS / name / "1", device=Device.resolve(device))
         batch = images[:256]
         for _ in range(3):
             rt.run(batch)

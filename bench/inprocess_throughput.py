@@ -5,7 +5,7 @@ saving turns into speed (time ratio / compute ratio against the teacher).
     python bench/inprocess_throughput.py [--device cpu|cuda] [--seconds 3] [--batches 1,32,256]
 
 All sessions share one onnxruntime thread pool of one thread per core, as `reskd serve` runs them
-(reskd.runtime.share_threads). Inputs cycle through the 10k real test images, so the adaptive cascade's exits are
+(reskd.device.Device, shared_pool). Inputs cycle through the 10k real test images, so the adaptive cascade's exits are
 the real ones. Each figure is the best of 3 timed runs.
 """
 
@@ -18,7 +18,8 @@ import time
 import numpy as np
 
 from common import CASCADE, KD_MODELS, MODELS, TEACHER, machine, test_set
-from reskd.runtime import CascadeRuntime, default_providers, share_threads
+from reskd.device import Device
+from reskd.runtime import CascadeRuntime
 
 
 def rate(fn, images: np.ndarray, batch: int, seconds: float) -> float:
@@ -45,11 +46,10 @@ def main() -> None:
     ap.add_argument("--batches", default="1,32,256")
     ap.add_argument("--json")
     args = ap.parse_args()
-    share_threads(0)
-    providers = default_providers(args.device)
+    device = Device.resolve(args.device, shared_pool=True)
     _, images, labels = test_set()
-    cascade = CascadeRuntime(MODELS / CASCADE / "1", providers=providers)
-    teacher = CascadeRuntime(MODELS / TEACHER / "1", providers=providers)
+    cascade = CascadeRuntime(MODELS / CASCADE / "1", device=device)
+    teacher = CascadeRuntime(MODELS / TEACHER / "1", device=device)
     t_flops = cascade.manifest.teacher.flops
     adaptive = cascade.run(images)
     runs = {
@@ -60,7 +60,7 @@ def main() -> None:
                                            float((cascade.run(images, max_stage=0).class_id == labels).mean())),
     }
     for name in KD_MODELS:
-        rt = CascadeRuntime(MODELS / name / "1", providers=providers)
+        rt = CascadeRuntime(MODELS / name / "1", device=device)
         runs[f"KD {name.removeprefix('fashion-mnist-kd-')}"] = (rt.run, float(rt.cum_flops[-1]),
                                                                float((rt.run(images).class_id == labels).mean()))
     batches = [int(b) for b in args.batches.split(",")]

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import litserve as ls
 import numpy as np
-import onnxruntime as ort
 
+from reskd.device import Device
 from reskd.manifest import ModelRepository
 from reskd.preprocess import preprocess
 
@@ -26,10 +26,7 @@ MODELS = Path(__file__).resolve().parents[1] / "models"
 class TeacherAPI(ls.LitAPI):
     def setup(self, device):
         path, self.manifest = ModelRepository(MODELS).load("fashion-mnist-teacher")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = os.cpu_count() or 1
-        self.session = ort.InferenceSession(str(path / self.manifest.stages[0].file), opts,
-                                            providers=["CPUExecutionProvider"])
+        self.session = Device.cpu(threads=os.cpu_count() or 1).session(str(path / self.manifest.stages[0].file))
 
     def decode_request(self, request):
         return preprocess(request["file"].file.read(), self.manifest.input)

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from reskd.runtime import CascadeRuntime, default_providers
+from reskd.device import Device
+from reskd.runtime import CascadeRuntime
 from reskd.service.stages import BoundStages
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
@@ -35,14 +36,13 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--repeats", type=int, default=50)
     args = ap.parse_args()
+    ort.set_default_logger_severity(2)  # node placement warnings (nodes falling back to CPU) go to stderr
     searches = ["HEURISTIC", "EXHAUSTIVE", "DEFAULT"] if args.device == "cuda" else ["-"]
     rng = np.random.default_rng(0)
     for name in ("fashion-mnist", "fashion-mnist-teacher"):
         for search in searches:
-            opts = ort.SessionOptions()
-            opts.log_severity_level = 2  # node placement warnings (nodes falling back to CPU) go to stderr
-            rt = CascadeRuntime(MODELS / name / "1", providers=default_providers(args.device, search),
-                                session_options=opts)
+            device = Device.resolve(args.device, cudnn_conv_algo_search=search)
+            rt = CascadeRuntime(MODELS / name / "1", device=device)
             for s in range(rt.num_stages):
                 row = {"model": name, "search": search, "stage": s}
                 for n in SIZES:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from reskd.device import Device
 from reskd.exit_policy import confidence, exit_stages
 from reskd.manifest import InputSpec, ModelRepository, sha256_file, write_manifest
 from reskd.preprocess import normalise
@@ -229,4 +230,4 @@ def export_run(run_dir: str | Path, repo: str | Path, name: str, version: int | 
 
 def _runtime(tmp: Path) -> CascadeRuntime:
     # The folder is renamed to its version only at the end, so its name is not checked here.
-    return CascadeRuntime(tmp, providers=["CPUExecutionProvider"], check_folder_name=False)
+    return CascadeRuntime(tmp, device=Device.cpu(), check_folder_name=False)

@@ -40,17 +40,30 @@ def confidence(logits: np.ndarray, measure: str = "max_prob") -> np.ndarray:
     raise ValueError(f"unknown exit measure {measure!r}; use one of {', '.join(MEASURES)}")
 
 
+def leaves_after(stage: int, num_stages: int, conf: np.ndarray, thresholds: np.ndarray,
+                 last: np.ndarray) -> np.ndarray:
+    """The exit rule, for n samples that have just run `stage`: a sample leaves at its last stage, and before the
+    final stage as soon as its confidence reaches its threshold. conf [n]; thresholds [n, num_stages - 1], each
+    sample's own; last [n]. -> bool [n]."""
+    leave = np.asarray(last) == stage
+    if stage < num_stages - 1:
+        leave |= conf >= thresholds[:, stage]
+    return leave
+
+
 def exit_stages(conf: np.ndarray, thresholds) -> np.ndarray:
     """Index of the stage each sample exits at: the first s < S-1 with conf[s] >= thresholds[s], else S-1."""
     conf = np.asarray(conf)
-    n_stages = conf.shape[0]
+    n_stages, n = conf.shape
     thresholds = np.asarray(thresholds, dtype=np.float64)
     if thresholds.shape != (n_stages - 1,):
         raise ValueError(f"need {n_stages - 1} thresholds for {n_stages} stages, got {thresholds.shape[0]}")
-    out = np.full(conf.shape[1], n_stages - 1, dtype=np.int64)
-    undecided = np.ones(conf.shape[1], dtype=bool)
+    table = np.broadcast_to(thresholds, (n, n_stages - 1))
+    last = np.full(n, n_stages - 1)
+    out = last.astype(np.int64)
+    undecided = np.ones(n, dtype=bool)
     for s in range(n_stages - 1):
-        leave = undecided & (conf[s] >= thresholds[s])
+        leave = undecided & leaves_after(s, n_stages, conf[s], table, last)
         out[leave] = s
         undecided &= ~leave
     return out

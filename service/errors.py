@@ -41,6 +41,11 @@ def invalid(message: str) -> ApiError:
     return ApiError(422, message)
 
 
+def internal(message: str) -> ApiError:
+    """The server failed (logged where it happened); the message says so without a stack trace."""
+    return ApiError(500, message)
+
+
 def unavailable(message: str, retry_after_s: int) -> ApiError:
     return ApiError(503, message, {"Retry-After": str(retry_after_s)})
 

@@ -1,12 +1,17 @@
-"""Prometheus metrics. The names and labels are a contract (DESIGN.md section 3): dashboards and alerts are written
-against them. Every series carries `model` and `version`; "% of teacher compute" is
-rate(reskd_flops_total[5m]) / rate(reskd_teacher_flops_total[5m])."""
+"""Prometheus metrics. The names and labels are a contract (docs/design.md, "Metrics"): dashboards and alerts are
+written against them. Every series carries `model` and `version`; "% of teacher compute" is
+rate(reskd_flops_total[5m]) / rate(reskd_teacher_flops_total[5m]).
+
+Metrics owns the registry and the HTTP-level series; ModelMetrics holds one model version's series, resolved once,
+and is what that version's scheduler reports to (its SchedulerObserver)."""
 
 from __future__ import annotations
 
 import numpy as np
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from reskd.cascade import CascadeResult
 
 # The *_created companion series only clutter a scrape; rates do not need them.
 prometheus_client.disable_created_metrics()
@@ -47,42 +52,57 @@ class Metrics:
         self.model_info = Gauge("reskd_model_info", "a served model version (value 1)", [*M, "stages"],
                                 registry=r)
 
-    def register_model(self, model: str, version: int, num_stages: int) -> None:
-        """Create every series of a model up front, so a fresh server already exposes zeros (rate() needs them)."""
-        v = str(version)
-        self.model_info.labels(model, v, str(num_stages)).set(1)
-        self.images.labels(model, v)
-        self.flops.labels(model, v)
-        self.teacher_flops.labels(model, v)
-        self.inflight.labels(model, v)
-        for baseline in ("teacher", "cascade"):
-            self.flops_saved.labels(model, v, baseline)
-        for s in map(str, range(num_stages)):
-            self.exits.labels(model, v, s)
-            self.batch_size.labels(model, v, s)
-            self.stage_duration.labels(model, v, s)
-            self.queue_duration.labels(model, v, s)
-            self.padding_flops.labels(model, v, s)
-            self.queue_depth.labels(model, v, s)
-
-    def record_results(self, model: str, version: int, exit_stage: np.ndarray, flops: np.ndarray,
-                       teacher_flops: int, cascade_flops: int) -> None:
-        v = str(version)
-        n = len(flops)
-        used = int(flops.sum())
-        self.images.labels(model, v).inc(n)
-        self.flops.labels(model, v).inc(used)
-        self.teacher_flops.labels(model, v).inc(teacher_flops * n)
-        self.flops_saved.labels(model, v, "teacher").inc(int(np.maximum(teacher_flops - flops, 0).sum()))
-        self.flops_saved.labels(model, v, "cascade").inc(int(np.maximum(cascade_flops - flops, 0).sum()))
-        stages, counts = np.unique(exit_stage, return_counts=True)
-        for s, c in zip(stages.tolist(), counts.tolist()):
-            self.exits.labels(model, v, str(s)).inc(c)
-
-    def record_stage(self, model: str, version: int, stage: int, samples: int, seconds: float) -> None:
-        v, s = str(version), str(stage)
-        self.batch_size.labels(model, v, s).observe(samples)
-        self.stage_duration.labels(model, v, s).observe(seconds)
+    def for_model(self, model: str, version: int, stage_flops: np.ndarray, teacher_flops: int) -> ModelMetrics:
+        return ModelMetrics(self, model, version, stage_flops, teacher_flops)
 
     def exposition(self) -> bytes:
         return prometheus_client.generate_latest(self.registry)
+
+
+class ModelMetrics:
+    """One model version's series. Creating it creates every series up front, so a fresh server already exposes
+    zeros (rate() needs them)."""
+
+    def __init__(self, metrics: Metrics, model: str, version: int, stage_flops: np.ndarray, teacher_flops: int):
+        m, v = metrics, str(version)
+        stages = [str(s) for s in range(len(stage_flops))]
+        self.stage_flops = np.asarray(stage_flops, dtype=np.int64)
+        self.teacher_flops = int(teacher_flops)
+        self.cascade_flops = int(self.stage_flops.sum())
+        m.model_info.labels(model, v, str(len(stages))).set(1)
+        self.inflight = m.inflight.labels(model, v)
+        self._images = m.images.labels(model, v)
+        self._flops = m.flops.labels(model, v)
+        self._teacher_flops = m.teacher_flops.labels(model, v)
+        self._saved_vs_teacher = m.flops_saved.labels(model, v, "teacher")
+        self._saved_vs_cascade = m.flops_saved.labels(model, v, "cascade")
+        self._exits = [m.exits.labels(model, v, s) for s in stages]
+        self._batch_size = [m.batch_size.labels(model, v, s) for s in stages]
+        self._stage_duration = [m.stage_duration.labels(model, v, s) for s in stages]
+        self._queue_duration = [m.queue_duration.labels(model, v, s) for s in stages]
+        self._padding = [m.padding_flops.labels(model, v, s) for s in stages]
+        self._queue_depth = [m.queue_depth.labels(model, v, s) for s in stages]
+
+    def queue_depth(self, stage: int, images: int) -> None:
+        self._queue_depth[stage].set(images)
+
+    def waited(self, stage: int, seconds: float) -> None:
+        self._queue_duration[stage].observe(seconds)
+
+    def stage_ran(self, stage: int, samples: int, seconds: float, padding_rows: int) -> None:
+        self._batch_size[stage].observe(samples)
+        self._stage_duration[stage].observe(seconds)
+        if padding_rows:
+            self._padding[stage].inc(padding_rows * int(self.stage_flops[stage]))
+
+    def answered(self, result: CascadeResult) -> None:
+        flops = result.flops
+        n = len(flops)
+        self._images.inc(n)
+        self._flops.inc(int(flops.sum()))
+        self._teacher_flops.inc(self.teacher_flops * n)
+        self._saved_vs_teacher.inc(int(np.maximum(self.teacher_flops - flops, 0).sum()))
+        self._saved_vs_cascade.inc(int(np.maximum(self.cascade_flops - flops, 0).sum()))
+        for stage, count in enumerate(np.bincount(result.exit_stage, minlength=len(self._exits)).tolist()):
+            if count:
+                self._exits[stage].inc(count)

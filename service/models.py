@@ -9,13 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
+from reskd.cascade import CascadeResult
+from reskd.device import Device
 from reskd.manifest import Manifest, ManifestError, ModelRepository
-from reskd.runtime import CascadeResult, CascadeRuntime, default_providers
+from reskd.runtime import CascadeRuntime
 
 from .errors import not_found
-from .metrics import Metrics
+from .metrics import Metrics, ModelMetrics
 from .scheduler import CascadeScheduler
 from .settings import ServeSettings
 from .stages import BoundStages, HostStages, StageRunner
@@ -31,6 +32,7 @@ class ServedModel:
     runtime: CascadeRuntime
     runner: StageRunner
     scheduler: CascadeScheduler
+    metrics: ModelMetrics
 
     @property
     def manifest(self) -> Manifest:
@@ -46,7 +48,7 @@ class ServedModel:
 
     @property
     def device(self) -> str:
-        return "cuda" if self.runtime.sessions[0].get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        return "cuda" if self.runtime.on_cuda else "cpu"
 
     async def classify(self, images: np.ndarray, threshold: float | None, max_stage: int | None) -> CascadeResult:
         return await self.scheduler.submit(images, threshold, max_stage)
@@ -59,29 +61,28 @@ def thread_budget(settings: ServeSettings, cuda: bool) -> tuple[int, int]:
     return workers, intra
 
 
-def providers_for(settings: ServeSettings) -> list:
-    """Raises under device=cuda without the CUDA EP. On CUDA the first entry is (name, options)."""
-    return default_providers(settings.device, settings.cudnn_conv_algo_search)
+@dataclass(frozen=True)
+class ServingDevice:
+    """The device every served model runs on, and the thread budget: `workers` stage batches at once."""
 
+    device: Device
+    workers: int
 
-def session_options(settings: ServeSettings, intra_op_threads: int) -> ort.SessionOptions:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = intra_op_threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return opts
+    @classmethod
+    def resolve(cls, settings: ServeSettings, shared_pool: bool = False) -> ServingDevice:
+        """Raises RuntimeError under device=cuda without the CUDA EP. shared_pool: one onnxruntime pool of the
+        budget's threads for every stage of every model (the `reskd serve` process; before any session)."""
+        device = Device.resolve(settings.device, cudnn_conv_algo_search=settings.cudnn_conv_algo_search)
+        workers, intra = thread_budget(settings, device.cuda)
+        return cls(device.with_threads(intra, shared_pool), workers)
 
 
 class ModelStore:
-    def __init__(self, settings: ServeSettings, metrics: Metrics, executor: Executor, providers: list,
-                 workers: int, intra_op_threads: int):
+    def __init__(self, settings: ServeSettings, metrics: Metrics, executor: Executor, serving: ServingDevice):
         self.settings = settings
         self.metrics = metrics
         self.executor = executor
-        self.providers = providers
-        self.workers = workers
-        self.intra_op_threads = intra_op_threads
+        self.serving = serving
         self.repo = ModelRepository(settings.repo)
         self._models: dict[str, dict[int, ServedModel]] = {}
 
@@ -91,35 +92,31 @@ class ModelStore:
         names = self.repo.models()
         if not names:
             raise ManifestError(f"model repository {self.repo.root} holds no model versions")
-        opts = session_options(self.settings, self.intra_op_threads)
+        s = self.settings
         for name in names:
             for version in self.repo.versions(name):
                 path = self.repo.resolve(name, version)
-                runtime = CascadeRuntime(path, providers=self.providers, session_options=opts)
-                runner = self._runner(runtime, opts)
-                s = self.settings
+                runtime = CascadeRuntime(path, device=self.serving.device)
+                runner = self._runner(runtime)
+                metrics = self.metrics.for_model(name, version, runtime.stage_flops, runtime.manifest.teacher.flops)
                 scheduler = CascadeScheduler(
-                    runtime, runner, self.executor, self.metrics, model=name, version=version, policy=s.scheduler,
+                    runtime, runner, self.executor, model=name, version=version, policy=s.scheduler,
                     max_batch_sizes=s.stage_max_batch_size or [s.max_batch_size],
                     max_queue_delays_s=[d / 1000 for d in (s.stage_max_queue_delay_ms or [s.max_queue_delay_ms])],
-                    max_queue_images=s.max_queue_images, pipeline_depth=self.workers)
-                model = ServedModel(name, version, path, runtime, runner, scheduler)
+                    max_queue_images=s.max_queue_images, pipeline_depth=self.serving.workers, observer=metrics)
+                model = ServedModel(name, version, path, runtime, runner, scheduler, metrics)
                 self._models.setdefault(name, {})[version] = model
-                self.metrics.register_model(name, version, runtime.num_stages)
-                log.info("loaded %s version %d: %d stages on %s (%s), scheduler %s", name, version,
-                         runtime.num_stages, runtime.sessions[0].get_providers()[0], type(runner).__name__,
-                         s.scheduler)
+                log.info("loaded %s version %d: %d stage(s) on %s (%s), scheduler %s", name, version,
+                         runtime.num_stages, model.device, type(runner).__name__, s.scheduler)
 
-    def _runner(self, runtime: CascadeRuntime, opts: ort.SessionOptions) -> StageRunner:
+    def _runner(self, runtime: CascadeRuntime) -> StageRunner:
         s = self.settings
-        wanted_cuda = isinstance(self.providers[0], tuple)  # (CUDA EP, options) first: see providers_for
-        got = runtime.sessions[0].get_providers()[0]
-        if wanted_cuda and got != "CUDAExecutionProvider":
+        on_cuda = runtime.on_cuda
+        if self.serving.device.cuda and not on_cuda:
             if s.device == "cuda":
                 raise RuntimeError(f"device 'cuda' asked for, but onnxruntime could not create a CUDA session for "
-                                   f"{runtime.path} (it fell back to {got}); check the CUDA and cuDNN libraries")
+                                   f"{runtime.path} (it fell back to the CPU); check the CUDA and cuDNN libraries")
             log.warning("CUDA execution provider failed for %s; serving it on CPU", runtime.path)
-        on_cuda = got == "CUDAExecutionProvider"
         if s.stage_runner == "bound" or (s.stage_runner == "auto" and on_cuda):
             return BoundStages(runtime, device="cuda" if on_cuda else "cpu", buckets=s.batch_buckets,
                                max_blocks=s.max_gather_blocks)

@@ -13,6 +13,10 @@ waited max delay), so older samples finish first and later-stage batches fill up
 `pipeline_depth` batches are in flight, in the inference thread pool; with one thread on a CPU the stages take
 turns on the whole thread budget. Queues are bounded: stage s stops being dispatched while stage s+1's queue is
 full, so pressure travels back to admission, which refuses with QueueFull (-> 503 + Retry-After).
+
+The scheduler only queues and dispatches. What a stage's output means for each sample (running logits, confidence,
+exit) is reskd.cascade's, the same code the runtime runs; what is measured goes to a SchedulerObserver (the
+server's is its ModelMetrics). A batch that fails fails its requests with InferenceFailed, whatever the cause.
 """
 
 from __future__ import annotations
@@ -23,14 +27,13 @@ import logging
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from reskd.exit_policy import confidence
-from reskd.runtime import CascadeResult, CascadeRuntime
+from reskd.cascade import CascadeResult, CascadeSamples, advance
+from reskd.runtime import CascadeRuntime
 
-from .metrics import Metrics
 from .stages import StageRunner
 
 log = logging.getLogger("reskd.service")
@@ -42,19 +45,43 @@ class QueueFull(Exception):
     """A queue is at its bound; the client should retry later."""
 
 
-class Request:
-    """One client request's images and the state of each of its samples."""
+class InferenceFailed(Exception):
+    """A stage batch failed on the server's side (the cause is logged); its requests fail with this."""
 
-    def __init__(self, images: np.ndarray, thresholds: np.ndarray, last: np.ndarray, classes: int,
-                 future: asyncio.Future):
-        n = len(images)
+
+class SchedulerObserver(Protocol):
+    """What the scheduler measures, as it happens (the server's is reskd.service.metrics.ModelMetrics)."""
+
+    def queue_depth(self, stage: int, images: int) -> None: ...
+
+    def waited(self, stage: int, seconds: float) -> None: ...
+
+    def stage_ran(self, stage: int, samples: int, seconds: float, padding_rows: int) -> None: ...
+
+    def answered(self, result: CascadeResult) -> None: ...
+
+
+class Unobserved:
+    def queue_depth(self, stage: int, images: int) -> None:
+        pass
+
+    def waited(self, stage: int, seconds: float) -> None:
+        pass
+
+    def stage_ran(self, stage: int, samples: int, seconds: float, padding_rows: int) -> None:
+        pass
+
+    def answered(self, result: CascadeResult) -> None:
+        pass
+
+
+class Request:
+    """One client request: its images, its samples' exit settings and state, and how many are still running."""
+
+    def __init__(self, images: np.ndarray, samples: CascadeSamples, future: asyncio.Future):
         self.images = images
-        self.thresholds = thresholds  # [n, stages - 1]
-        self.last = last  # [n]: max_stage per sample
-        self.running = np.zeros((n, classes), np.float64)  # summed in float64, as the runtime and calibration do
-        self.conf = np.zeros(n, np.float64)
-        self.exit_stage = np.zeros(n, np.int32)
-        self.remaining = n
+        self.samples = samples
+        self.remaining = len(images)
         self.future = future
 
     @property
@@ -129,33 +156,25 @@ class StageQueue:
 
 
 class CascadeScheduler:
-    def __init__(self, runtime: CascadeRuntime, runner: StageRunner, executor: Executor, metrics: Metrics, *,
-                 model: str, version: int, policy: Policy, max_batch_sizes: list[int],
-                 max_queue_delays_s: list[float], max_queue_images: int, pipeline_depth: int):
+    def __init__(self, runtime: CascadeRuntime, runner: StageRunner, executor: Executor, *, model: str,
+                 version: int, policy: Policy, max_batch_sizes: list[int], max_queue_delays_s: list[float],
+                 max_queue_images: int, pipeline_depth: int, observer: SchedulerObserver | None = None):
         self.runtime = runtime
         self.runner = runner
         self.executor = executor
-        self.metrics = metrics
+        self.observer = observer or Unobserved()
         self.model, self.version = model, version
         self.policy = policy
-        self.num_stages = runtime.num_stages
-        self.teacher_flops = runtime.manifest.teacher.flops
-        self.measure = runtime.manifest.exit.measure
-        self.classes = runtime.num_classes
 
         def per_stage(values: list, s: int):
             return values[min(s, len(values) - 1)]
 
-        stages = self.num_stages if policy == "stage" else 1
+        stages = runtime.num_stages if policy == "stage" else 1
         self.queues = [StageQueue(s, per_stage(max_batch_sizes, s), per_stage(max_queue_delays_s, s),
                                   max(max_queue_images, per_stage(max_batch_sizes, s))) for s in range(stages)]
         if policy == "none":
             self.queues[0].max_delay_s = 0.0
         self.pipeline_depth = pipeline_depth
-        v = str(version)
-        self._depth = [metrics.queue_depth.labels(model, v, str(s)) for s in range(self.num_stages)]
-        self._waited = [metrics.queue_duration.labels(model, v, str(s)) for s in range(self.num_stages)]
-        self._padding = [metrics.padding_flops.labels(model, v, str(s)) for s in range(self.num_stages)]
         self._wakeup: asyncio.Event | None = None
         self._slots: asyncio.Semaphore | None = None
         self._task: asyncio.Task | None = None
@@ -168,19 +187,17 @@ class CascadeScheduler:
 
     def submit(self, images: np.ndarray, threshold: float | None = None,
                max_stage: int | None = None) -> asyncio.Future:
-        """Queue one request; the future resolves to its CascadeResult. Raises QueueFull at the bound, and
-        ValueError for a threshold or max_stage out of range."""
+        """Queue one request; the future resolves to its CascadeResult, or fails with InferenceFailed or (at
+        shutdown) QueueFull. Raises QueueFull at the bound, and CascadeInputError for a threshold or max_stage
+        out of range."""
         q = self.queues[0]
         if q.size + len(images) > q.bound:
             raise QueueFull(f"model {self.model} version {self.version} has {q.size} images queued (limit "
                             f"{q.bound}); retry shortly")
-        n = len(images)
-        thresholds = np.broadcast_to(self.runtime.thresholds_for(threshold), (n, self.num_stages - 1))
-        last = np.full(n, self.runtime.check_max_stage(max_stage), np.int32)
+        samples = self.runtime.samples(len(images), threshold, max_stage)
         future = asyncio.get_running_loop().create_future()
-        request = Request(images, thresholds, last, self.classes, future)
-        q.put(Rows(request, np.arange(n)))
-        self._depth[0].set(q.size)
+        q.put(Rows(Request(images, samples, future), np.arange(len(images))))
+        self.observer.queue_depth(0, q.size)
         self._wakeup.set()
         return future
 
@@ -231,12 +248,12 @@ class CascadeScheduler:
             q = self.queues[stage]
             batch = q.take(whole_requests=self.policy != "stage", one_request=self.policy == "none",
                            max_blocks=self.runner.max_blocks)
-            self._depth[stage].set(q.size)
+            self.observer.queue_depth(stage, q.size)
             if not batch:
                 self._slots.release()
                 continue
             for rows in batch:
-                self._waited[stage].observe(now - rows.enqueued)
+                self.observer.waited(stage, now - rows.enqueued)
             task = asyncio.get_running_loop().create_task(self._run(stage, batch))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
@@ -249,11 +266,13 @@ class CascadeScheduler:
             else:
                 survivors, exited = await loop.run_in_executor(self.executor, self._chain, batch)
         except Exception as err:  # only this batch's requests fail; the scheduler and other requests go on
-            log.exception("stage %d failed on a batch of %d samples of %s/%s", stage, sum(map(len, batch)),
-                          self.model, self.version)
+            failure = err if isinstance(err, InferenceFailed) else InferenceFailed(
+                f"inference failed on a batch of {self.model} version {self.version} ({type(err).__name__}); the "
+                "server logged the details")
+            log.exception("%s (%d samples)", failure, sum(map(len, batch)))
             for rows in batch:
                 if not rows.request.abandoned:
-                    rows.request.future.set_exception(err)
+                    rows.request.future.set_exception(failure)
             return
         finally:
             self._slots.release()
@@ -266,7 +285,7 @@ class CascadeScheduler:
             q = self.queues[stage + 1]
             for rows in survivors:
                 q.put(rows)
-            self._depth[stage + 1].set(q.size)
+            self.observer.queue_depth(stage + 1, q.size)
 
     # --- work in the inference thread ------------------------------------------------------------------------
     def _chain(self, batch: list[Rows]) -> tuple[list[Rows], list[tuple[Request, int]]]:
@@ -279,8 +298,15 @@ class CascadeScheduler:
         return [], exited
 
     def _step(self, stage: int, batch: list[Rows]) -> tuple[list[Rows], list[tuple[Request, int]]]:
-        """Run one stage on the batch; record each sample's logits, confidence and exit in its request.
-        -> (survivors, (request, samples that exited) pairs)."""
+        """Run one stage on the batch and advance its samples (reskd.cascade records their state and exits).
+        -> (survivors, (request, samples that exited) pairs). Raises InferenceFailed, caused by what failed."""
+        try:
+            return self._try_step(stage, batch)
+        except Exception as err:
+            raise InferenceFailed(f"inference failed at stage {stage} of {self.model} version {self.version} "
+                                  f"({type(err).__name__}); the server logged the details") from err
+
+    def _try_step(self, stage: int, batch: list[Rows]) -> tuple[list[Rows], list[tuple[Request, int]]]:
         if stage == 0:
             images = np.concatenate([r.request.images[r.rows] for r in batch]) if len(batch) > 1 else \
                 batch[0].request.images[batch[0].rows]
@@ -291,37 +317,20 @@ class CascadeScheduler:
                 offset += len(r)
         start = time.perf_counter()
         logits, padding = self.runner.run(stage, [(r.block, r.block_rows) for r in batch])
-        seconds = time.perf_counter() - start
-        n = len(logits)
-        self.metrics.record_stage(self.model, self.version, stage, n, seconds)
-        if padding:
-            self._padding[stage].inc(padding * int(self.runtime.stage_flops[stage]))
-        running = np.concatenate([r.request.running[r.rows] for r in batch]) + logits
-        conf = confidence(running, self.measure)
-        done = np.concatenate([r.request.last[r.rows] for r in batch]) == stage
-        if stage < self.num_stages - 1:
-            done |= conf >= np.concatenate([r.request.thresholds[r.rows, stage] for r in batch])
-        survivors, exited, offset = [], [], 0
+        self.observer.stage_ran(stage, len(logits), time.perf_counter() - start, padding)
+        leaves = advance(self.runtime.rule, stage, [(r.request.samples, r.rows) for r in batch], logits)
+        survivors, exited = [], []
         now = time.perf_counter()
-        for r in batch:
-            sl = slice(offset, offset + len(r))
-            offset += len(r)
-            req = r.request
-            req.running[r.rows] = running[sl]
-            req.conf[r.rows] = conf[sl]
-            leave = done[sl]
-            req.exit_stage[r.rows[leave]] = stage
-            exited.append((req, int(leave.sum())))
+        for r, leave in zip(batch, leaves):
+            exited.append((r.request, int(leave.sum())))
             if not leave.all():
                 keep = ~leave
-                survivors.append(Rows(req, r.rows[keep], r.block, r.block_rows[keep], now))
+                survivors.append(Rows(r.request, r.rows[keep], r.block, r.block_rows[keep], now))
         return survivors, exited
 
     def _finish_if_done(self, req: Request) -> None:
         if req.remaining or req.abandoned:
             return
-        flops = self.runtime.cum_flops[req.exit_stage].astype(np.int64)
-        req.future.set_result(CascadeResult(req.running.astype(np.float32), req.running.argmax(-1).astype(np.int64),
-                                            req.conf, req.exit_stage, flops))
-        self.metrics.record_results(self.model, self.version, req.exit_stage, flops, self.teacher_flops,
-                                    int(self.runtime.cum_flops[-1]))
+        result = req.samples.result(self.runtime.cum_flops)
+        req.future.set_result(result)
+        self.observer.answered(result)

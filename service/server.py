@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import logging.config
 from contextlib import asynccontextmanager
 
 import uvicorn
@@ -16,11 +17,11 @@ from fastapi import FastAPI
 
 import reskd
 from reskd.manifest import ManifestError, ModelRepository
-from reskd.runtime import share_threads
 
 from . import errors, ops, v1, v2
+from .logs import log_config
 from .middlewares import BearerAuth, BodyLimit, RequestMetrics
-from .models import providers_for, thread_budget
+from .models import ServingDevice
 from .settings import ServeSettings
 from .state import ServerState
 
@@ -31,9 +32,11 @@ answered and the compute it used and saved. `/v1` is the simple API (multipart o
 / Triton HTTP protocol, binary tensor extension included."""
 
 
-def create_app(settings: ServeSettings | None = None) -> FastAPI:
+def create_app(settings: ServeSettings | None = None, serving: ServingDevice | None = None) -> FastAPI:
+    """serving: the device and thread budget, resolved by `serve` for the whole process; by default resolved
+    here, with a pool per session (an app inside another process, e.g. a test)."""
     settings = settings or ServeSettings()
-    state = ServerState(settings)
+    state = ServerState(settings, serving or ServingDevice.resolve(settings))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -72,12 +75,11 @@ def check_repository(settings: ServeSettings) -> None:
 
 
 def serve(settings: ServeSettings) -> None:
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = log_config(settings.log_format, settings.log_level)
+    logging.config.dictConfig(config)
     check_repository(settings)
-    providers = providers_for(settings)  # raises under --device cuda without the CUDA EP
-    if settings.device == "auto" and not isinstance(providers[0], tuple):
-        log.warning("device auto: this onnxruntime has no CUDA execution provider, serving on CPU")
-    # One onnxruntime thread pool for every stage of every model: the thread budget, with no idle pool spinning.
-    share_threads(thread_budget(settings, cuda=isinstance(providers[0], tuple))[1])
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=10)
+    # Raises under --device cuda without the CUDA EP. One onnxruntime thread pool for every stage of every model:
+    # the thread budget, with no idle pool spinning; it must exist before the first session.
+    serving = ServingDevice.resolve(settings, shared_pool=True)
+    uvicorn.run(create_app(settings, serving), host=settings.host, port=settings.port, log_config=config,
+                log_level=settings.log_level, timeout_graceful_shutdown=10)

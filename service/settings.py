@@ -21,8 +21,9 @@ class ServeSettings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     default_model: str = Field("fashion-mnist", description="the model POST /v1/classify uses")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per line (log shippers)")
 
-    # Limits (DESIGN.md section 3). Anything smaller than an image's size limit is accepted and resized.
+    # Limits (docs/design.md, "HTTP"). Anything smaller than an image's size limit is accepted and resized.
     max_body_bytes: int = Field(16 * 1024 * 1024, gt=0, description="request body limit (413 above)")
     max_images: int = Field(256, gt=0, description="images per request (v1 parts or v2 batch; 413 above)")
     max_pixels: int = Field(40_000_000, gt=0, description="decoded pixels per image (413 above: decompression bomb)")

@@ -87,8 +87,7 @@ class BoundStages:
         self.buckets = sorted(set(buckets))
         self.max_blocks = max_blocks
         self.shape = runtime.input_shape
-        self.gather = ort.InferenceSession(gather_model(max_blocks, self.shape),
-                                           sess_options=runtime.session_options, providers=runtime.providers)
+        self.gather = runtime.device.session(gather_model(max_blocks, self.shape), runtime.num_stages)
         self.empty = self._to_device(np.zeros((0, *self.shape), np.float32))
 
     def _to_device(self, array: np.ndarray) -> ort.OrtValue:
@@ -123,7 +122,7 @@ class BoundStages:
                 offsets[id(block)] = sum(b.value.shape()[0] for b in blocks)
                 blocks.append(block)
         if len(blocks) > self.max_blocks:
-            raise ValueError(f"a stage batch may gather from at most {self.max_blocks} blocks, got {len(blocks)}")
+            raise RuntimeError(f"a stage batch may gather from at most {self.max_blocks} blocks, got {len(blocks)}")
         indices = np.concatenate([offsets[id(block)] + rows for block, rows in parts]).astype(np.int64)
         if size > len(indices):
             indices = np.concatenate([indices, np.full(size - len(indices), indices[0], np.int64)])

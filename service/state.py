@@ -10,23 +10,21 @@ from fastapi import Request
 
 from .errors import unavailable
 from .metrics import Metrics
-from .models import ModelStore, ServedModel, providers_for, thread_budget
+from .models import ModelStore, ServedModel, ServingDevice
 from .settings import ServeSettings
 
 log = logging.getLogger("reskd.service")
 
 
 class ServerState:
-    def __init__(self, settings: ServeSettings):
+    def __init__(self, settings: ServeSettings, serving: ServingDevice):
         self.settings = settings
         self.metrics = Metrics()
-        self.providers = providers_for(settings)
-        # One thread budget for every model: `workers` stage batches at once, each with `intra` onnxruntime
+        # One thread budget for every model: `workers` stage batches at once, each with the device's onnxruntime
         # threads (on CPU by default one batch using every core). Decoding has its own small pool.
-        workers, intra = thread_budget(settings, cuda=isinstance(self.providers[0], tuple))
-        self.inference = ThreadPoolExecutor(workers, thread_name_prefix="reskd-infer")
+        self.inference = ThreadPoolExecutor(serving.workers, thread_name_prefix="reskd-infer")
         self.decoding = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="reskd-decode")
-        self.store = ModelStore(settings, self.metrics, self.inference, self.providers, workers, intra)
+        self.store = ModelStore(settings, self.metrics, self.inference, serving)
         self.ready = False
         self.failed: str | None = None
 

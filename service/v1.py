@@ -8,11 +8,11 @@ from fastapi import APIRouter, Depends, Query, Request
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
-from reskd.runtime import CascadeResult
+from reskd.cascade import CascadeInputError, CascadeResult
 
-from .scheduler import QueueFull
 from .decoding import decode_batch
-from .errors import bad_request, invalid, too_large, unavailable, unsupported
+from .errors import bad_request, internal, invalid, too_large, unavailable, unsupported
+from .scheduler import InferenceFailed, QueueFull
 from .models import ServedModel
 from .schemas import ERROR_RESPONSES, ClassifyResponse, Prediction, TopClass
 from .state import ServerState, get_state
@@ -88,15 +88,18 @@ def predictions(model: ServedModel, result: CascadeResult, top_k: int,
 async def run_cascade(state: ServerState, model: ServedModel, images: np.ndarray, threshold: float | None,
                       max_stage: int | None) -> CascadeResult:
     """The one path from decoded images to results, shared by v1 and v2: queue and inference. threshold and
-    max_stage are range-checked where they are used, by the runtime (ValueError -> 422)."""
-    gauge = state.metrics.inflight.labels(model.name, str(model.version))
+    max_stage are range-checked where they are used, by the runtime (CascadeInputError -> 422); a batch that
+    failed on the server's side is a 500."""
+    gauge = model.metrics.inflight
     gauge.inc()
     try:
         return await model.classify(images, threshold, max_stage)
     except QueueFull as err:
         raise unavailable(str(err), state.settings.retry_after_s) from None
-    except ValueError as err:
+    except CascadeInputError as err:
         raise invalid(f"{err} ({model.name} version {model.version})") from None
+    except InferenceFailed as err:
+        raise internal(str(err)) from None
     finally:
         gauge.dec()
 

@@ -37,6 +37,9 @@ class ServerProcess:
             self.wait_ready()
 
     def output(self) -> str:
+        """Everything the server has written; after stop(), everything it wrote."""
+        if self.log.closed:
+            return self.final_output
         self.log.flush()
         self.log.seek(0)
         return self.log.read()
@@ -71,7 +74,9 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self.log.close()
+        if not self.log.closed:
+            self.final_output = self.output()
+            self.log.close()
 
 
 def scrape(client: httpx.Client) -> dict[tuple[str, frozenset], float]:
@@ -86,3 +91,44 @@ def scrape(client: httpx.Client) -> dict[tuple[str, frozenset], float]:
 def metric(samples: dict, name: str, **labels) -> float:
     want = set(labels.items())
     return sum(v for (n, lbl), v in samples.items() if n == name and want <= lbl)
+
+
+class InProcessServer:
+    """`create_app` under a real uvicorn server on loopback, in a thread of the test process, so a test can reach
+    into the served models (e.g. to break one). The socket is bound before the server starts: no port race."""
+
+    def __init__(self, **settings):
+        import threading
+
+        import uvicorn
+
+        from reskd.service.server import create_app
+        from reskd.service.settings import ServeSettings
+
+        self.app = create_app(ServeSettings(device="cpu", intra_op_threads=1, **settings))
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.app.state.reskd.ready:
+            if self.app.state.reskd.failed or time.monotonic() > deadline or not self.thread.is_alive():
+                self.stop()
+                raise RuntimeError(f"in-process server not ready: {self.app.state.reskd.failed}")
+            time.sleep(0.05)
+
+    def client(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30, **kwargs)
+
+    def __enter__(self) -> InProcessServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.sock.close()

@@ -6,13 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from reskd.device import Device
 from reskd.runtime import CascadeRuntime
 from server_process import MODELS
 
 
 @pytest.fixture(scope="module")
 def rt():
-    return CascadeRuntime(MODELS / "fashion-mnist" / "1", providers=["CPUExecutionProvider"])
+    return CascadeRuntime(MODELS / "fashion-mnist" / "1", device=Device.cpu())
 
 
 def test_per_sample_settings_equal_separate_calls(rt):

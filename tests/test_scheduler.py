@@ -7,14 +7,17 @@ from __future__ import annotations
 import asyncio
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import fields
 
 import numpy as np
 import pytest
 
+from reskd.cascade import CascadeResult
+from reskd.device import Device
 from reskd.runtime import CascadeRuntime
 from reskd.service.metrics import Metrics
 from reskd.service.models import thread_budget
-from reskd.service.scheduler import CascadeScheduler, QueueFull
+from reskd.service.scheduler import CascadeScheduler, InferenceFailed, QueueFull
 from reskd.service.settings import ServeSettings
 from reskd.service.stages import BoundStages, HostStages
 from server_process import MODELS
@@ -22,7 +25,7 @@ from server_process import MODELS
 
 @pytest.fixture(scope="module")
 def rt():
-    return CascadeRuntime(MODELS / "fashion-mnist" / "1", providers=["CPUExecutionProvider"])
+    return CascadeRuntime(MODELS / "fashion-mnist" / "1", device=Device.cpu())
 
 
 class Spy:
@@ -47,10 +50,10 @@ class Spy:
 
 
 def scheduler(rt, runner, policy="stage", batch=(64,), delay_ms=(1,), bound=1024, depth=1, metrics=None):
-    return CascadeScheduler(rt, runner, ThreadPoolExecutor(depth), metrics or Metrics(), model="m", version=1,
-                            policy=policy, max_batch_sizes=list(batch),
-                            max_queue_delays_s=[d / 1000 for d in delay_ms], max_queue_images=bound,
-                            pipeline_depth=depth)
+    observer = (metrics or Metrics()).for_model("m", 1, rt.stage_flops, rt.manifest.teacher.flops)
+    return CascadeScheduler(rt, runner, ThreadPoolExecutor(depth), model="m", version=1, policy=policy,
+                            max_batch_sizes=list(batch), max_queue_delays_s=[d / 1000 for d in delay_ms],
+                            max_queue_images=bound, pipeline_depth=depth, observer=observer)
 
 
 def requests(seed=0, count=24):
@@ -111,12 +114,12 @@ def test_every_policy_gives_what_the_runtime_gives(rt, policy, runner):
     sched = scheduler(rt, stages, policy=policy, batch=(16, 8, 8), delay_ms=(2, 5, 5), depth=2, metrics=metrics)
     results = asyncio.run(serve_all(sched, reqs, stagger_s=0.001))
     for (images, threshold, max_stage), got in zip(reqs, results):
-        want = rt.run(images, threshold=threshold, max_stage=max_stage)
-        np.testing.assert_array_equal(got.exit_stage, want.exit_stage)
-        np.testing.assert_array_equal(got.class_id, want.class_id)
-        np.testing.assert_array_equal(got.flops, want.flops)
-        np.testing.assert_allclose(got.logits, want.logits, atol=1e-5)
-        np.testing.assert_allclose(got.confidence, want.confidence, atol=1e-6)
+        same_result(got, rt.run(images, threshold=threshold, max_stage=max_stage))
+    # The same samples as one runtime batch with per-sample settings: what the scheduler's merged batches hold.
+    one_batch = rt.run(np.concatenate([r[0] for r in reqs]),
+                       threshold=[t for images, t, _ in reqs for _ in images],
+                       max_stage=[m for images, _, m in reqs for _ in images])
+    same_result(concat(results), one_batch)
     total = sum(len(r[0]) for r in reqs)
     images = metrics.images.labels("m", "1")._value.get()
     assert images == total  # each sample counted once: no request lost or answered twice
@@ -124,6 +127,18 @@ def test_every_policy_gives_what_the_runtime_gives(rt, policy, runner):
     assert len(set(exits.tolist())) == 3
     padding = sum(metrics.padding_flops.labels("m", "1", str(s))._value.get() for s in range(3))
     assert (padding > 0) == (runner == "bound")  # bucketed batches pad; the host path never does
+
+
+def same_result(got, want):
+    np.testing.assert_array_equal(got.exit_stage, want.exit_stage)
+    np.testing.assert_array_equal(got.class_id, want.class_id)
+    np.testing.assert_array_equal(got.flops, want.flops)
+    np.testing.assert_allclose(got.logits, want.logits, atol=1e-5)
+    np.testing.assert_allclose(got.confidence, want.confidence, atol=1e-6)
+
+
+def concat(results):
+    return CascadeResult(*(np.concatenate([getattr(r, f.name) for r in results]) for f in fields(CascadeResult)))
 
 
 def test_back_pressure_refuses_at_admission(rt):
@@ -179,7 +194,8 @@ def test_a_failing_stage_fails_only_its_batch(rt):
     reqs = [good[0], (bad, 1.0, None), good[1], good[2]]
     # Each request alone in its batches: the bad one fails at stage 1, the others finish.
     results = asyncio.run(serve_all(scheduler(rt, Failing(rt, [1]), policy="none"), reqs, stagger_s=0.01))
-    assert isinstance(results[1], RuntimeError)
+    assert isinstance(results[1], InferenceFailed)  # the cause is logged; the client learns which stage failed
+    assert "stage 1 of m version 1" in str(results[1]) and "exploded" not in str(results[1])
     for (images, threshold, _), got in zip(reqs, results):
         if images is not bad:
             np.testing.assert_array_equal(got.class_id, rt.run(images, threshold=threshold).class_id)

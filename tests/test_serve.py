@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from conftest import FASHION_MNIST_DIR, real_fashion_mnist_or_fail
+from reskd.device import Device
 from reskd.manifest import load_manifest
 from reskd.preprocess import preprocess
 from reskd.runtime import CascadeRuntime
@@ -38,7 +39,7 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def runtime():
-    return CascadeRuntime(CASCADE, providers=["CPUExecutionProvider"])
+    return CascadeRuntime(CASCADE, device=Device.cpu())
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +128,7 @@ def test_threshold_and_max_stage_change_the_exit_stage(client, runtime, real_fil
 
 
 def test_teacher_is_served_beside_the_cascade(client, real_files):
-    teacher = CascadeRuntime(TEACHER, providers=["CPUExecutionProvider"])
+    teacher = CascadeRuntime(TEACHER, device=Device.cpu())
     preds = classify(client, real_files[:8], path="/v1/models/fashion-mnist-teacher/classify")["predictions"]
     assert_matches(preds, expected(teacher, [d for _, d in real_files[:8]]), teacher)
     assert all(p["flops_saved_vs_teacher"] == 0 for p in preds)
@@ -312,3 +313,29 @@ def test_concurrent_requests_are_batched_together(real_files):
         images = metric(after, "reskd_batch_size_sum", **labels) - metric(before, "reskd_batch_size_sum", **labels)
         assert images == 8
         assert batches < 8, "every request ran in a batch of its own"
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_quiet_start_one_line_per_loaded_model(log_format):
+    with ServerProcess(log_format=log_format) as s:
+        with s.client() as c:
+            assert c.post("/v1/classify", content=_png()).status_code == 200
+    lines = s.output().splitlines()
+    assert "\x1b[" not in s.output() and "thread_pool_size" not in s.output()  # no onnxruntime warning, no colours
+    versions = sorted(f"{p.parent.name}/{p.name}" for p in MODELS.glob("*/*") if (p / "manifest.json").is_file())
+    if log_format == "json":
+        records = [json.loads(line) for line in lines]  # every line is one JSON object
+        assert all({"time", "level", "logger", "message"} <= set(r) for r in records)
+        messages = [r["message"] for r in records]
+        assert any(r["logger"] == "uvicorn.access" and "POST /v1/classify" in r["message"] for r in records)
+    else:
+        messages = lines
+    loaded = [m for m in messages if "loaded " in m]
+    assert len(loaded) == len(versions), messages
+    assert all(level not in m for m in messages for level in ("WARNING", "ERROR")), messages
+
+
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (28, 28), 100).save(buf, "PNG")
+    return buf.getvalue()

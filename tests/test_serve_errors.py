@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server_process import MODELS, ServerProcess
+from server_process import MODELS, InProcessServer, ServerProcess
 
 CLASSIFY = "/v1/models/fashion-mnist/classify"
 INFER = "/v2/models/fashion-mnist/infer"
@@ -260,3 +260,32 @@ def test_several_versions_are_served_at_once(tmp_path):
             assert c.get("/v2/models/fashion-mnist/versions/1").json()["stages"][0]["threshold"] < 1
             assert 'model_info{model="fashion-mnist",stages="3",version="2"}' in c.get("/metrics").text.replace(
                 "reskd_", "")
+
+
+def test_a_failure_inside_a_batch_is_a_500_that_names_the_stage_not_a_422():
+    """Whatever a stage batch raises on the server's side (a ValueError included) is the server's fault: 500 with
+    a message and no stack trace. Only settings the client sent (threshold, max_stage) are a 422."""
+    with InProcessServer() as s:
+        model = s.app.state.reskd.store.get("fashion-mnist")
+        runner = model.scheduler.runner
+
+        class Broken:
+            max_blocks = runner.max_blocks
+            upload = staticmethod(runner.upload)
+
+            @staticmethod
+            def run(stage, parts):
+                raise ValueError("an internal shape check failed")
+
+        with s.client() as c:
+            model.scheduler.runner = Broken()
+            r = c.post(CLASSIFY, content=GOOD)
+            assert r.status_code == 500, r.text
+            assert "stage 0 of fashion-mnist version 1" in r.json()["error"]
+            assert "shape check" not in r.text and "Traceback" not in r.text
+            r = c.post(INFER, **v2(fp32()))
+            assert r.status_code == 500, r.text
+            model.scheduler.runner = runner
+            assert c.post(CLASSIFY, content=GOOD).status_code == 200  # nothing wedged
+            r = c.post(CLASSIFY, content=GOOD, params={"max_stage": 7})
+            assert r.status_code == 422 and "max_stage must be between 0 and 2" in r.json()["error"]

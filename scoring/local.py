@@ -22,30 +22,25 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
+from reskd.device import Device
 from reskd.manifest import InputSpec, load_manifest
-from reskd.runtime import CascadeRuntime, default_providers
+from reskd.runtime import CascadeRuntime
 
 from .batch import classify, decode_files
 
 _worker_runtime: CascadeRuntime | None = None  # a CPU worker's own cascade
 
 
-def session_options(threads: int | None) -> ort.SessionOptions:
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    # Busy-waiting onnxruntime threads would take cores from the other processes between batches.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return options
+def scoring_device(name: str, threads: int | None) -> Device:
+    """Busy-waiting onnxruntime threads would take cores from the other processes between batches."""
+    return Device.resolve(name, threads=threads or 0, spinning=False)
 
 
 def _start_worker(version_dir: str | None, threads: int) -> None:
     global _worker_runtime
     if version_dir is not None:
-        _worker_runtime = CascadeRuntime(version_dir, providers=["CPUExecutionProvider"],
-                                         session_options=session_options(threads))
+        _worker_runtime = CascadeRuntime(version_dir, device=scoring_device("cpu", threads))
 
 
 def _work(index: np.ndarray, paths: list[str], spec: InputSpec):
@@ -63,12 +58,12 @@ class LocalEngine:
         self.spec = load_manifest(self.version_dir).input
         self.batch_size = batch_size
         self.workers = (os.cpu_count() or 1) if workers is None else workers
-        providers = default_providers(device)
-        self.on_cpu = providers == ["CPUExecutionProvider"]
+        resolved = scoring_device(device, threads)
+        self.on_cpu = not resolved.cuda
         self.threads = threads
         self.runtime = None  # this process's cascade: GPU, or --workers 0
         if not self.on_cpu or self.workers == 0:
-            self.runtime = CascadeRuntime(self.version_dir, providers=providers, session_options=session_options(threads))
+            self.runtime = CascadeRuntime(self.version_dir, device=resolved)
             if not self.on_cpu:
                 self.workers = max(1, self.workers - 1)  # a core feeds the GPU
 

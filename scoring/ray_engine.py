@@ -37,16 +37,15 @@ class CascadeActor:
     """Holds one cascade runtime; `files` are the model version's files (name -> bytes)."""
 
     def __init__(self, files: dict[str, bytes], device: str, threads: int):
-        from reskd.runtime import CascadeRuntime, default_providers
+        from reskd.runtime import CascadeRuntime
 
-        from .local import session_options
+        from .local import scoring_device
 
         self._dir = tempfile.TemporaryDirectory(prefix="reskd-model-")
         for name, data in files.items():
             (Path(self._dir.name) / name).write_bytes(data)
         # One onnxruntime thread per CPU the actor reserved: actors on one node do not oversubscribe its cores.
-        self.runtime = CascadeRuntime(self._dir.name, providers=default_providers(device), check_folder_name=False,
-                                      session_options=session_options(threads))
+        self.runtime = CascadeRuntime(self._dir.name, device=scoring_device(device, threads), check_folder_name=False)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return classify(self.runtime, batch["index"], batch["pixels"], batch["error"])

@@ -1,0 +1,119 @@
+"""One step of a cascade: the only code that turns a stage's output into running logits, confidence and exits.
+
+The runtime's run loop (reskd.runtime), the server's stage scheduler (reskd.service.scheduler) and, through the
+same exit rule, calibration (reskd.exit_policy) all go through here, so what is calibrated is exactly what is
+served. numpy only.
+
+A batch of samples goes through the stages in order. After stage s a sample's running logits are the sum of the
+stage outputs so far (summed in float64); it leaves when it has reached its last stage (max_stage) or, before the
+final stage, when its confidence reaches its threshold for stage s. Every sample carries its own thresholds and
+last stage, so one batch may hold requests with different settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .exit_policy import confidence, leaves_after
+
+
+class CascadeInputError(ValueError):
+    """Images or exit settings a cascade cannot run as given; the message says what to fix (HTTP 422)."""
+
+
+@dataclass
+class CascadeResult:
+    logits: np.ndarray  # float32 [N, classes]: running logits at the exit stage (summed in float64)
+    class_id: np.ndarray  # int64 [N]
+    confidence: np.ndarray  # float64 [N], the manifest's exit measure at the exit stage
+    exit_stage: np.ndarray  # int32 [N]
+    flops: np.ndarray  # int64 [N]: sum of the FLOPs of the stages each sample ran
+
+    def __len__(self) -> int:
+        return len(self.class_id)
+
+
+@dataclass(frozen=True)
+class ExitRule:
+    """What a model version's manifest fixes about exits: the confidence measure and the number of stages."""
+
+    measure: str
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class Step:
+    running: np.ndarray  # float64 [n, classes]: running logits after the stage
+    confidence: np.ndarray  # float64 [n]
+    leave: np.ndarray  # bool [n]: the sample's answer is final after this stage
+
+
+def combine(running: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """Running logits after a stage: the sum of the stage outputs so far (float64 + float32 -> float64, added in
+    stage order, so every caller gets the same bits)."""
+    return running + logits
+
+
+def cascade_step(rule: ExitRule, stage: int, running: np.ndarray, logits: np.ndarray, thresholds: np.ndarray,
+                 last: np.ndarray, early_exit: bool = True) -> Step:
+    """Stage `stage` has produced `logits` for n samples whose running logits before it were `running`.
+    thresholds: [n, stages - 1] float64, each sample's exit thresholds; last: [n], each sample's last stage.
+    early_exit=False lets samples leave only at their last stage (every stage runs)."""
+    total = combine(running, logits)
+    conf = confidence(total, rule.measure)
+    if early_exit:
+        leave = leaves_after(stage, rule.num_stages, conf, thresholds, last)
+    else:
+        leave = last == stage
+    return Step(total, conf, leave)
+
+
+class CascadeSamples:
+    """N samples on their way through a cascade: their exit settings and their state so far."""
+
+    def __init__(self, thresholds: np.ndarray, last: np.ndarray, classes: int):
+        n = len(last)
+        self.thresholds = thresholds  # [n, stages - 1] float64
+        self.last = last  # [n] int32
+        self.running = np.zeros((n, classes), np.float64)
+        self.confidence = np.zeros(n, np.float64)
+        self.exit_stage = last.copy()
+
+    def __len__(self) -> int:
+        return len(self.last)
+
+    def result(self, cum_flops: np.ndarray) -> CascadeResult:
+        """Valid once every sample has left."""
+        return CascadeResult(self.running.astype(np.float32), self.running.argmax(-1).astype(np.int64),
+                             self.confidence, self.exit_stage, cum_flops[self.exit_stage].astype(np.int64))
+
+
+Part = tuple[CascadeSamples, np.ndarray]  # some samples (row indices) of one CascadeSamples
+
+
+def advance(rule: ExitRule, stage: int, parts: Sequence[Part], logits: np.ndarray,
+            early_exit: bool = True) -> list[np.ndarray]:
+    """Apply stage `stage`'s logits to the samples of `parts` (logits rows in the parts' order), in one vectorised
+    cascade_step, and record the new state and every exit in their CascadeSamples. -> per part, a bool mask of
+    its rows that left."""
+    if len(parts) == 1:
+        samples, rows = parts[0]
+        running, thresholds, last = samples.running[rows], samples.thresholds[rows], samples.last[rows]
+    else:
+        running = np.concatenate([s.running[rows] for s, rows in parts])
+        thresholds = np.concatenate([s.thresholds[rows] for s, rows in parts])
+        last = np.concatenate([s.last[rows] for s, rows in parts])
+    out = cascade_step(rule, stage, running, logits, thresholds, last, early_exit)
+    masks, offset = [], 0
+    for samples, rows in parts:
+        part = slice(offset, offset + len(rows))
+        offset += len(rows)
+        samples.running[rows] = out.running[part]
+        samples.confidence[rows] = out.confidence[part]
+        leave = out.leave[part]
+        samples.exit_stage[rows[leave]] = stage
+        masks.append(leave)
+    return masks
