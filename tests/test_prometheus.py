@@ -37,6 +37,27 @@ class Prometheus:
         self.proc = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'tsdb'}",
                                       f"--web.listen-address={self.url.removeprefix('http://')}"],
                                      stdout=self.log, stderr=subprocess.STDOUT)
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Prometheus listens before it can answer queries (it answers 503 while the TSDB opens): wait for its own
+        readiness endpoint, and fail early, with its log, if it exits."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"prometheus exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(f"{self.url}/-/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"prometheus not ready after {timeout} s:\n{self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()[-3000:]
 
     def query(self, expr: str) -> list:
         r = httpx.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=10)
@@ -54,8 +75,7 @@ class Prometheus:
             except httpx.TransportError:
                 pass
             time.sleep(0.25)
-        self.log.seek(0)
-        raise AssertionError(f"{expr} never satisfied the condition (last: {result})\n{self.log.read()[-3000:]}")
+        raise AssertionError(f"{expr} never satisfied the condition (last: {result})\n{self.output()}")
 
     def stop(self):
         self.proc.terminate()
@@ -65,37 +85,36 @@ class Prometheus:
 
 def test_prometheus_scrapes_the_served_compute_share(tmp_path):
     binary = prometheus_or_fail()
-    server = ServerProcess()
-    prom = Prometheus(binary, server.url.removeprefix("http://"), tmp_path)
-    try:
-        m = '{job="reskd",model="fashion-mnist",version="1"}'
-        prom.wait_for('up{job="reskd"}', lambda v: v == 1)
-        prom.wait_for(f"reskd_images_total{m}", lambda v: v == 0)  # a zero sample before any traffic
-        rng = np.random.default_rng(0)
-        served = []
-        with server.client() as c:
-            for threshold in (None, 1.0, 0.5):
-                files = []
-                for i in range(16):
-                    buf = io.BytesIO()
-                    Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(buf, "PNG")
-                    files.append(("file", (f"{i}.png", buf.getvalue())))
-                params = {} if threshold is None else {"threshold": threshold}
-                r = c.post("/v1/classify", files=files, params=params)
-                assert r.status_code == 200, r.text
-                served += r.json()["predictions"]
-        prom.wait_for(f"reskd_images_total{m}", lambda v: v == len(served))
-        teacher = served[0]["flops"] + served[0]["flops_saved_vs_teacher"]
-        want = sum(p["flops"] for p in served) / (len(served) * teacher)
-        share = prom.wait_for(f"rate(reskd_flops_total{m}[1m]) / rate(reskd_teacher_flops_total{m}[1m])",
-                              lambda v: True)
-        assert share == pytest.approx(want, rel=1e-9)
-        exits = prom.query(f"sum by (stage) (reskd_exits_total{m})")
-        counts = {r["metric"]["stage"]: float(r["value"][1]) for r in exits}
-        assert counts == {str(s): sum(p["exit_stage"] == s for p in served) for s in range(3)}
-        assert counts["2"] > 0  # threshold=1.0 sent images to the last stage
-        batches = prom.query('reskd_batch_size_count{job="reskd",model="fashion-mnist",stage="0"}')
-        assert float(batches[0]["value"][1]) >= 3
-    finally:
-        prom.stop()
-        server.stop()
+    with ServerProcess() as server:
+        prom = Prometheus(binary, server.url.removeprefix("http://"), tmp_path)
+        try:
+            m = '{job="reskd",model="fashion-mnist",version="1"}'
+            prom.wait_for('up{job="reskd"}', lambda v: v == 1)
+            prom.wait_for(f"reskd_images_total{m}", lambda v: v == 0)  # a zero sample before any traffic
+            rng = np.random.default_rng(0)
+            served = []
+            with server.client() as c:
+                for threshold in (None, 1.0, 0.5):
+                    files = []
+                    for i in range(16):
+                        buf = io.BytesIO()
+                        Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(buf, "PNG")
+                        files.append(("file", (f"{i}.png", buf.getvalue())))
+                    params = {} if threshold is None else {"threshold": threshold}
+                    r = c.post("/v1/classify", files=files, params=params)
+                    assert r.status_code == 200, r.text
+                    served += r.json()["predictions"]
+            prom.wait_for(f"reskd_images_total{m}", lambda v: v == len(served))
+            teacher = served[0]["flops"] + served[0]["flops_saved_vs_teacher"]
+            want = sum(p["flops"] for p in served) / (len(served) * teacher)
+            share = prom.wait_for(f"rate(reskd_flops_total{m}[1m]) / rate(reskd_teacher_flops_total{m}[1m])",
+                                  lambda v: True)
+            assert share == pytest.approx(want, rel=1e-9)
+            exits = prom.query(f"sum by (stage) (reskd_exits_total{m})")
+            counts = {r["metric"]["stage"]: float(r["value"][1]) for r in exits}
+            assert counts == {str(s): sum(p["exit_stage"] == s for p in served) for s in range(3)}
+            assert counts["2"] > 0  # threshold=1.0 sent images to the last stage
+            batches = prom.query('reskd_batch_size_count{job="reskd",model="fashion-mnist",stage="0"}')
+            assert float(batches[0]["value"][1]) >= 3
+        finally:
+            prom.stop()
