@@ -10,9 +10,10 @@ overwritten.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -21,30 +22,20 @@ import torch
 
 from reskd.device import Device
 from reskd.exit_policy import confidence, exit_stages
-from reskd.manifest import InputSpec, ModelRepository, sha256_file, write_manifest
+from reskd.manifest import (ExitSpec, InputSpec, Manifest, ModelRepository, ParitySpec, SourceSpec, StageParity,
+                            StageSpec, TeacherSpec, sha256_file, write_manifest)
 from reskd.preprocess import normalise
 from reskd.runtime import CascadeRuntime
 from reskd.training.data import load_dataset
 from reskd.training.flops import count_flops
-from reskd.training.models import ModelSpec, build_model
-from reskd.training.pipeline import CHECKPOINT_DIR, RUN_FILE
-from reskd.training.recipe import DataConfig, parse_recipe
+from reskd.training.recipe import DataConfig, EvalConfig, parse_recipe
+from reskd.training.rundir import RunDir, RunDirError
 
 from .calibrate import EvalSet, calibrate_version, measure_test
 
 
 class ExportError(RuntimeError):
     pass
-
-
-def load_stage_model(run_dir: Path, name: str) -> torch.nn.Module:
-    path = run_dir / CHECKPOINT_DIR / f"{name}.pt"
-    if not path.is_file():
-        raise ExportError(f"{path} is missing: is the run finished? (reskd train --resume completes it)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    model = build_model(ModelSpec(ckpt["arch"], ckpt["width"]), ckpt["in_channels"], ckpt["num_classes"])
-    model.load_state_dict(ckpt["state_dict"])
-    return model.eval()
 
 
 def export_onnx(model: torch.nn.Module, path: Path, input_shape: tuple[int, int, int]) -> None:
@@ -86,20 +77,132 @@ def next_version(repo: Path, name: str) -> int:
     return max(existing, default=0) + 1
 
 
-def _write_version(repo: Path, name: str, version: int, build) -> Path:
-    """build(tmp_dir) fills a temporary folder; it is renamed to REPO/NAME/VERSION only if build succeeds."""
+def write_version(repo: Path, name: str, version: int, build: Callable[[Path], Manifest]) -> tuple[Path, Manifest]:
+    """build(tmp_dir) fills a temporary folder and returns its manifest; the folder is renamed to REPO/NAME/VERSION
+    only if build succeeds."""
     final = repo / name / str(version)
     if final.exists():
         raise ExportError(f"{final} already exists: versions are never overwritten; pick another --version")
     (repo / name).mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=repo / name))
     try:
-        build(tmp)
+        manifest = build(tmp)
         tmp.rename(final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return final
+    return final, manifest
+
+
+def input_spec_of(run_data: dict, recipe) -> InputSpec:
+    return InputSpec(channels=run_data["channels"], height=run_data["height"], width=run_data["width"],
+                     color="L" if run_data["channels"] == 1 else "RGB",
+                     resize="fit-center" if recipe.data.dataset == "imagefolder" else "bilinear",
+                     mean=run_data["mean"], std=run_data["std"])
+
+
+@dataclass
+class Exporter:
+    """What every model version exported from one run shares: its networks (PyTorch, on the CPU), their FLOPs,
+    the validation and test images, and the manifest fields that come from the run."""
+
+    networks: dict[str, torch.nn.Module]
+    flops: dict[str, int]
+    labels: list[str]
+    input: InputSpec
+    source: SourceSpec
+    evaluation: EvalConfig
+    val: EvalSet
+    test: EvalSet
+    log: Callable[[str], None]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.input.channels, self.input.height, self.input.width
+
+    def manifest(self, name: str, version: int, stages: list[StageSpec], teacher_accuracy: float | None) -> Manifest:
+        """A version's manifest before calibration: every threshold 1.0 (no early exit), nothing measured."""
+        return Manifest(name=name, version=version, labels=self.labels, input=self.input, stages=stages,
+                        teacher=TeacherSpec(flops=self.flops["teacher"], accuracy=teacher_accuracy),
+                        exit=ExitSpec(measure=self.evaluation.exit_measure, thresholds=[1.0] * (len(stages) - 1)),
+                        source=self.source)
+
+    def write_stages(self, folder: Path, names: list[str]) -> list[StageSpec]:
+        stages = []
+        for i, n in enumerate(names):
+            file = f"stage{i}-{n}.onnx"
+            export_onnx(self.networks[n], folder / file, self.shape)
+            stages.append(StageSpec(name=n, file=file, sha256=sha256_file(folder / file), flops=self.flops[n]))
+        return stages
+
+    def check_parity(self, rt: CascadeRuntime, names: list[str]) -> tuple[dict[str, StageParity], list[np.ndarray]]:
+        """ONNX against PyTorch on every validation image, stage by stage. -> (parity per stage, PyTorch's
+        validation logits per stage)."""
+        report, torch_outs = {}, []
+        for i, n in enumerate(names):
+            ref = torch_logits(self.networks[n], self.val.images)
+            got = np.concatenate([rt.stage_logits(i, self.val.images[j:j + 1000])
+                                  for j in range(0, len(self.val.images), 1000)])
+            agree = float((ref.argmax(-1) == got.argmax(-1)).mean())
+            report[n] = StageParity(max_abs_logit_diff=float(np.abs(ref - got).max()), argmax_agreement=agree,
+                                    n=len(ref))
+            self.log(f"parity {n}: max |dlogit| {report[n].max_abs_logit_diff:.2e}, argmax agreement {agree:.4%}")
+            if agree < 1.0:
+                raise ExportError(f"parity failed for stage {n}: ONNX and PyTorch disagree on the class of "
+                                  f"{int(round((1 - agree) * len(ref)))} validation images")
+            torch_outs.append(ref)
+        return report, torch_outs
+
+    def single(self, folder: Path, network: str, name: str, version: int,
+               teacher_accuracy: float | None) -> Manifest:
+        """One network as a one-stage model. For the teacher itself, teacher_accuracy is None: it is measured."""
+        manifest = self.manifest(name, version, self.write_stages(folder, [network]), teacher_accuracy)
+        write_manifest(folder, manifest)
+        rt = _runtime(folder)
+        parity, _ = self.check_parity(rt, [network])
+        metrics = measure_test(rt, self.test, self.flops["teacher"], teacher_accuracy)
+        if teacher_accuracy is None:
+            metrics.teacher_accuracy = metrics.adaptive_accuracy
+        manifest = manifest.model_copy(update={
+            "teacher": TeacherSpec(flops=self.flops["teacher"], accuracy=metrics.teacher_accuracy),
+            "metrics": metrics, "parity": ParitySpec(**parity)})
+        write_manifest(folder, manifest)
+        return manifest
+
+    def cascade(self, folder: Path, names: list[str], name: str, version: int, teacher_accuracy: float, *,
+                target_drop_pt: float | None, flops_budget_pct: float | None) -> Manifest:
+        """The student and res-students as one cascade, calibrated through the runtime."""
+        write_manifest(folder, self.manifest(name, version, self.write_stages(folder, names), teacher_accuracy))
+        rt = _runtime(folder)
+        parity, torch_outs = self.check_parity(rt, names)
+        manifest = calibrate_version(folder, self.val, self.test, target_drop_pt=target_drop_pt,
+                                     flops_budget_pct=flops_budget_pct, bound=self.evaluation.bound,
+                                     z=self.evaluation.bound_z, runtime=rt)
+        # The exits PyTorch's logits would give under the calibrated thresholds must be the runtime's.
+        running = np.cumsum(np.stack([o.astype(np.float64) for o in torch_outs]), axis=0)
+        torch_exits = exit_stages(confidence(running, manifest.exit.measure), manifest.exit.thresholds)
+        rt_exits = rt.run(self.val.images).exit_stage
+        differ = int((torch_exits != rt_exits).sum())
+        if differ:
+            raise ExportError(f"parity failed: {differ} validation images exit at another stage in onnxruntime than "
+                              "in PyTorch under the calibrated thresholds")
+        agreement = 1.0 - differ / len(rt_exits)
+        manifest = manifest.model_copy(update={"parity": ParitySpec(**parity, exit_stage_agreement=agreement)})
+        write_manifest(folder, manifest)
+        return manifest
+
+
+def open_run(run: RunDir, info: dict, recipe, networks: list[str], log: Callable[[str], None]) -> Exporter:
+    """The Exporter of a run (its run.json `info`, its `recipe`) over `networks` and the teacher."""
+    models = {n: run.load_model(n) for n in dict.fromkeys(["teacher", *networks])}
+    spec = input_spec_of(info["data"], recipe)
+    shape = (spec.channels, spec.height, spec.width)
+    val, test = eval_sets(info["recipe"]["data"], spec, info["data"]["val_ids"])
+    log(f"validation {len(val.labels)} / test {len(test.labels)} images")
+    source = SourceSpec(run=str(run.path), recipe=recipe.name, data=info["recipe"]["data"],
+                        exported=datetime.now(timezone.utc).isoformat(timespec="seconds"), torch=torch.__version__)
+    return Exporter(models, {n: count_flops(m, shape) for n, m in models.items()}, info["data"]["labels"], spec,
+                    source, recipe.evaluation, val, test, log)
 
 
 def export_run(run_dir: str | Path, repo: str | Path, name: str, version: int | None = None, *,
@@ -107,13 +210,16 @@ def export_run(run_dir: str | Path, repo: str | Path, name: str, version: int | 
                model: str | None = None, log=print) -> dict:
     """model=None: the cascade as NAME and its teacher as NAME-teacher. model="kd-resnet8" (any checkpoint of the
     run): that one network alone as a one-stage NAME, measured against the run's teacher (for baselines)."""
-    run_dir, repo = Path(run_dir), Path(repo)
-    run_file = run_dir / RUN_FILE
-    if not run_file.is_file():
-        raise ExportError(f"{run_file} is missing: RUN_DIR must be a directory written by `reskd train`")
-    run = json.loads(run_file.read_text())
-    recipe = parse_recipe(run["recipe"])
-    d = run["data"]
+    repo = Path(repo)
+    run = RunDir(run_dir)
+    try:
+        info = run.read_run_info()
+    except RunDirError as err:
+        raise ExportError(str(err)) from None
+    recipe = parse_recipe(info["recipe"])
+    if model is not None and not run.has_checkpoint(model):
+        have = ", ".join(run.checkpoint_names()) or "none"
+        raise ExportError(f"the run has no model {model!r} (checkpoints: {have})")
     repo.mkdir(parents=True, exist_ok=True)
     cascade_version = version or next_version(repo, name)
     teacher_name = f"{name}-teacher"
@@ -124,110 +230,53 @@ def export_run(run_dir: str | Path, repo: str | Path, name: str, version: int | 
             raise ExportError(f"{repo / n / str(v)} already exists: versions are never overwritten")
 
     stage_names = [model] if model else ["student"] + [f"res{k + 1}" for k in range(len(recipe.res_students))]
-    if model is not None and not (run_dir / CHECKPOINT_DIR / f"{model}.pt").is_file():
-        have = sorted(p.stem for p in (run_dir / CHECKPOINT_DIR).glob("*.pt"))
-        raise ExportError(f"the run has no model {model!r} (checkpoints: {', '.join(have) or 'none'})")
-    models = {n: load_stage_model(run_dir, n) for n in dict.fromkeys(["teacher", *stage_names])}
-    shape = (d["channels"], d["height"], d["width"])
-    flops = {n: count_flops(m, shape) for n, m in models.items()}
-    input_spec = {"channels": d["channels"], "height": d["height"], "width": d["width"],
-                  "color": "L" if d["channels"] == 1 else "RGB",
-                  "resize": "fit-center" if recipe.data.dataset == "imagefolder" else "bilinear",
-                  "mean": d["mean"], "std": d["std"]}
-    val, test = eval_sets(run["recipe"]["data"], InputSpec(**input_spec), d["val_ids"])
-    log(f"validation {len(val.labels)} / test {len(test.labels)} images")
-    source = {"run": str(run_dir), "recipe": recipe.name, "data": run["recipe"]["data"],
-              "exported": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "torch": torch.__version__}
-    calib = recipe.evaluation
-    results = {}  # filled by the builders: the teacher's test accuracy, then both manifests
-    if target_drop_pt is None and flops_budget_pct is None:
-        target_drop_pt = calib.target_drop_pt
-
-    def base_manifest(model_name, v, stages, thresholds):
-        return {"name": model_name, "version": v, "labels": d["labels"], "input": input_spec, "stages": stages,
-                "teacher": {"flops": flops["teacher"], "accuracy": results.get("teacher_accuracy")},
-                "exit": {"measure": calib.exit_measure, "thresholds": thresholds}, "metrics": {}, "source": source}
-
-    def write_stages(tmp: Path, names: list[str]) -> list[dict]:
-        stages = []
-        for i, n in enumerate(names):
-            file = f"stage{i}-{n}.onnx"
-            export_onnx(models[n], tmp / file, shape)
-            stages.append({"name": n, "file": file, "sha256": sha256_file(tmp / file), "flops": flops[n]})
-        return stages
-
-    def check_parity(rt: CascadeRuntime, names: list[str]) -> tuple[dict, list[np.ndarray]]:
-        report, torch_outs = {}, []
-        for i, n in enumerate(names):
-            ref = torch_logits(models[n], val.images)
-            got = np.concatenate([rt.stage_logits(i, val.images[j:j + 1000]) for j in range(0, len(val.images), 1000)])
-            agree = float((ref.argmax(-1) == got.argmax(-1)).mean())
-            report[n] = {"max_abs_logit_diff": float(np.abs(ref - got).max()), "argmax_agreement": agree,
-                         "n": int(len(ref))}
-            log(f"parity {n}: max |dlogit| {report[n]['max_abs_logit_diff']:.2e}, argmax agreement {agree:.4%}")
-            if agree < 1.0:
-                raise ExportError(f"parity failed for stage {n}: ONNX and PyTorch disagree on the class of "
-                                  f"{int(round((1 - agree) * len(ref)))} validation images")
-            torch_outs.append(ref)
-        return report, torch_outs
-
-    def build_cascade(tmp: Path) -> None:
-        stages = write_stages(tmp, stage_names)
-        write_manifest(tmp, base_manifest(name, cascade_version, stages, [1.0] * (len(stages) - 1)))
-        rt = _runtime(tmp)
-        parity, torch_outs = check_parity(rt, stage_names)
-        manifest = calibrate_version(tmp, val, test, target_drop_pt=target_drop_pt, flops_budget_pct=flops_budget_pct,
-                                     bound=calib.bound, z=calib.bound_z, runtime=rt)
-        # The exits PyTorch's logits would give under the calibrated thresholds must be the runtime's.
-        running = np.cumsum(np.stack([o.astype(np.float64) for o in torch_outs]), axis=0)
-        torch_exits = exit_stages(confidence(running, calib.exit_measure), manifest["exit"]["thresholds"])
-        rt_exits = rt.run(val.images).exit_stage
-        differ = int((torch_exits != rt_exits).sum())
-        parity["exit_stage_agreement"] = 1.0 - differ / len(rt_exits)
-        if differ:
-            raise ExportError(f"parity failed: {differ} validation images exit at another stage in onnxruntime than "
-                              "in PyTorch under the calibrated thresholds")
-        manifest["parity"] = parity
-        write_manifest(tmp, manifest)
-        results["cascade"] = manifest
-
-    def build_single(key: str, model_name: str, v: int):
-        def build(tmp: Path) -> None:
-            write_manifest(tmp, base_manifest(model_name, v, write_stages(tmp, [key]), []))
-            rt = _runtime(tmp)
-            parity, _ = check_parity(rt, [key])
-            metrics = measure_test(rt, test, flops["teacher"], results.get("teacher_accuracy"))
-            if key == "teacher":
-                results["teacher_accuracy"] = metrics["teacher_accuracy"] = metrics["adaptive_accuracy"]
-            manifest = json.loads((tmp / "manifest.json").read_text())
-            manifest["teacher"]["accuracy"] = results["teacher_accuracy"]
-            manifest["metrics"] = metrics
-            manifest["parity"] = parity
-            write_manifest(tmp, manifest)
-            results[key] = manifest
-        return build
+    try:
+        exporter = open_run(run, info, recipe, stage_names, log)
+    except RunDirError as err:
+        raise ExportError(str(err)) from None
 
     if model is not None:
-        teacher_logits = torch_logits(models["teacher"], test.images)
-        results["teacher_accuracy"] = float((teacher_logits.argmax(-1) == test.labels).mean())
-        out = _write_version(repo, name, cascade_version, build_single(model, name, cascade_version))
-        ModelRepository(repo).load(name, cascade_version)
-        return {"model": str(out), "model_manifest": results[model]}
+        out, manifest = export_network(exporter, model, repo, name, cascade_version)
+        return {"model": str(out), "model_manifest": manifest}
+    if target_drop_pt is None and flops_budget_pct is None:
+        target_drop_pt = recipe.evaluation.target_drop_pt
+    (cascade_dir, cascade), (teacher_dir, teacher) = export_cascade(
+        exporter, stage_names, repo, name, cascade_version, teacher_version, target_drop_pt=target_drop_pt,
+        flops_budget_pct=flops_budget_pct)
+    return {"cascade": str(cascade_dir), "teacher": str(teacher_dir), "cascade_manifest": cascade,
+            "teacher_manifest": teacher}
 
-    teacher_dir = _write_version(repo, teacher_name, teacher_version, build_single("teacher", teacher_name,
-                                                                                  teacher_version))
+
+def export_network(exporter: Exporter, network: str, repo: Path, name: str, version: int) -> tuple[Path, Manifest]:
+    """One network of the run as a one-stage model, measured against the run's teacher."""
+    teacher_logits = torch_logits(exporter.networks["teacher"], exporter.test.images)
+    teacher_accuracy = float((teacher_logits.argmax(-1) == exporter.test.labels).mean())
+    out = write_version(repo, name, version, lambda tmp: exporter.single(tmp, network, name, version, teacher_accuracy))
+    ModelRepository(repo).load(name, version)  # final check: as a server would load it
+    return out
+
+
+def export_cascade(exporter: Exporter, stage_names: list[str], repo: Path, name: str, version: int,
+                   teacher_version: int, *, target_drop_pt: float | None,
+                   flops_budget_pct: float | None) -> tuple[tuple[Path, Manifest], tuple[Path, Manifest]]:
+    """The teacher as NAME-teacher, then the cascade as NAME: both or neither."""
+    teacher_name = f"{name}-teacher"
+    teacher_dir, teacher = write_version(
+        repo, teacher_name, teacher_version,
+        lambda tmp: exporter.single(tmp, "teacher", teacher_name, teacher_version, None))
     try:
-        cascade_dir = _write_version(repo, name, cascade_version, build_cascade)
+        cascade = write_version(
+            repo, name, version,
+            lambda tmp: exporter.cascade(tmp, stage_names, name, version, teacher.metrics.adaptive_accuracy,
+                                         target_drop_pt=target_drop_pt, flops_budget_pct=flops_budget_pct))
     except BaseException:
-        shutil.rmtree(teacher_dir, ignore_errors=True)  # both or neither
+        shutil.rmtree(teacher_dir, ignore_errors=True)
         raise
-    ModelRepository(repo).load(name, cascade_version)  # final check: as a server would load it
+    ModelRepository(repo).load(name, version)  # final check: as a server would load them
     ModelRepository(repo).load(teacher_name, teacher_version)
-    return {"cascade": str(cascade_dir), "teacher": str(teacher_dir), "cascade_manifest": results["cascade"],
-            "teacher_manifest": results["teacher"]}
+    return cascade, (teacher_dir, teacher)
 
 
-def _runtime(tmp: Path) -> CascadeRuntime:
+def _runtime(folder: Path) -> CascadeRuntime:
     # The folder is renamed to its version only at the end, so its name is not checked here.
-    return CascadeRuntime(tmp, device=Device.cpu(), check_folder_name=False)
+    return CascadeRuntime(folder, device=Device.cpu(), check_folder_name=False)

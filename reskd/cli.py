@@ -24,8 +24,9 @@ def _parse_set(items: list[str]) -> dict:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from reskd.training.data import DatasetError
-    from reskd.training.pipeline import RunDirError, train
+    from reskd.training.pipeline import train
     from reskd.training.recipe import RecipeError, load_recipe
+    from reskd.training.rundir import RunDirError
 
     try:
         recipe = load_recipe(args.recipe, _parse_set(args.set))
@@ -42,8 +43,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from reskd.training.data import DatasetError
-    from reskd.training.pipeline import RunDirError
     from reskd.training.recipe import RecipeError
+    from reskd.training.rundir import RunDirError
     from reskd.training.sweep import run_sweep
 
     try:
@@ -85,14 +86,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         path, manifest = ModelRepository(args.repo).load(name, version)
         if len(manifest.stages) < 2:
             raise ManifestError(f"{name} has a single stage: there is no exit to calibrate")
-        source = getattr(manifest, "source", None) or {}
-        if "data" not in source:
+        if manifest.source is None:
             raise ManifestError(f"{path}/manifest.json: source.data is missing, so the validation split is unknown")
-        val, test = eval_sets(source["data"], manifest.input)
-        previous = getattr(manifest, "calibration", None) or {}
+        val, test = eval_sets(manifest.source.data, manifest.input)
+        previous = manifest.calibration  # its bound and z stay, unless it had none (a FLOPs budget)
+        bound = (previous and previous.bound) or "upper"
+        z = previous.z if previous and previous.z is not None else 1.0
         target = args.target_drop if args.target_drop is not None or args.flops_budget is not None else 0.1
         new = calibrate_version(path, val, test, target_drop_pt=target, flops_budget_pct=args.flops_budget,
-                                bound=previous.get("bound", "upper"), z=previous.get("z", 1.0))
+                                bound=bound, z=z)
     except (ExportError, ManifestError, DatasetError, ValueError) as err:
         print(f"reskd calibrate: {err}", file=sys.stderr)
         return 2
@@ -113,8 +115,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         settings = ServeSettings(**overrides)
     except ValidationError as err:
-        fields = "; ".join(f"RESKD_{line.upper().split(':')[0]}:{line.split(':', 1)[1]}" for line in describe(err))
-        print(f"reskd serve: invalid setting: {fields}", file=sys.stderr)
+        fields = describe(err, where=lambda loc: "RESKD_" + "_".join(loc).upper())
+        print(f"reskd serve: invalid setting: {'; '.join(fields)}", file=sys.stderr)
         return 2
     try:
         serve(settings)
@@ -142,11 +144,10 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_metrics(path: str, manifest: dict) -> None:
-    m = manifest["metrics"]
-    print(f"{path}: thresholds {[round(t, 6) for t in manifest['exit']['thresholds']]}; test accuracy "
-          f"{100 * m['adaptive_accuracy']:.2f}% at {m['pct_teacher_flops']:.2f}% of teacher FLOPs, "
-          f"exits {m['exit_counts']}")
+def _print_metrics(path: str, manifest) -> None:
+    m = manifest.metrics
+    print(f"{path}: thresholds {[round(t, 6) for t in manifest.exit.thresholds]}; test accuracy "
+          f"{100 * m.adaptive_accuracy:.2f}% at {m.pct_teacher_flops:.2f}% of teacher FLOPs, exits {m.exit_counts}")
 
 
 def build_parser() -> argparse.ArgumentParser:

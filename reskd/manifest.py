@@ -1,17 +1,19 @@
-"""The model repository contract (DESIGN.md section 3): REPO/NAME/VERSION/manifest.json plus one ONNX file per
-stage. Loading verifies every field (naming the one at fault) and every file's sha256 before anything runs."""
+"""The model repository contract (docs/design.md, "Model repository"): REPO/NAME/VERSION/manifest.json plus one
+ONNX file per stage. Loading verifies every field (naming the one at fault) and every file's sha256 before anything
+runs. Manifests are written through the same typed model they are read with (write_manifest), so what export and
+calibration write is what the server and scoring read; unknown fields are kept as they are."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .files import write_atomic
 from .validation import describe
 
 MANIFEST = "manifest.json"
@@ -70,6 +72,68 @@ class ExitSpec(BaseModel):
         return self
 
 
+class MeasuredMetrics(BaseModel):
+    """What the version does on the test set, measured through the runtime (export, calibrate)."""
+    model_config = ConfigDict(extra="allow")
+    split: str
+    n: int
+    teacher_accuracy: float | None
+    stage_accuracy: list[float]  # every sample runs stages 0..s
+    adaptive_accuracy: float
+    mean_flops: float
+    pct_teacher_flops: float
+    flops_saved_vs_teacher_pct: float
+    flops_saved_vs_cascade_pct: float
+    exit_counts: list[int]
+
+
+class SourceSpec(BaseModel):
+    """Where the version came from; `data` (the recipe's data section) rebuilds its validation split."""
+    model_config = ConfigDict(extra="allow")
+    run: str
+    recipe: str
+    data: dict
+    exported: str
+    torch: str | None = None
+
+
+class CalibrationSpec(BaseModel):
+    """How the thresholds were chosen, and what they gave on the validation split."""
+    model_config = ConfigDict(extra="allow")
+    target_drop_pt: float | None = None  # minimise FLOPs with accuracy >= full cascade - this
+    bound: Literal["upper", "point"] | None = None
+    z: float | None = None
+    flops_budget_pct_teacher: float | None = None  # or: maximise accuracy within this budget
+    split: str
+    n: int
+    accuracy: float
+    full_cascade_accuracy: float
+    mean_flops: float
+    exit_counts: list[int]
+    lost: int  # samples the full cascade gets right and the adaptive one wrong
+    gained: int
+    net_samples: int
+
+
+class StageParity(BaseModel):
+    """ONNX against PyTorch on every validation image."""
+    model_config = ConfigDict(extra="allow")
+    max_abs_logit_diff: float
+    argmax_agreement: float
+    n: int
+
+
+class ParitySpec(BaseModel):
+    """One StageParity per stage, keyed by stage name, and the exit-stage agreement under the thresholds."""
+    model_config = ConfigDict(extra="allow")
+    __pydantic_extra__: dict[str, StageParity]
+    exit_stage_agreement: float | None = None
+
+    @property
+    def stages(self) -> dict[str, StageParity]:
+        return dict(self.model_extra)
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="allow")
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -79,7 +143,15 @@ class Manifest(BaseModel):
     stages: list[StageSpec] = Field(min_length=1)
     teacher: TeacherSpec
     exit: ExitSpec
-    metrics: dict = {}
+    metrics: MeasuredMetrics | None = None  # None until measured
+    source: SourceSpec | None = None
+    calibration: CalibrationSpec | None = None
+    parity: ParitySpec | None = None
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _not_measured(cls, value):
+        return value or None  # "metrics": {} is how an unmeasured version was once written
 
     @model_validator(mode="after")
     def _thresholds_per_stage(self):
@@ -127,12 +199,11 @@ def load_manifest(version_dir: Path, verify_files: bool = True, check_folder_nam
     return manifest
 
 
-def write_manifest(version_dir: Path, manifest: dict) -> None:
-    """Validated, then written atomically."""
-    Manifest.model_validate(manifest)
-    tmp = Path(version_dir) / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, Path(version_dir) / MANIFEST)
+def write_manifest(version_dir: Path, manifest: Manifest) -> None:
+    """Validated again (a model changed with model_copy is not), then written atomically: the fields that were
+    given, read or set, and every unknown field as it was read."""
+    manifest = Manifest.model_validate(manifest.model_dump(exclude_unset=True))
+    write_atomic(Path(version_dir) / MANIFEST, manifest.model_dump_json(indent=1, exclude_unset=True) + "\n")
 
 
 class ModelRepository:

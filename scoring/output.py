@@ -10,7 +10,6 @@ never partial, and `--resume` rescores only the shards that are missing: no row 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,6 +19,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
+
+from reskd.files import replacing, write_atomic
 
 from .errors import ScoreError
 
@@ -99,7 +100,7 @@ class ShardStore:
         for stale in self.dir.glob("*.tmp"):
             stale.unlink()
         if previous is None:
-            _write_atomic(self.dir / JOB_FILE, (json.dumps(job, indent=1) + "\n").encode())
+            write_atomic(self.dir / JOB_FILE, json.dumps(job, indent=1) + "\n")
         self.done = self._committed(job)
         self._buffers: dict[int, list[pa.Table]] = {}
         self._counts: dict[int, int] = {}
@@ -144,10 +145,8 @@ class ShardStore:
             if self._counts[k] == self.shard_rows(k):
                 table = pa.concat_tables(self._buffers.pop(k)).sort_by("index")
                 del self._counts[k]
-                tmp = self.shard_path(k).with_suffix(".parquet.tmp")
-                pq.write_table(table, tmp)
-                _fsync(tmp)
-                os.replace(tmp, self.shard_path(k))
+                with replacing(self.shard_path(k)) as tmp:
+                    pq.write_table(table, tmp)
                 self.done.add(k)
 
     @property
@@ -166,19 +165,13 @@ class ShardStore:
 
     def finish(self, fmt: str, each: Callable[[pa.Table], None] = lambda table: None) -> None:
         """Write OUT from the shards (atomically), then remove OUT.parts/. each(table) sees every block of rows."""
-        tmp = self.out.with_name(f".{self.out.name}.{os.getpid()}.tmp")
-
         def tables() -> Iterator[pa.Table]:
             for table in self.tables():
                 each(table)
                 yield table
 
-        try:
+        with replacing(self.out) as tmp:
             write_table_stream(tables(), tmp, fmt)
-            _fsync(tmp)
-            os.replace(tmp, self.out)
-        finally:
-            tmp.unlink(missing_ok=True)
         shutil.rmtree(self.dir)
 
 
@@ -209,15 +202,3 @@ def read_output(path: str | Path) -> pa.Table:
         return SCHEMA.empty_table()
     table = pajson.read_json(path, parse_options=pajson.ParseOptions(explicit_schema=SCHEMA))
     return table.select(SCHEMA.names)
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    _fsync(tmp)
-    os.replace(tmp, path)

@@ -1,4 +1,4 @@
-"""Every error leaves as JSON {"error": "<what is wrong and how to fix it>"} with the status DESIGN.md section 3
+"""Every error leaves as JSON {"error": "<what is wrong and how to fix it>"} with the status docs/design.md ("Errors")
 names. No stack trace ever reaches a client; unexpected exceptions are logged here and answered with a 500."""
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from reskd.validation import describe
 
 log = logging.getLogger("reskd.service")
 
@@ -54,14 +56,6 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-def _describe_validation(err: RequestValidationError) -> str:
-    parts = []
-    for e in err.errors():
-        where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "request"
-        parts.append(f"{where}: {e.get('msg', 'invalid')}")
-    return "; ".join(parts)
-
-
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, err: ApiError):
@@ -69,7 +63,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, err: RequestValidationError):
-        return error_response(422, _describe_validation(err))
+        return error_response(422, "; ".join(describe(err, skip=("body",))))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, err: StarletteHTTPException):

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from reskd.validation import describe
+
 from .errors import bad_request, too_large, unsupported
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -82,8 +84,8 @@ def parse_request(body: bytes, header_length: str | None) -> tuple[InferRequest,
     try:
         req = InferRequest.model_validate(raw)
     except ValidationError as err:
-        where = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-        raise bad_request(f"inference request does not follow the KServe v2 schema: {where}") from None
+        problems = "; ".join(describe(err))
+        raise bad_request(f"inference request does not follow the KServe v2 schema: {problems}") from None
     binary = memoryview(body)[split:]
     offset = 0
     tensors = []

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from reskd.training import loop, pipeline
-from reskd.training.models import ModelSpec, build_model
+from reskd.training.rundir import RunDir
 from reskd.training.pipeline import Trainer, train
 from reskd.training.recipe import parse_recipe
 
@@ -78,10 +77,8 @@ def real_fashion_mnist_or_fail() -> Path:
 
 
 def load_stage(run_dir, name):
-    ckpt = torch.load(run_dir / "checkpoints" / f"{name}.pt", weights_only=True)
-    model = build_model(ModelSpec(ckpt["arch"], ckpt["width"]), ckpt["in_channels"], ckpt["num_classes"])
-    model.load_state_dict(ckpt["state_dict"])
-    return model.eval(), ckpt
+    ckpt = RunDir(run_dir).load_checkpoint(name)
+    return ckpt.build(), ckpt
 
 
 class Spies:

@@ -36,7 +36,7 @@ def test_bundled_repository_is_small_and_loads():
 def real_test_set():
     real_fashion_mnist_or_fail()
     path, manifest = ModelRepository(MODELS).load("fashion-mnist")
-    return eval_sets(manifest.source["data"], manifest.input)[1]
+    return eval_sets(manifest.source.data, manifest.input)[1]
 
 
 @pytest.mark.real_data
@@ -47,14 +47,14 @@ def test_bundled_metrics_hold_on_the_real_test_set(name, real_test_set):
     result = rt.run(real_test_set.images)
     every = rt.all_stage_logits(real_test_set.images)
     m = manifest.metrics
-    assert m["n"] == len(real_test_set.labels) == 10_000
-    assert 100 * (result.class_id == real_test_set.labels).mean() == pytest.approx(100 * m["adaptive_accuracy"],
+    assert m.n == len(real_test_set.labels) == 10_000
+    assert 100 * (result.class_id == real_test_set.labels).mean() == pytest.approx(100 * m.adaptive_accuracy,
                                                                                     abs=0.05)
-    for s, claimed in enumerate(m["stage_accuracy"]):
+    for s, claimed in enumerate(m.stage_accuracy):
         measured = (every[s].argmax(-1) == real_test_set.labels).mean()
         assert 100 * measured == pytest.approx(100 * claimed, abs=0.05)
-    assert result.flops.mean() == pytest.approx(m["mean_flops"], rel=1e-3)
-    assert np.bincount(result.exit_stage, minlength=rt.num_stages).tolist() == pytest.approx(m["exit_counts"], abs=5)
+    assert result.flops.mean() == pytest.approx(m.mean_flops, rel=1e-3)
+    assert np.bincount(result.exit_stage, minlength=rt.num_stages).tolist() == pytest.approx(m.exit_counts, abs=5)
 
 
 @pytest.mark.real_data

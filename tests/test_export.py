@@ -20,7 +20,7 @@ from reskd.runtime import CascadeRuntime
 def test_set(exported):
     repo, _ = exported
     manifest = load_manifest(repo / "tiny" / "1")
-    return eval_sets(manifest.source["data"], manifest.input)[1]
+    return eval_sets(manifest.source.data, manifest.input)[1]
 
 
 def torch_running_logits(run_dir, images):
@@ -42,11 +42,12 @@ def test_repository_layout_and_manifest(exported):
     assert m.labels[9] == "Ankle boot"
     t = load_manifest(repo / "tiny-teacher" / "1")
     assert len(t.stages) == 1 and t.exit.thresholds == [] and t.teacher.flops == m.teacher.flops
-    assert m.teacher.accuracy == t.metrics["adaptive_accuracy"]
-    for name in ("student", "res1", "res2"):
-        assert m.parity[name]["argmax_agreement"] == 1.0 and m.parity[name]["max_abs_logit_diff"] < 1e-3
-        assert m.parity[name]["n"] == 100  # every validation image
-    assert m.parity["exit_stage_agreement"] == 1.0
+    assert m.teacher.accuracy == t.metrics.adaptive_accuracy
+    assert list(m.parity.stages) == ["student", "res1", "res2"]
+    for name, parity in m.parity.stages.items():
+        assert parity.argmax_agreement == 1.0 and parity.max_abs_logit_diff < 1e-3
+        assert parity.n == 100  # every validation image
+    assert m.parity.exit_stage_agreement == 1.0
 
 
 def test_runtime_matches_pytorch(exported, tiny_run, test_set):
@@ -178,8 +179,8 @@ def test_calibrate_command_with_a_flops_budget(exported, tmp_path):
     budget_pct = 100 * manifest.stages[0].flops * 1.3 / manifest.teacher.flops
     assert main(["calibrate", "--repo", str(repo), "--model", "tiny:1", "--flops-budget", f"{budget_pct}"]) == 0
     after = load_manifest(v)
-    assert after.calibration["mean_flops"] <= budget_pct / 100 * manifest.teacher.flops + 1e-6
-    assert after.calibration["flops_budget_pct_teacher"] == pytest.approx(budget_pct)
+    assert after.calibration.mean_flops <= budget_pct / 100 * manifest.teacher.flops + 1e-6
+    assert after.calibration.flops_budget_pct_teacher == pytest.approx(budget_pct)
     assert main(["calibrate", "--repo", str(repo), "--model", "tiny-teacher"]) == 2
     assert main(["calibrate", "--repo", str(repo), "--model", "nope"]) == 2
 
@@ -188,7 +189,7 @@ def test_eval_sets_refuse_a_changed_split(exported):
     repo, _ = exported
     m = load_manifest(repo / "tiny" / "1")
     with pytest.raises(ExportError, match="validation split loaded now differs"):
-        eval_sets(m.source["data"], InputSpec(**m.input.model_dump()), expected_val_ids=[0, 1, 2])
+        eval_sets(m.source.data, InputSpec(**m.input.model_dump()), expected_val_ids=[0, 1, 2])
 
 
 def test_export_command_errors_say_what_to_fix(tiny_run, tmp_path, capsys):
@@ -217,10 +218,10 @@ def test_one_network_of_a_run_exports_as_a_one_stage_model(tiny_run, exported, t
     kd = sorted(p.stem for p in (run_dir / "checkpoints").glob("kd-*.pt"))[0]
     out = export_run(run_dir, tmp_path, "tiny-kd", model=kd, log=lambda msg: None)
     manifest = out["model_manifest"]
-    assert [s["name"] for s in manifest["stages"]] == [kd] and manifest["exit"]["thresholds"] == []
+    assert [s.name for s in manifest.stages] == [kd] and manifest.exit.thresholds == []
     cascade = exported[1]["cascade_manifest"]
-    assert manifest["teacher"] == cascade["teacher"]  # measured against the same teacher
-    assert manifest["parity"][kd]["argmax_agreement"] == 1.0
+    assert manifest.teacher == cascade.teacher  # measured against the same teacher
+    assert manifest.parity.stages[kd].argmax_agreement == 1.0
     rt = CascadeRuntime(tmp_path / "tiny-kd" / "1")
     assert rt.num_stages == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-kd"]  # no teacher version written

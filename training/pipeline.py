@@ -1,6 +1,6 @@
 """`reskd train`: teacher -> student (KD) -> res-students (residual) -> baselines -> evaluation -> report.
 
-Every stage is checkpointed to RUN_DIR/checkpoints/<stage>.pt as soon as it finishes (written atomically); with
+Every stage is checkpointed in the run directory (training.rundir) as soon as it finishes; with
 --resume a finished stage is loaded instead of trained, after checking that the recipe still trains it the same
 way (its fingerprint). Earlier stages are frozen in eval mode while later ones train, so their weights and
 batch-norm statistics never move.
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import sys
 import time
@@ -28,15 +27,8 @@ from .flops import count_flops, count_params
 from .losses import kd_loss, residual_mse, residual_target
 from .models import ModelSpec, build_model
 from .recipe import Recipe, ResStudentConfig
-from .report import write_report
-
-CHECKPOINT_DIR = "checkpoints"
-RUN_FILE = "run.json"
-LOGITS_FILE = "logits.npz"
-
-
-class RunDirError(RuntimeError):
-    pass
+from .report import analyse, plot_pareto, render_markdown
+from .rundir import Checkpoint, RunDir, RunDirError, read_weights
 
 
 @dataclass
@@ -64,31 +56,24 @@ def _seed(recipe: Recipe, name: str) -> int:
     return recipe.seed * 100_003 + zlib.crc32(name.encode()) % 100_000
 
 
-def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 class Trainer:
     def __init__(self, recipe: Recipe, out: Path, *, resume: bool = False, device: str = "auto"):
         self.recipe = recipe
-        self.out = Path(out)
+        self.run_dir = RunDir(out)
         self.resume = resume
         self.device = pick_device(device)
-        self.ckpt_dir = self.out / CHECKPOINT_DIR
         self._check_run_dir()
 
     # -- run directory ------------------------------------------------------------------------------------------
     def _check_run_dir(self) -> None:
-        if self.ckpt_dir.is_dir() and any(self.ckpt_dir.glob("*.pt")) and not self.resume:
-            raise RunDirError(f"{self.out} already holds a run; pass --resume to continue it, or choose another --out")
-        run_file = self.out / RUN_FILE
-        if self.resume and run_file.is_file():
-            previous = json.loads(run_file.read_text())["recipe"]
+        out = self.run_dir.path
+        if self.run_dir.checkpoint_names() and not self.resume:
+            raise RunDirError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+        if self.resume and self.run_dir.run_file.is_file():
+            previous = self.run_dir.read_run_info()["recipe"]
             if previous.get("data") != self.recipe.model_dump(mode="json")["data"]:
-                raise RunDirError(f"{self.out} was trained on other data settings; resume it with the same recipe")
-        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+                raise RunDirError(f"{out} was trained on other data settings; resume it with the same recipe")
+        self.run_dir.checkpoints.mkdir(parents=True, exist_ok=True)
 
     def environment(self) -> dict:
         return {
@@ -107,39 +92,36 @@ class Trainer:
             },
             "environment": self.environment(),
         }
-        (self.out / RUN_FILE).write_text(json.dumps(info, indent=1))
+        self.run_dir.write_run_info(info)
 
     # -- stages -------------------------------------------------------------------------------------------------
     def _build(self, spec: ModelSpec, name: str, data: DataBundle) -> torch.nn.Module:
         torch.manual_seed(_seed(self.recipe, name))
         return loop.prepare(build_model(spec, data.channels, len(data.labels)), self.device)
 
-    def _load_checkpoint(self, name: str, fingerprint: str, model: torch.nn.Module) -> dict | None:
-        path = self.ckpt_dir / f"{name}.pt"
-        if not path.is_file():
+    def _load_checkpoint(self, name: str, fingerprint: str, model: torch.nn.Module) -> Checkpoint | None:
+        if not self.run_dir.has_checkpoint(name):
             return None
-        ckpt = torch.load(path, map_location=self.device, weights_only=True)
-        if ckpt["fingerprint"] != fingerprint:
-            raise RunDirError(f"{path} was trained with other settings than the recipe now gives for stage {name!r}; "
-                              "delete that checkpoint (and later ones) to retrain it, or use another --out")
-        model.load_state_dict(ckpt["state_dict"])
+        ckpt = self.run_dir.load_checkpoint(name, map_location=self.device)
+        if ckpt.fingerprint != fingerprint:
+            raise RunDirError(f"{self.run_dir.checkpoint_path(name)} was trained with other settings than the recipe "
+                              f"now gives for stage {name!r}; delete that checkpoint (and later ones) to retrain it, "
+                              "or use another --out")
+        model.load_state_dict(ckpt.state_dict)
         model.eval()
         return ckpt
 
     def _save_checkpoint(self, stage: Stage, fingerprint: str, data: DataBundle) -> None:
-        state = {k: v.detach().cpu().contiguous() for k, v in stage.model.state_dict().items()}
-        _save_atomic({
-            "name": stage.name, "kind": stage.kind, "arch": stage.spec.arch, "width": stage.spec.width,
-            "in_channels": data.channels, "num_classes": len(data.labels), "state_dict": state,
-            "history": stage.history, "extra": stage.extra, "fingerprint": fingerprint,
-        }, self.ckpt_dir / f"{stage.name}.pt")
+        self.run_dir.save_checkpoint(Checkpoint(
+            stage.name, stage.kind, stage.spec.arch, stage.spec.width, data.channels, len(data.labels),
+            stage.model.state_dict(), fingerprint, stage.history, stage.extra))
 
     def _stage(self, name: str, kind: str, spec: ModelSpec, fingerprint: str, data: DataBundle, train_fn) -> Stage:
         model = self._build(spec, name, data)
         ckpt = self._load_checkpoint(name, fingerprint, model)
         if ckpt is not None:
-            print(f"[resume] {name}: loaded {self.ckpt_dir / (name + '.pt')}", file=sys.stderr)
-            stage = Stage(name, kind, spec, model, ckpt["history"], ckpt["extra"])
+            print(f"[resume] {name}: loaded {self.run_dir.checkpoint_path(name)}", file=sys.stderr)
+            stage = Stage(name, kind, spec, model, ckpt.history, ckpt.extra)
         else:
             started = time.time()
             stage = Stage(name, kind, spec, model, trained_now=True)
@@ -289,10 +271,11 @@ class Trainer:
         stages = [teacher, *cascade, *baselines]
         logits = self.evaluate(stages, data, normalizer)
         shape = (data.channels, data.height, data.width)
-        report = write_report(self.out, r, data, stages, logits, {s.name: count_flops(s.model, shape) for s in stages},
-                              {s.name: count_params(s.model) for s in stages}, self.environment())
+        report = analyse(r, data, stages, logits, {s.name: count_flops(s.model, shape) for s in stages},
+                         {s.name: count_params(s.model) for s in stages}, self.environment())
         report["wall_seconds"] = round(time.time() - started, 1)
-        (self.out / "report.json").write_text(json.dumps(report, indent=1))
+        self.run_dir.write_report(report, render_markdown(report))
+        plot_pareto(report, self.run_dir.path / "pareto.png")
         return report
 
     def evaluate(self, stages: list[Stage], data: DataBundle, normalizer: Normalizer) -> dict[str, np.ndarray]:
@@ -303,7 +286,7 @@ class Trainer:
             for split_name, split in (("val", data.val), ("test", data.test)):
                 arrays[f"{split_name}/{stage.name}"] = loop.predict(stage.model, split, normalizer=normalizer,
                                                                     device=self.device, batch_size=bs).numpy()
-        np.savez_compressed(self.out / LOGITS_FILE, **arrays)
+        self.run_dir.write_logits(arrays)
         return arrays
 
 
@@ -319,12 +302,7 @@ def _cpu_name() -> str:
 
 def load_external_checkpoint(model: torch.nn.Module, path: str) -> None:
     """A teacher from elsewhere: one of our stage checkpoints, or a bare state_dict of the same architecture."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"teacher.checkpoint {path} does not exist")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if state is None:
-        raise ValueError(f"teacher.checkpoint {path} holds neither a state_dict nor a reskd checkpoint")
+    state = read_weights(path, "teacher.checkpoint")
     try:
         model.load_state_dict(state)
     except RuntimeError as err:

@@ -1,9 +1,12 @@
 """The run's evidence: accuracy with bootstrap intervals, FLOPs (2 x MACs at batch 1) and parameters of every model,
 each cumulative cascade depth, the adaptive cascade at thresholds calibrated on validation, the adaptive curve, the
-KD single-model grid and the independent-students cascade -> report.json, report.md, pareto.png."""
+KD single-model grid and the independent-students cascade -> report.json, report.md, pareto.png.
+
+analyse() computes the report (a dict, section by section); render_markdown() and plot_pareto() draw it."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,110 +56,149 @@ def _curve(val: CascadeScores, test: CascadeScores, points: int = 24) -> list[di
     return curve
 
 
-def write_report(out: Path, recipe, data, stages, logits: dict, flops: dict, params: dict,
-                 environment: dict | None = None) -> dict:
+@dataclass
+class Evidence:
+    """What every section of the report reads: each model's logits on validation and test, the labels, FLOPs and
+    the shared bootstrap."""
+
+    logits: dict[str, np.ndarray]  # "val/NAME", "test/NAME", "val/labels", "test/labels"
+    flops: dict[str, int]
+    boot: Bootstrap
+    exit_measure: str
+
+    @property
+    def teacher_flops(self) -> int:
+        return self.flops["teacher"]
+
+    def labels(self, split: str) -> np.ndarray:
+        return self.logits[f"{split}/labels"]
+
+    def correct(self, name: str, split: str = "test") -> np.ndarray:
+        return self.logits[f"{split}/{name}"].argmax(-1) == self.labels(split)
+
+    def scores(self, names: list[str], split: str, running: bool) -> CascadeScores:
+        """Exit what-ifs of a cascade of `names`; running=True sums their logits (ResKD), False uses each as it is
+        (a cascade of independent models)."""
+        stacked = np.stack([self.logits[f"{split}/{n}"].astype(np.float64) for n in names])
+        return CascadeScores(np.cumsum(stacked, axis=0) if running else stacked, self.labels(split),
+                             [self.flops[n] for n in names], self.exit_measure)
+
+
+def analyse(recipe, data, stages, logits: dict, flops: dict, params: dict, environment: dict | None = None) -> dict:
+    """The report as a dict (report.json); render_markdown and plot_pareto draw it."""
     ev = recipe.evaluation
-    y_val, y_test = logits["val/labels"], logits["test/labels"]
-    boot = Bootstrap(len(y_test), ev.bootstrap_samples, seed=recipe.seed)
-    teacher_flops = flops["teacher"]
-    by_name = {s.name: s for s in stages}
-
-    def correct(name: str, split: str = "test") -> np.ndarray:
-        return logits[f"{split}/{name}"].argmax(-1) == (y_test if split == "test" else y_val)
-
-    models = {}
-    for s in stages:
-        c = correct(s.name)
-        models[s.name] = {
-            "kind": s.kind, "tag": s.spec.tag, "flops": flops[s.name], "params": params[s.name],
-            "pct_teacher_flops": round(100 * flops[s.name] / teacher_flops, 3),
-            "val_accuracy": _pct(correct(s.name, "val").mean()), "test_accuracy": _pct(c.mean()),
-            "test_ci95": boot.interval(c), "history": s.history, "extra": s.extra,
-        }
-
-    # -- the ResKD cascade: running logits z(k) = student + res1 + ... + res_k --------------------------------------
+    evidence = Evidence(logits, flops, Bootstrap(len(logits["test/labels"]), ev.bootstrap_samples, seed=recipe.seed),
+                        ev.exit_measure)
+    models = model_rows(evidence, stages, params)
     names = ["student"] + [s.name for s in stages if s.kind == "res_student"]
-    stage_flops = [flops[n] for n in names]
-    cum = {split: np.cumsum(np.stack([logits[f"{split}/{n}"].astype(np.float64) for n in names]), axis=0)
-           for split in ("val", "test")}
+    val_scores, test_scores = evidence.scores(names, "val", True), evidence.scores(names, "test", True)
+    adaptive, chosen = calibrated(evidence, val_scores, test_scores, ev)
+    on_test = test_scores.evaluate(chosen.thresholds)
+    grid = kd_grid(models, stages, recipe)
+    independent, independent_correct = independent_cascade(evidence, stages, recipe, chosen.mean_flops)
+    return {
+        "recipe": recipe.name, "dataset": data.name, "flops_note": FLOPS_NOTE, "teacher_flops": evidence.teacher_flops,
+        "environment": environment or {}, "split": data.meta, "models": models,
+        "cascade": {"stages": names, "stage_flops": [flops[n] for n in names],
+                    "depths": cascade_depths(evidence, names, val_scores, test_scores)},
+        "adaptive": adaptive, "adaptive_curve": _curve(val_scores, test_scores), "kd_grid": grid,
+        "independent_cascade": independent,
+        "differences": differences(evidence, on_test, test_scores.correct[-1], grid, independent_correct),
+    }
+
+
+def model_rows(evidence: Evidence, stages, params: dict) -> dict:
+    rows = {}
+    for s in stages:
+        c = evidence.correct(s.name)
+        rows[s.name] = {
+            "kind": s.kind, "tag": s.spec.tag, "flops": evidence.flops[s.name], "params": params[s.name],
+            "pct_teacher_flops": round(100 * evidence.flops[s.name] / evidence.teacher_flops, 3),
+            "val_accuracy": _pct(evidence.correct(s.name, "val").mean()), "test_accuracy": _pct(c.mean()),
+            "test_ci95": evidence.boot.interval(c), "history": s.history, "extra": s.extra,
+        }
+    return rows
+
+
+def cascade_depths(evidence: Evidence, names: list[str], val: CascadeScores, test: CascadeScores) -> list[dict]:
+    """The ResKD cascade with every sample running stages 0..k: z(k) = student + res1 + ... + res_k."""
     depths = []
     for k in range(len(names)):
-        c = cum["test"][k].argmax(-1) == y_test
-        depths.append({"stages": names[:k + 1], "flops": int(sum(stage_flops[:k + 1])),
-                       "pct_teacher_flops": round(100 * sum(stage_flops[:k + 1]) / teacher_flops, 3),
-                       "val_accuracy": _pct((cum["val"][k].argmax(-1) == y_val).mean()),
-                       "test_accuracy": _pct(c.mean()), "test_ci95": boot.interval(c)})
+        flops = int(test.cum_flops[k])
+        depths.append({"stages": names[:k + 1], "flops": flops,
+                       "pct_teacher_flops": round(100 * flops / evidence.teacher_flops, 3),
+                       "val_accuracy": _pct(val.correct[k].mean()), "test_accuracy": _pct(test.correct[k].mean()),
+                       "test_ci95": evidence.boot.interval(test.correct[k])})
+    return depths
 
-    val_scores = CascadeScores(cum["val"], y_val, stage_flops, ev.exit_measure)
-    test_scores = CascadeScores(cum["test"], y_test, stage_flops, ev.exit_measure)
+
+def calibrated(evidence: Evidence, val: CascadeScores, test: CascadeScores, ev) -> tuple[dict, ExitOutcome]:
+    """Thresholds chosen on validation (minimum FLOPs within the accuracy target), measured once on test."""
     z = ev.bound_z if ev.bound == "upper" else 0.0
-    chosen = val_scores.calibrate(target_drop=ev.target_drop_pt / 100, z=z)
-    on_test = test_scores.evaluate(chosen.thresholds)
-    full_test = test_scores.correct[-1]
+    chosen = val.calibrate(target_drop=ev.target_drop_pt / 100, z=z)
     adaptive = {
         "measure": ev.exit_measure, "thresholds": chosen.thresholds, "target_drop_pt": ev.target_drop_pt,
         "bound": ev.bound, "bound_z": z,
-        "val": {"accuracy": _pct(chosen.accuracy), "full_cascade_accuracy": _pct(val_scores.correct[-1].mean()),
+        "val": {"accuracy": _pct(chosen.accuracy), "full_cascade_accuracy": _pct(val.correct[-1].mean()),
                 "mean_flops": chosen.mean_flops, "exit_counts": chosen.exit_counts,
-                "allowed_drop_samples": ev.target_drop_pt / 100 * val_scores.n, **val_scores.drop_vs_full(chosen)},
-        "test": _outcome(on_test, teacher_flops, stage_flops, boot, full_test),
+                "allowed_drop_samples": ev.target_drop_pt / 100 * val.n, **val.drop_vs_full(chosen)},
+        "test": _outcome(test.evaluate(chosen.thresholds), evidence.teacher_flops, list(test.stage_flops),
+                         evidence.boot, test.correct[-1]),
     }
+    return adaptive, chosen
 
-    # -- baselines ----------------------------------------------------------------------------------------------
-    grid_names = [n for n, s in by_name.items() if s.kind == "kd_baseline"]
+
+def kd_grid(models: dict, stages, recipe) -> list[dict]:
+    """The single KD-trained models by FLOPs (the student too, when the grid names its size)."""
+    names = [s.name for s in stages if s.kind == "kd_baseline"]
     if any(e.spec == recipe.student.spec for e in recipe.baselines.kd_grid):
-        grid_names.insert(0, "student")
-    kd_grid = sorted(({"name": n, **{k: models[n][k] for k in ("tag", "flops", "pct_teacher_flops", "val_accuracy",
-                                                                "test_accuracy", "test_ci95")}}
-                      for n in grid_names), key=lambda r: r["flops"])
+        names.insert(0, "student")
+    keys = ("tag", "flops", "pct_teacher_flops", "val_accuracy", "test_accuracy", "test_ci95")
+    return sorted(({"name": n, **{k: models[n][k] for k in keys}} for n in names), key=lambda r: r["flops"])
 
-    independent = None
-    if recipe.baselines.independent_cascade:
-        tags = {e.spec for e in recipe.baselines.independent_cascade}
-        ind_names = [n for n, s in by_name.items() if s.kind in ("student", "kd_baseline") and s.spec in tags]
-        ind_names.sort(key=lambda n: [e.spec for e in recipe.baselines.independent_cascade].index(by_name[n].spec))
-        ind_flops = [flops[n] for n in ind_names]
-        own = {split: np.stack([logits[f"{split}/{n}"] for n in ind_names]) for split in ("val", "test")}
-        ind_val = CascadeScores(own["val"], y_val, ind_flops, ev.exit_measure)
-        ind_test = CascadeScores(own["test"], y_test, ind_flops, ev.exit_measure)
-        # The fair comparison point: the independent cascade given the adaptive ResKD cascade's validation FLOPs.
-        matched = ind_val.calibrate(flops_budget=chosen.mean_flops)
-        matched_test = ind_test.evaluate(matched.thresholds)
-        independent = {"models": ind_names, "stage_flops": ind_flops,
-                       "curve": _curve(ind_val, ind_test),
-                       "at_adaptive_flops": {"thresholds": matched.thresholds,
-                                             "test": _outcome(matched_test, teacher_flops, ind_flops, boot, None)}}
 
-    # -- differences that matter, paired ------------------------------------------------------------------------
-    diffs = []
+def independent_cascade(evidence: Evidence, stages, recipe,
+                        adaptive_val_flops: float) -> tuple[dict, np.ndarray] | tuple[None, None]:
+    """The confidence cascade of independently distilled models (no residual sum), over a range of budgets and
+    at the adaptive ResKD cascade's validation FLOPs (the fair comparison point). -> (its report section, its
+    test correctness at that point)."""
+    order = [e.spec for e in recipe.baselines.independent_cascade]
+    if not order:
+        return None, None
+    chosen = [s for s in stages if s.kind in ("student", "kd_baseline") and s.spec in order]
+    names = [s.name for s in sorted(chosen, key=lambda s: order.index(s.spec))]
+    val, test = evidence.scores(names, "val", False), evidence.scores(names, "test", False)
+    matched = val.calibrate(flops_budget=adaptive_val_flops)
+    on_test = test.evaluate(matched.thresholds)
+    section = {"models": names, "stage_flops": [evidence.flops[n] for n in names], "curve": _curve(val, test),
+               "at_adaptive_flops": {"thresholds": matched.thresholds,
+                                     "test": _outcome(on_test, evidence.teacher_flops, list(test.stage_flops),
+                                                      evidence.boot, None)}}
+    return section, on_test.correct
+
+
+def differences(evidence: Evidence, adaptive: ExitOutcome, full: np.ndarray, grid: list[dict],
+                independent: np.ndarray | None) -> list[dict]:
+    """Paired bootstrap intervals of the accuracy differences that matter (test set). adaptive: the calibrated
+    cascade on test; full: its correctness with every stage run; independent: the independent cascade's
+    correctness at equal FLOPs."""
+    out = []
 
     def diff(label: str, a: np.ndarray, b: np.ndarray) -> None:
-        diffs.append({"what": label, "delta_pt": _pct(a.mean() - b.mean()), "ci95": boot.interval(a, b)})
+        out.append({"what": label, "delta_pt": _pct(a.mean() - b.mean()), "ci95": evidence.boot.interval(a, b)})
 
-    diff("adaptive - teacher", on_test.correct, correct("teacher"))
-    diff("adaptive - student", on_test.correct, correct("student"))
-    diff("full cascade - student", full_test, correct("student"))
-    diff("adaptive - full cascade", on_test.correct, full_test)
-    cheaper = [r for r in kd_grid if r["flops"] <= on_test.mean_flops]
+    diff("adaptive - teacher", adaptive.correct, evidence.correct("teacher"))
+    diff("adaptive - student", adaptive.correct, evidence.correct("student"))
+    diff("full cascade - student", full, evidence.correct("student"))
+    diff("adaptive - full cascade", adaptive.correct, full)
+    cheaper = [r for r in grid if r["flops"] <= adaptive.mean_flops]
     if cheaper:
         best = max(cheaper, key=lambda r: r["val_accuracy"])
-        diff(f"adaptive - best KD single model with <= its FLOPs ({best['tag']}, chosen on val)", on_test.correct,
-             correct(best["name"]))
-    if independent:
-        diff("adaptive - independent cascade at equal FLOPs", on_test.correct,
-             ind_test.evaluate(independent["at_adaptive_flops"]["thresholds"]).correct)
-
-    report = {
-        "recipe": recipe.name, "dataset": data.name, "flops_note": FLOPS_NOTE, "teacher_flops": teacher_flops,
-        "environment": environment or {},
-        "split": data.meta, "models": models, "cascade": {"stages": names, "stage_flops": stage_flops,
-                                                           "depths": depths},
-        "adaptive": adaptive, "adaptive_curve": _curve(val_scores, test_scores), "kd_grid": kd_grid,
-        "independent_cascade": independent, "differences": diffs,
-    }
-    (out / "report.md").write_text(render_markdown(report))
-    plot_pareto(report, out / "pareto.png")
-    return report
+        diff(f"adaptive - best KD single model with <= its FLOPs ({best['tag']}, chosen on val)", adaptive.correct,
+             evidence.correct(best["name"]))
+    if independent is not None:
+        diff("adaptive - independent cascade at equal FLOPs", adaptive.correct, independent)
+    return out
 
 
 def _outcome(o: ExitOutcome, teacher_flops: int, stage_flops: list, boot: Bootstrap, full: np.ndarray | None) -> dict:

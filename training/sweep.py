@@ -20,7 +20,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from .pipeline import CHECKPOINT_DIR, Trainer
+from .pipeline import Trainer
 from .recipe import RecipeError, load_recipe
 
 
@@ -72,16 +72,15 @@ def run_sweep(sweep_file: str, out: str, *, tiny: bool = False, device: str = "a
     recipes = [(label, load_recipe(base, overrides)) for label, overrides in plan]
     for i, (label, recipe) in enumerate(recipes):
         print(f"[sweep] {i + 1}/{len(recipes)} {label}", file=sys.stderr, flush=True)
-        run_dir = out_dir / label
-        trainer = Trainer(recipe, run_dir, resume=True, device=device)
+        trainer = Trainer(recipe, out_dir / label, resume=True, device=device)
         fps = trainer.fingerprints()
         for name, fp in fps.items():
-            dst = run_dir / CHECKPOINT_DIR / f"{name}.pt"
+            dst = trainer.run_dir.checkpoint_path(name)
             if (name, fp) in trained and not dst.exists():
                 _link(trained[(name, fp)], dst)
         report = trainer.run()
         for name, fp in fps.items():
-            trained.setdefault((name, fp), run_dir / CHECKPOINT_DIR / f"{name}.pt")
+            trained.setdefault((name, fp), trainer.run_dir.checkpoint_path(name))
         rows.append(summarise(label, report))
     select_pct = float(spec.get("select_max_pct_teacher_flops", 100.0))
     write_summary(out_dir, rows, select_pct)
