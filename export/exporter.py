@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from reskd.cascade import running_logits
 from reskd.device import Device
 from reskd.exit_policy import confidence, exit_stages
 from reskd.manifest import (ExitSpec, InputSpec, Manifest, ModelRepository, ParitySpec, SourceSpec, StageParity,
@@ -179,7 +180,7 @@ class Exporter:
                                      flops_budget_pct=flops_budget_pct, bound=self.evaluation.bound,
                                      z=self.evaluation.bound_z, runtime=rt)
         # The exits PyTorch's logits would give under the calibrated thresholds must be the runtime's.
-        running = np.cumsum(np.stack([o.astype(np.float64) for o in torch_outs]), axis=0)
+        running = running_logits(torch_outs)
         torch_exits = exit_stages(confidence(running, manifest.exit.measure), manifest.exit.thresholds)
         rt_exits = rt.run(self.val.images).exit_stage
         differ = int((torch_exits != rt_exits).sum())

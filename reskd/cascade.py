@@ -57,6 +57,12 @@ def combine(running: np.ndarray, logits: np.ndarray) -> np.ndarray:
     return running + logits
 
 
+def running_logits(stage_outputs) -> np.ndarray:
+    """Every stage's outputs [S, N, C] (any float type) -> the running logits after each stage, [S, N, C] float64:
+    what `combine` gives stage by stage (cumsum adds in order, as combine does)."""
+    return np.cumsum(np.asarray(stage_outputs, dtype=np.float64), axis=0)
+
+
 def cascade_step(rule: ExitRule, stage: int, running: np.ndarray, logits: np.ndarray, thresholds: np.ndarray,
                  last: np.ndarray, early_exit: bool = True) -> Step:
     """Stage `stage` has produced `logits` for n samples whose running logits before it were `running`.

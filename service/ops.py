@@ -11,6 +11,6 @@ from .state import ServerState, get_state
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/metrics", summary="Prometheus metrics (names per DESIGN.md section 3)")
+@router.get("/metrics", summary="Prometheus metrics (names per docs/design.md, \"Metrics\")")
 async def metrics(state: ServerState = Depends(get_state)):
     return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -69,7 +69,7 @@ def _metadata(model: ServedModel, versions: list[int]) -> dict:
                    for i, s in enumerate(m.stages)],
         "exit_measure": m.exit.measure,
         "teacher_flops": m.teacher.flops,
-        "metrics": m.metrics,
+        "metrics": m.metrics.model_dump() if m.metrics else {},
     }
 
 

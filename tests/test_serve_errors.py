@@ -1,5 +1,5 @@
 """Bad input, overload, auth and start-up, against a real `reskd serve` on loopback: every refusal is JSON
-{"error": ...} with the status DESIGN.md section 3 names, and the server stays healthy."""
+{"error": ...} with the status docs/design.md ("Errors") names, and the server stays healthy."""
 
 from __future__ import annotations
 

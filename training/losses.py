@@ -1,4 +1,4 @@
-"""Losses of the three kinds of stage (DESIGN.md section 2)."""
+"""Losses of the three kinds of stage (docs/design.md, "The method and the exit rule")."""
 
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from reskd.cascade import running_logits
 from reskd.exit_policy import CascadeScores, ExitOutcome
 
 FLOPS_NOTE = ("FLOPs per sample = 2 x multiply-accumulates of one forward pass at batch 1, counted by "
@@ -79,8 +80,8 @@ class Evidence:
     def scores(self, names: list[str], split: str, running: bool) -> CascadeScores:
         """Exit what-ifs of a cascade of `names`; running=True sums their logits (ResKD), False uses each as it is
         (a cascade of independent models)."""
-        stacked = np.stack([self.logits[f"{split}/{n}"].astype(np.float64) for n in names])
-        return CascadeScores(np.cumsum(stacked, axis=0) if running else stacked, self.labels(split),
+        stacked = np.stack([self.logits[f"{split}/{n}"] for n in names])
+        return CascadeScores(running_logits(stacked) if running else stacked, self.labels(split),
                              [self.flops[n] for n in names], self.exit_measure)
 
 
