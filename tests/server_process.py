@@ -23,7 +23,41 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class ServerProcess:
+def wait_until_ready(url: str, proc: subprocess.Popen, output, what: str, timeout: float = 60) -> None:
+    """Poll `url` until it answers 200: a server that listens is not yet one that answers. Fails at once, with the
+    process's output(), if the process exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{output()}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{what} not ready after {timeout} s:\n{output()}")
+
+
+class Loopback:
+    """A server on loopback at self.url, stopped at the end of a `with` block."""
+
+    url: str
+
+    def client(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30, **kwargs)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+
+class ServerProcess(Loopback):
     def __init__(self, wait_ready: bool = True, **settings):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -45,26 +79,7 @@ class ServerProcess:
         return self.log.read()
 
     def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"reskd serve exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                if httpx.get(f"{self.url}/v2/health/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"reskd serve not ready after {timeout} s:\n{self.output()}")
-
-    def client(self, **kwargs) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=30, **kwargs)
-
-    def __enter__(self) -> ServerProcess:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+        wait_until_ready(f"{self.url}/v2/health/ready", self.proc, self.output, "reskd serve", timeout)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -93,7 +108,7 @@ def metric(samples: dict, name: str, **labels) -> float:
     return sum(v for (n, lbl), v in samples.items() if n == name and want <= lbl)
 
 
-class InProcessServer:
+class InProcessServer(Loopback):
     """`create_app` under a real uvicorn server on loopback, in a thread of the test process, so a test can reach
     into the served models (e.g. to break one). The socket is bound before the server starts: no port race."""
 
@@ -118,15 +133,6 @@ class InProcessServer:
                 self.stop()
                 raise RuntimeError(f"in-process server not ready: {self.app.state.reskd.failed}")
             time.sleep(0.05)
-
-    def client(self, **kwargs) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=30, **kwargs)
-
-    def __enter__(self) -> InProcessServer:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
     def stop(self) -> None:
         self.server.should_exit = True

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server_process import ServerProcess, free_port
+from server_process import ServerProcess, free_port, wait_until_ready
 
 
 def prometheus_or_fail() -> str:
@@ -37,22 +37,8 @@ class Prometheus:
         self.proc = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'tsdb'}",
                                       f"--web.listen-address={self.url.removeprefix('http://')}"],
                                      stdout=self.log, stderr=subprocess.STDOUT)
-        self.wait_ready()
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        """Prometheus listens before it can answer queries (it answers 503 while the TSDB opens): wait for its own
-        readiness endpoint, and fail early, with its log, if it exits."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"prometheus exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                if httpx.get(f"{self.url}/-/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"prometheus not ready after {timeout} s:\n{self.output()}")
+        # Prometheus listens before it can answer queries (its query API answers 503 while the TSDB opens).
+        wait_until_ready(f"{self.url}/-/ready", self.proc, self.output, "prometheus")
 
     def output(self) -> str:
         self.log.flush()
