@@ -195,7 +195,13 @@ class Exporter:
 
 def open_run(run: RunDir, info: dict, recipe, networks: list[str], log: Callable[[str], None]) -> Exporter:
     """The Exporter of a run (its run.json `info`, its `recipe`) over `networks` and the teacher."""
-    models = {n: run.load_model(n) for n in dict.fromkeys(["teacher", *networks])}
+    checkpoints = {n: run.load_checkpoint(n) for n in dict.fromkeys(["teacher", *networks])}
+    for n, ckpt in checkpoints.items():
+        if ckpt.extra.get("reads"):
+            raise ExportError(f"stage {n} reads {ckpt.extra['reads']}, not the image: a model version cannot declare "
+                              "stage inputs yet, so this cascade cannot be exported (train res-students with "
+                              "input = \"image\" to serve them today)")
+    models = {n: ckpt.build() for n, ckpt in checkpoints.items()}
     spec = input_spec_of(info["data"], recipe)
     shape = (spec.channels, spec.height, spec.width)
     val, test = eval_sets(info["recipe"]["data"], spec, info["data"]["val_ids"])

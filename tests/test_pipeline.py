@@ -4,6 +4,7 @@ on the real functions (they record and pass through; nothing is replaced)."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -161,3 +162,40 @@ def test_teacher_from_a_checkpoint(tiny_run, tiny_idx, tmp_path):
     wrong["teacher"] = {"arch": "resnet14", "checkpoint": str(run_dir / "checkpoints" / "teacher.pt")}
     with pytest.raises(ValueError, match="does not fit the recipe's teacher arch"):
         train(parse_recipe(wrong), tmp_path / "run2", device="cpu")
+
+
+def test_res_students_that_read_the_students_features(tiny_run, tiny_idx, tmp_path):
+    """input = "features": the res-student is a head on the student's last feature map; the running logits are
+    student(x) + head(student.features(x)); its FLOPs are the head's alone; reach weighting and a stage seed
+    train it; export refuses it with a reason (model versions cannot declare stage inputs yet)."""
+    from reskd.export.exporter import ExportError, export_run
+    from reskd.training.flops import count_flops
+
+    run_dir = tiny_run[0]
+    recipe = tiny_recipe_dict(tiny_idx, baselines={})
+    recipe["res_students"] = [{"arch": "head1", "width": 0.25, "input": "features", "mse_weight": 0.0,
+                               "ce_weight": 1.0, "kd_weight": 1.0, "sample_weighting": "reach", "seed": 3}]
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    for name in ("teacher", "student"):  # the same teacher and student: only the head trains
+        shutil.copy(run_dir / "checkpoints" / f"{name}.pt", out / "checkpoints" / f"{name}.pt")
+    report = train(parse_recipe(recipe), out, resume=True, device="cpu")
+    student, _ = load_stage(out, "student")
+    head, ckpt = load_stage(out, "res1")
+    assert ckpt.extra["reads"] == "student.features" and ckpt.in_channels == 16  # resnet8x0.25's last map
+    images = torch.randn(5, 1, 12, 12)
+    with torch.no_grad():
+        features = student.features(images)
+        assert features.shape[1:] == (16, 3, 3)
+        assert report["models"]["res1"]["flops"] == count_flops(head, tuple(features.shape[1:]))
+        assert report["models"]["res1"]["flops"] < count_flops(student, (1, 12, 12))
+    saved = np.load(out / "logits.npz")
+    data = load_dataset(parse_recipe(recipe).data)
+    x = Normalizer(data.mean, data.std, torch.device("cpu"))(data.test.images[:20])
+    with torch.no_grad():
+        want = head(student.features(x)).numpy()
+    np.testing.assert_allclose(saved["test/res1"][:20], want, atol=1e-4)
+    losses = [h["loss"] for h in report["models"]["res1"]["history"]]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    with pytest.raises(ExportError, match="stage res1 reads student.features, not the image"):
+        export_run(out, tmp_path / "repo", "x", log=lambda m: None)

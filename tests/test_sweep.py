@@ -9,7 +9,7 @@ from reskd.training import loop
 from reskd.training.recipe import RecipeError
 from reskd.training.sweep import run_sweep
 
-SWEEP = Path(__file__).resolve().parents[1] / "training" / "sweeps" / "fashion-mnist-gpu.toml"
+SWEEPS = Path(__file__).resolve().parents[1] / "training" / "sweeps"
 
 
 def _toml_value(v):
@@ -88,13 +88,16 @@ variants = [{ label = "ok" }, { label = "typo", "teacher.arch" = "resnet9" }]
 
 
 @pytest.mark.real_data
-def test_the_gpu_sweep_runs_end_to_end_on_cpu_with_tiny(tmp_path):
-    """The sweep the GPU run will use, whole grid, on real Fashion-MNIST with the file's tiny schedule."""
+@pytest.mark.parametrize("sweep,variants", [("fashion-mnist-gpu.toml", 6), ("fashion-mnist-cpu-ablation.toml", 15)])
+def test_the_bundled_sweeps_run_end_to_end_on_cpu_with_tiny(tmp_path, sweep, variants):
+    """The GPU sweep and the CPU ablation, whole grids, on real Fashion-MNIST with each file's tiny schedule: a
+    typo costs a test run, not hours of training."""
     real_fashion_mnist_or_fail()
-    rows = run_sweep(str(SWEEP), str(tmp_path / "sweep"), tiny=True, device="cpu")
-    assert len(rows) == 6
+    rows = run_sweep(str(SWEEPS / sweep), str(tmp_path / "sweep"), tiny=True, device="cpu")
+    assert len(rows) == variants
     summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     assert summary["selected"] is None or summary["selected"]["variant"] in {r["variant"] for r in rows}
     for row in rows:
         assert (tmp_path / "sweep" / row["variant"] / "report.md").is_file()
+    assert (tmp_path / "sweep" / "sweep.png").is_file()
     shutil.rmtree(tmp_path / "sweep")

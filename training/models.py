@@ -4,7 +4,10 @@ Two families, both sized for small images (28x28 to 64x64) and any number of inp
 - CIFAR-style ResNets (He et al. 2016, section 4.2): depth 6n+2, three stages of basic blocks at 16/32/64
   channels, times a width multiplier. resnet8 ... resnet110.
 - Wide ResNets (Zagoruyko & Komodakis 2016): depth 6n+4, pre-activation blocks at 16k/32k/64k channels.
-Every model ends in `.fc` (a Linear layer), so a res-student's output can be zero-initialised uniformly.
+- Heads (`head1`, `head2`, `head3`): 1-3 basic blocks at 64 x width channels on a feature map instead of an image,
+  for res-students that read the student's last feature map; `in_channels` is then the map's channels.
+Every model ends in `.fc` (a Linear layer), so a res-student's output can be zero-initialised uniformly, and every
+image model has `features(x)`: its last feature map, before pooling.
 """
 
 from __future__ import annotations
@@ -94,10 +97,30 @@ class CifarResNet(nn.Module):
         self.fc = nn.Linear(cin, num_classes)
         _init_weights(self)
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(F.relu(self.bn1(self.conv1(x))))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = self.layers(x)
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+
+class FeatureHead(nn.Module):
+    """Basic blocks at stride 1 on a feature map, then pooling and a linear layer: a res-student that reads what
+    the student computed instead of starting again from the pixels."""
+
+    def __init__(self, blocks: int, in_channels: int, num_classes: int, width: float = 1.0):
+        super().__init__()
+        channels = _scaled(64, width)
+        layers, cin = [], in_channels
+        for _ in range(blocks):
+            layers.append(BasicBlock(cin, channels, stride=1))
+            cin = channels
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(cin, num_classes)
+        _init_weights(self)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.layers(features), 1), 1))
 
 
 class WideBlock(nn.Module):
@@ -139,9 +162,11 @@ class WideResNet(nn.Module):
         self.fc = nn.Linear(cin, num_classes)
         _init_weights(self)
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn(self.layers(self.conv1(x))))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn(self.layers(self.conv1(x))))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
 
 
 def _init_weights(model: nn.Module) -> None:
@@ -152,6 +177,11 @@ def _init_weights(model: nn.Module) -> None:
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
+
+for _blocks in (1, 2, 3):
+    register(f"head{_blocks}")(
+        lambda in_channels, num_classes, width, _b=_blocks: FeatureHead(_b, in_channels, num_classes, width)
+    )
 
 for _depth in (8, 14, 20, 32, 44, 56, 110):
     register(f"resnet{_depth}")(

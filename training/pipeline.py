@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from . import loop
 from .data import DataBundle, Normalizer, batches, load_dataset
 from .flops import count_flops, count_params
-from .losses import kd_loss, residual_mse, residual_target
+from .losses import cross_entropy, kd_loss, reach_weights, residual_mse, residual_target
 from .models import ModelSpec, build_model
 from .recipe import Recipe, ResStudentConfig
 from .report import analyse, plot_pareto, render_markdown
@@ -39,9 +39,42 @@ class Stage:
     kind: str  # teacher | student | res_student | kd_baseline
     spec: ModelSpec
     model: torch.nn.Module
+    seed: int
+    reads: Stage | None = None  # the stage whose last feature map this one reads; None: the image
     history: list[dict] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
     trained_now: bool = False
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """This stage's output for images x (through the stage it reads, which is frozen)."""
+        if self.reads is None:
+            return self.model(x)
+        with torch.no_grad():
+            features = self.reads.model.features(x)
+        return self.model(features)
+
+    def on_images(self) -> torch.nn.Module:
+        """A module from images to this stage's logits (evaluation)."""
+        return self.model if self.reads is None else OnFeatures(self.reads.model, self.model)
+
+    def input_shape(self, image_shape: tuple[int, int, int]) -> tuple[int, ...]:
+        """What this stage's own layers read (FLOPs count only them)."""
+        return image_shape if self.reads is None else feature_shape(self.reads.model, image_shape)
+
+
+@torch.no_grad()
+def feature_shape(backbone: torch.nn.Module, image_shape: tuple[int, int, int]) -> tuple[int, ...]:
+    device = next(backbone.parameters()).device
+    return tuple(backbone.features(torch.zeros(1, *image_shape, device=device)).shape[1:])
+
+
+class OnFeatures(torch.nn.Module):
+    def __init__(self, backbone: torch.nn.Module, head: torch.nn.Module):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone.features(x))
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -52,8 +85,8 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def _seed(recipe: Recipe, name: str) -> int:
-    return recipe.seed * 100_003 + zlib.crc32(name.encode()) % 100_000
+def _seed(recipe: Recipe, name: str, offset: int = 0) -> int:
+    return recipe.seed * 100_003 + zlib.crc32(name.encode()) % 100_000 + offset * 7_919
 
 
 class Trainer:
@@ -95,9 +128,9 @@ class Trainer:
         self.run_dir.write_run_info(info)
 
     # -- stages -------------------------------------------------------------------------------------------------
-    def _build(self, spec: ModelSpec, name: str, data: DataBundle) -> torch.nn.Module:
-        torch.manual_seed(_seed(self.recipe, name))
-        return loop.prepare(build_model(spec, data.channels, len(data.labels)), self.device)
+    def _build(self, spec: ModelSpec, seed: int, in_channels: int, data: DataBundle) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        return loop.prepare(build_model(spec, in_channels, len(data.labels)), self.device)
 
     def _load_checkpoint(self, name: str, fingerprint: str, model: torch.nn.Module) -> Checkpoint | None:
         if not self.run_dir.has_checkpoint(name):
@@ -111,30 +144,37 @@ class Trainer:
         model.eval()
         return ckpt
 
-    def _save_checkpoint(self, stage: Stage, fingerprint: str, data: DataBundle) -> None:
+    def _save_checkpoint(self, stage: Stage, fingerprint: str, in_channels: int, data: DataBundle) -> None:
         self.run_dir.save_checkpoint(Checkpoint(
-            stage.name, stage.kind, stage.spec.arch, stage.spec.width, data.channels, len(data.labels),
+            stage.name, stage.kind, stage.spec.arch, stage.spec.width, in_channels, len(data.labels),
             stage.model.state_dict(), fingerprint, stage.history, stage.extra))
 
-    def _stage(self, name: str, kind: str, spec: ModelSpec, fingerprint: str, data: DataBundle, train_fn) -> Stage:
-        model = self._build(spec, name, data)
+    def _stage(self, name: str, kind: str, spec: ModelSpec, fingerprint: str, data: DataBundle, train_fn, *,
+               seed_offset: int = 0, reads: Stage | None = None) -> Stage:
+        seed = _seed(self.recipe, name, seed_offset)
+        in_channels = data.channels
+        if reads is not None:
+            in_channels = feature_shape(reads.model, (data.channels, data.height, data.width))[0]
+        model = self._build(spec, seed, in_channels, data)
         ckpt = self._load_checkpoint(name, fingerprint, model)
         if ckpt is not None:
             print(f"[resume] {name}: loaded {self.run_dir.checkpoint_path(name)}", file=sys.stderr)
-            stage = Stage(name, kind, spec, model, ckpt.history, ckpt.extra)
+            stage = Stage(name, kind, spec, model, seed, reads, ckpt.history, ckpt.extra)
         else:
             started = time.time()
-            stage = Stage(name, kind, spec, model, trained_now=True)
+            stage = Stage(name, kind, spec, model, seed, reads, trained_now=True)
+            if reads is not None:
+                stage.extra["reads"] = f"{reads.name}.features"  # export refuses what the manifest cannot say yet
             train_fn(stage)
             stage.extra["train_seconds"] = round(time.time() - started, 1)
-            self._save_checkpoint(stage, fingerprint, data)
+            self._save_checkpoint(stage, fingerprint, in_channels, data)
         stage.model.eval()
         stage.model.requires_grad_(False)  # frozen from here on: later stages only read it
         return stage
 
     def _fit(self, stage: Stage, step, cfg, data: DataBundle, normalizer: Normalizer) -> None:
         stage.history = loop.fit(stage.model, step, data.train, cfg, normalizer=normalizer, device=self.device,
-                                 seed=_seed(self.recipe, stage.name), desc=stage.name)
+                                 seed=stage.seed, desc=stage.name)
 
     def teacher(self, data: DataBundle, normalizer: Normalizer) -> Stage:
         r = self.recipe
@@ -172,45 +212,48 @@ class Trainer:
         cfg = rcfg.resolve(self.recipe.train)
 
         def cascade_so_far(x):
-            return sum(s.model(x).float() for s in frozen)
+            return sum(s.logits(x).float() for s in frozen)
 
         def train(stage: Stage) -> None:
             # A zero output layer makes the new stage start as a no-op: the cascade is exactly as good as before
             # and the residual is learned from there, instead of first undoing random logits.
             torch.nn.init.zeros_(stage.model.fc.weight)
             torch.nn.init.zeros_(stage.model.fc.bias)
-            scale_sq = self._residual_scale(rcfg, teacher, cascade_so_far, cfg, data, normalizer, stage.name)
+            scale_sq = self._residual_scale(rcfg, teacher, cascade_so_far, cfg, data, normalizer, stage.seed)
             stage.extra["residual_scale_sq"] = scale_sq
 
             def step(x, y):
                 with torch.no_grad():
                     t = teacher.model(x).float()
                     prev = cascade_so_far(x)
-                r = stage.model(x).float()
+                    w = reach_weights(prev) if rcfg.sample_weighting == "reach" else None
+                r = stage.logits(x).float()
                 z = prev + r
                 loss = torch.zeros((), device=x.device)
                 if rcfg.mse_weight:
-                    loss = loss + rcfg.mse_weight * residual_mse(r, residual_target(t, prev), scale_sq)
+                    loss = loss + rcfg.mse_weight * residual_mse(r, residual_target(t, prev), scale_sq, w)
                 if rcfg.ce_weight:
-                    loss = loss + rcfg.ce_weight * F.cross_entropy(z, y)
+                    loss = loss + rcfg.ce_weight * cross_entropy(z, y, w)
                 if rcfg.kd_weight:
-                    loss = loss + rcfg.kd_weight * kd_loss(z, t, y, 0.0, rcfg.kd_temperature)
+                    loss = loss + rcfg.kd_weight * kd_loss(z, t, y, 0.0, rcfg.kd_temperature, w)
                 return loss, z
 
             self._fit(stage, step, cfg, data, normalizer)
 
         name = f"res{k + 1}"
-        return self._stage(name, "res_student", rcfg.spec, self.fingerprints()[name], data, train)
+        reads = frozen[0] if rcfg.input == "features" else None  # the student
+        return self._stage(name, "res_student", rcfg.spec, self.fingerprints()[name], data, train,
+                           seed_offset=rcfg.seed, reads=reads)
 
     @torch.no_grad()
-    def _residual_scale(self, rcfg, teacher, cascade_so_far, cfg, data, normalizer, name) -> float:
+    def _residual_scale(self, rcfg, teacher, cascade_so_far, cfg, data, normalizer, seed: int) -> float:
         """rho^2: the mean squared norm of the centred residual over (up to) 20 augmented training batches, or the
         class count for residual_norm = "none" (plain per-element MSE)."""
         if rcfg.residual_norm == "none":
             return float(len(data.labels))  # plain per-element mean squared error
         total, count = 0.0, 0
         for i, (x, _) in enumerate(batches(data.train, cfg.batch_size, normalizer=normalizer, device=self.device,
-                                           shuffle=True, seed=_seed(self.recipe, name),
+                                           shuffle=True, seed=seed,
                                            augmentation=(cfg.crop_padding, cfg.flip))):
             if i == 20:
                 break
@@ -271,8 +314,9 @@ class Trainer:
         stages = [teacher, *cascade, *baselines]
         logits = self.evaluate(stages, data, normalizer)
         shape = (data.channels, data.height, data.width)
-        report = analyse(r, data, stages, logits, {s.name: count_flops(s.model, shape) for s in stages},
-                         {s.name: count_params(s.model) for s in stages}, self.environment())
+        flops = {s.name: count_flops(s.model, s.input_shape(shape)) for s in stages}  # a stage's own layers
+        report = analyse(r, data, stages, logits, flops, {s.name: count_params(s.model) for s in stages},
+                         self.environment())
         report["wall_seconds"] = round(time.time() - started, 1)
         self.run_dir.write_report(report, render_markdown(report))
         plot_pareto(report, self.run_dir.path / "pareto.png")
@@ -284,8 +328,8 @@ class Trainer:
         arrays = {"val/labels": data.val.labels.cpu().numpy(), "test/labels": data.test.labels.cpu().numpy()}
         for stage in stages:
             for split_name, split in (("val", data.val), ("test", data.test)):
-                arrays[f"{split_name}/{stage.name}"] = loop.predict(stage.model, split, normalizer=normalizer,
-                                                                    device=self.device, batch_size=bs).numpy()
+                arrays[f"{split_name}/{stage.name}"] = loop.predict(
+                    stage.on_images(), split, normalizer=normalizer, device=self.device, batch_size=bs).numpy()
         self.run_dir.write_logits(arrays)
         return arrays
 

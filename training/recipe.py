@@ -120,6 +120,13 @@ class ResStudentConfig(_ModelSection):
     kd_weight: float = Field(0.0, ge=0)
     kd_temperature: float = Field(4.0, gt=0)
     residual_norm: Literal["initial", "none"] = "initial"
+    # What the res-student reads: the image, or the student's last feature map (before pooling), so it sees what
+    # the student saw and reuses its compute; its FLOPs count only its own layers. A `head*` arch suits features.
+    input: Literal["image", "features"] = "image"
+    # "reach": each sample's loss weighted by 1 - max softmax of the cascade so far (normalised to mean 1 per
+    # batch): the stage learns mostly from the samples that will still be there when it runs.
+    sample_weighting: Literal["none", "reach"] = "none"
+    seed: int = Field(0, ge=0)  # re-seeds this stage alone (init and data order): repeats of one variant
 
     @model_validator(mode="after")
     def _some_loss(self):

@@ -89,9 +89,6 @@ class RunDir:
             raise RunDirError(f"{path} is missing: is the run finished? (reskd train --resume completes it)")
         return Checkpoint(**torch.load(path, map_location=map_location, weights_only=True))
 
-    def load_model(self, name: str) -> torch.nn.Module:
-        return self.load_checkpoint(name).build()
-
     # -- run.json -----------------------------------------------------------------------------------------------
     def write_run_info(self, info: dict) -> None:
         self.path.mkdir(parents=True, exist_ok=True)

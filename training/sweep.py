@@ -37,16 +37,16 @@ def load_sweep(path: Path) -> dict:
     return spec
 
 
-def variants(spec: dict, tiny: bool) -> list[tuple[str, dict]]:
-    """(label, overrides) per grid point: the file's [fixed] overrides, then each axis' variant, then [tiny]."""
+def variants(spec: dict, tiny: bool) -> list[tuple[str, dict, dict]]:
+    """(label, overrides, the variant's own overrides) per grid point: overrides are the file's [fixed] ones, then
+    each axis' variant, then [tiny]."""
     out = []
     for combo in itertools.product(*(axis["variants"] for axis in spec["axes"])):
-        overrides = dict(spec.get("fixed", {}))
-        for v in combo:
-            overrides.update({k: val for k, val in v.items() if k != "label"})
+        own = {k: val for v in combo for k, val in v.items() if k != "label"}
+        overrides = {**spec.get("fixed", {}), **own}
         if tiny:
             overrides.update(spec.get("tiny", {}))
-        out.append(("_".join(v["label"] for v in combo), overrides))
+        out.append(("_".join(v["label"] for v in combo), overrides, own))
     return out
 
 
@@ -66,11 +66,11 @@ def run_sweep(sweep_file: str, out: str, *, tiny: bool = False, device: str = "a
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     trained: dict[tuple[str, str], Path] = {}
-    rows = []
+    rows, reports = [], {}
     plan = variants(spec, tiny)
     # Validate every variant before the first one trains: a typo in the last one should not cost an hour.
-    recipes = [(label, load_recipe(base, overrides)) for label, overrides in plan]
-    for i, (label, recipe) in enumerate(recipes):
+    recipes = [(label, load_recipe(base, overrides), own) for label, overrides, own in plan]
+    for i, (label, recipe, own) in enumerate(recipes):
         print(f"[sweep] {i + 1}/{len(recipes)} {label}", file=sys.stderr, flush=True)
         trainer = Trainer(recipe, out_dir / label, resume=True, device=device)
         fps = trainer.fingerprints()
@@ -81,25 +81,57 @@ def run_sweep(sweep_file: str, out: str, *, tiny: bool = False, device: str = "a
         report = trainer.run()
         for name, fp in fps.items():
             trained.setdefault((name, fp), trainer.run_dir.checkpoint_path(name))
-        rows.append(summarise(label, report))
+        rows.append(summarise(label, own, report))
+        reports[label] = report
     select_pct = float(spec.get("select_max_pct_teacher_flops", 100.0))
     write_summary(out_dir, rows, select_pct)
+    plot_sweep(reports, out_dir / "sweep.png")
     return rows
 
 
-def summarise(label: str, report: dict) -> dict:
+BUDGETS_PCT = (10, 15, 20, 25, 30)  # mean FLOPs budgets (% of the teacher's) at which cascades are compared
+
+
+def best_within(curve: list[dict], teacher_flops: int, pct: float) -> float | None:
+    """The highest test accuracy among a curve's validation-calibrated points whose test mean FLOPs are within
+    `pct` % of the teacher's (None: no point is that cheap)."""
+    inside = [c["test_accuracy"] for c in curve if 100 * c["test_mean_flops"] / teacher_flops <= pct + 1e-9]
+    return max(inside, default=None)
+
+
+def summarise(label: str, overrides: dict, report: dict) -> dict:
     m, a = report["models"], report["adaptive"]
     depths = report["cascade"]["depths"]
     tf = report["teacher_flops"]
+    diffs = {d["what"]: d for d in report["differences"]}
+    independent = report.get("independent_cascade")
     return {
         "variant": label,
+        "config": ", ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items()) or "(base recipe)",
         "teacher": m["teacher"]["tag"], "student": m["student"]["tag"],
+        "res_students": [f"{m[n]['tag']}" for n in report["cascade"]["stages"][1:]],
+        "full_pct_teacher_flops": depths[-1]["pct_teacher_flops"],
         "val_teacher": m["teacher"]["val_accuracy"], "val_student": m["student"]["val_accuracy"],
         "val_full_cascade": depths[-1]["val_accuracy"], "val_adaptive": a["val"]["accuracy"],
         "val_adaptive_pct_teacher_flops": round(100 * a["val"]["mean_flops"] / tf, 3),
-        "test_teacher": m["teacher"]["test_accuracy"], "test_adaptive": a["test"]["accuracy"],
-        "test_adaptive_pct_teacher_flops": a["test"]["pct_teacher_flops"],
+        "test_teacher": m["teacher"]["test_accuracy"], "test_student": m["student"]["test_accuracy"],
+        "test_full_cascade": depths[-1]["test_accuracy"], "test_full_ci95": depths[-1]["test_ci95"],
+        "full_minus_student": diffs["full cascade - student"],
+        "test_adaptive": a["test"]["accuracy"], "test_adaptive_ci95": a["test"]["ci95"],
+        "test_adaptive_pct_teacher_flops": a["test"]["pct_teacher_flops"], "test_exits": a["test"]["exit_counts"],
+        "adaptive_minus_teacher": diffs["adaptive - teacher"],
+        "frontier": {str(b): best_within(report["adaptive_curve"], tf, b) for b in BUDGETS_PCT},
+        "independent_frontier": ({str(b): best_within(independent["curve"], tf, b) for b in BUDGETS_PCT}
+                                 if independent else None),
     }
+
+
+def _ci(ci: list[float]) -> str:
+    return f"[{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def _acc(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
 
 
 def write_summary(out_dir: Path, rows: list[dict], select_pct: float) -> None:
@@ -107,12 +139,66 @@ def write_summary(out_dir: Path, rows: list[dict], select_pct: float) -> None:
     best = max(eligible, key=lambda r: (r["val_adaptive"], -r["val_adaptive_pct_teacher_flops"]), default=None)
     (out_dir / "sweep.json").write_text(json.dumps({"rows": rows, "selected": best,
                                                     "select_max_pct_teacher_flops": select_pct}, indent=1))
-    cols = list(rows[0]) if rows else []
     lines = ["# Sweep summary", "",
              f"Selected (highest validation accuracy of the adaptive cascade at ≤ {select_pct:g}% of teacher FLOPs "
              f"on validation): **{best['variant'] if best else 'none'}**. Test columns are for reading, not choosing.",
-             "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+             "Accuracy in %, test intervals are 95% bootstrap intervals; Δ are paired differences on the test set.",
+             "", "| variant | res-students | full FLOPs % | val full | val adaptive (FLOPs %) | test full [CI] | "
+             "Δ full − student [CI] | test adaptive [CI] | adaptive FLOPs % | test exits | config |",
+             "|---|---|---:|---:|---|---|---|---|---:|---|---|"]
     for r in sorted(rows, key=lambda r: -r["val_adaptive"]):
-        lines.append("| " + " | ".join(str(r[c]) for c in cols) + " |")
+        d = r["full_minus_student"]
+        lines.append(
+            f"| {r['variant']} | {' + '.join(r['res_students']) or '—'} | {r['full_pct_teacher_flops']:.2f} | "
+            f"{r['val_full_cascade']:.2f} | {r['val_adaptive']:.2f} ({r['val_adaptive_pct_teacher_flops']:.2f}) | "
+            f"{r['test_full_cascade']:.2f} {_ci(r['test_full_ci95'])} | {d['delta_pt']:+.2f} {_ci(d['ci95'])} | "
+            f"{r['test_adaptive']:.2f} {_ci(r['test_adaptive_ci95'])} | {r['test_adaptive_pct_teacher_flops']:.2f} | "
+            f"{r['test_exits']} | `{r['config']}` |")
+    reference = next((r["independent_frontier"] for r in rows if r["independent_frontier"]), None)
+    lines += ["", "Best test accuracy of each adaptive curve (thresholds calibrated on validation for a range of "
+              "FLOPs budgets) whose test mean FLOPs stay within a budget, % of the teacher's:", "",
+              "| variant | " + " | ".join(f"≤ {b}%" for b in BUDGETS_PCT) + " |",
+              "|---|" + "---:|" * len(BUDGETS_PCT)]
+    if reference:
+        lines.append("| independent-models cascade | " + " | ".join(_acc(reference[str(b)]) for b in BUDGETS_PCT)
+                     + " |")
+    for r in sorted(rows, key=lambda r: -r["val_adaptive"]):
+        lines.append(f"| {r['variant']} | " + " | ".join(_acc(r["frontier"][str(b)]) for b in BUDGETS_PCT) + " |")
     (out_dir / "sweep.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
+
+
+def plot_sweep(reports: dict[str, dict], path: Path) -> None:
+    """Every variant's adaptive curve (test), the independent-models cascade, the KD single models, the teacher."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not reports:
+        return
+    fig, ax = plt.subplots(figsize=(11, 6), dpi=110)
+    first = next(iter(reports.values()))
+    tf = first["teacher_flops"]
+    for i, (label, r) in enumerate(reports.items()):
+        curve = sorted(r["adaptive_curve"], key=lambda c: c["test_mean_flops"])
+        ax.plot([100 * c["test_mean_flops"] / tf for c in curve], [c["test_accuracy"] for c in curve], "-o", ms=2,
+                lw=1, color=plt.cm.tab20(i % 20), label=label)
+    ind = next((r["independent_cascade"] for r in reports.values() if r.get("independent_cascade")), None)
+    if ind:
+        curve = sorted(ind["curve"], key=lambda c: c["test_mean_flops"])
+        ax.plot([100 * c["test_mean_flops"] / tf for c in curve], [c["test_accuracy"] for c in curve], "k--x",
+                lw=1.5, label="independent-models cascade")
+    grid = first["kd_grid"]
+    if grid:
+        ax.plot([g["pct_teacher_flops"] for g in grid], [g["test_accuracy"] for g in grid], "k^", ms=7,
+                label="KD single models")
+    ax.axhline(first["models"]["teacher"]["test_accuracy"], color="k", lw=0.8, ls=":", label="teacher")
+    ax.set_xscale("log")
+    ax.set_xlabel("mean FLOPs per sample, % of teacher (log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
