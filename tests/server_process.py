@@ -59,16 +59,19 @@ class Loopback:
 
 class ServerProcess(Loopback):
     def __init__(self, wait_ready: bool = True, **settings):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RESKD_")}
-        env.update({f"RESKD_{k.upper()}": str(v) for k, v in settings.items()})
-        env.setdefault("RESKD_INTRA_OP_THREADS", "1")
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="reskd-serve-", suffix=".log")
-        self.proc = subprocess.Popen([sys.executable, "-m", "reskd.cli", "serve", "--port", str(self.port),
-                                      "--device", "cpu"], env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("RESKD_")}
+        self.env.update({f"RESKD_{k.upper()}": str(v) for k, v in settings.items()})
+        self.env.setdefault("RESKD_INTRA_OP_THREADS", "1")
+        self._start()
         if wait_ready:
             self.wait_ready()
+
+    def _start(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="reskd-serve-", suffix=".log")
+        self.proc = subprocess.Popen([sys.executable, "-m", "reskd.cli", "serve", "--port", str(self.port),
+                                      "--device", "cpu"], env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
 
     def output(self) -> str:
         """Everything the server has written; after stop(), everything it wrote."""
@@ -79,7 +82,16 @@ class ServerProcess(Loopback):
         return self.log.read()
 
     def wait_ready(self, timeout: float = 60) -> None:
-        wait_until_ready(f"{self.url}/v2/health/ready", self.proc, self.output, "reskd serve", timeout)
+        """The port was free when chosen; if another process took it before the server bound it, the server
+        exits at once saying so, and is started again on another port."""
+        for attempt in range(3):
+            try:
+                return wait_until_ready(f"{self.url}/v2/health/ready", self.proc, self.output, "reskd serve", timeout)
+            except RuntimeError:
+                if attempt == 2 or self.proc.poll() is None or "address already in use" not in self.output():
+                    raise
+                self.log.close()
+                self._start()
 
     def stop(self) -> None:
         if self.proc.poll() is None:
