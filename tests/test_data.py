@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 from conftest import make_images, real_fashion_mnist_or_fail
-from reskd.training.data import (DatasetError, FolderSplit, Normalizer, TensorSplit, augment, batches,
-                                 carve_validation, load_dataset)
+from reskd.training.data import (Augmentation, DatasetError, FolderSplit, Normalizer, TensorSplit, augment, batches,
+                                 carve_validation, load_dataset, random_erase)
 from reskd.training.recipe import DataConfig
 
 
@@ -101,7 +101,7 @@ def test_image_folder_with_tiny_imagenet_layout(tmp_path):
     assert data.labels == classes
     assert data.test.labels.tolist() == [0, 1, 2, 0]
     x, y = next(batches(data.train, 5, normalizer=Normalizer(data.mean, data.std, torch.device("cpu")),
-                        device=torch.device("cpu"), shuffle=True, augmentation=(1, True)))
+                        device=torch.device("cpu"), shuffle=True, augmentation=Augmentation(1, True)))
     assert x.shape == (5, 3, 8, 8) and x.dtype == torch.float32 and y.shape == (5,)
 
 
@@ -127,6 +127,21 @@ def test_augment_shifts_and_flips_without_changing_content():
     for i in range(2):  # a crop of the zero-padded image: every non-zero pixel value comes from the original
         values = set(shifted[i].flatten().tolist()) - {0}
         assert values <= set(images[i].flatten().tolist())
+
+
+def test_random_erasing_replaces_one_rectangle_per_chosen_sample():
+    images = torch.full((400, 1, 28, 28), 7, dtype=torch.uint8)
+    out = random_erase(images, 0.5, torch.Generator().manual_seed(0))
+    changed = out != images
+    erased = changed.flatten(1).any(1)
+    assert 0.4 < erased.float().mean() < 0.6  # about half the samples, as p says
+    for i in torch.nonzero(erased).flatten().tolist():
+        rows, cols = torch.nonzero(changed[i, 0], as_tuple=True)
+        height, width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+        assert height * width <= 0.4 * 28 * 28 + 28 + 28  # 2-40% of the area (rounding adds at most a row and column)
+    assert torch.equal(random_erase(images, 0.0, torch.Generator().manual_seed(0)), images)
+    again = random_erase(images, 0.5, torch.Generator().manual_seed(0))
+    assert torch.equal(again, out)  # the generator decides everything
 
 
 def test_batches_cover_the_split_once_and_normalise():

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .data import Normalizer, Split, batches
+from .data import Augmentation, Normalizer, Split, batches
 from .recipe import TrainConfig
 
 # step(images, labels) -> (loss, logits used for the running accuracy)
@@ -70,7 +70,7 @@ def fit(model: torch.nn.Module, step: StepFn, train: Split, cfg: TrainConfig, *,
         total_correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
         bar = tqdm(batches(train, cfg.batch_size, normalizer=normalizer, device=device, shuffle=True,
-                           seed=seed * 1000 + epoch, augmentation=(cfg.crop_padding, cfg.flip), drop_last=True),
+                           seed=seed * 1000 + epoch, augmentation=Augmentation.of(cfg), drop_last=True),
                    total=steps_per_epoch, desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False,
                    disable=not sys.stderr.isatty(), dynamic_ncols=True)
         for i, (x, y) in enumerate(bar):

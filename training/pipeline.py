@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import loop
-from .data import DataBundle, Normalizer, batches, load_dataset
+from .data import Augmentation, DataBundle, Normalizer, batches, load_dataset
 from .flops import count_flops, count_params
 from .losses import cross_entropy, kd_loss, reach_weights, residual_mse, residual_target
 from .models import ModelSpec, build_model
@@ -83,6 +83,17 @@ def pick_device(name: str = "auto") -> torch.device:
     if name in ("auto", "cuda") and torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+# Settings added after run directories existed enter a fingerprint only when they are set to something else than
+# their default (the value that reproduces the earlier training), so earlier runs stay resumable.
+LATER_SETTINGS = {"random_erasing": (None, 0.0)}
+
+
+def settled(cfg) -> dict:
+    """A recipe section as it enters a fingerprint."""
+    return {k: v for k, v in cfg.model_dump(mode="json").items()
+            if not (k in LATER_SETTINGS and v in LATER_SETTINGS[k])}
 
 
 def _seed(recipe: Recipe, name: str, offset: int = 0) -> int:
@@ -254,7 +265,7 @@ class Trainer:
         total, count = 0.0, 0
         for i, (x, _) in enumerate(batches(data.train, cfg.batch_size, normalizer=normalizer, device=self.device,
                                            shuffle=True, seed=seed,
-                                           augmentation=(cfg.crop_padding, cfg.flip))):
+                                           augmentation=Augmentation.of(cfg))):
             if i == 20:
                 break
             with loop.autocast(self.device):
@@ -274,7 +285,7 @@ class Trainer:
             return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
         def section(cfg) -> dict:
-            return {"section": cfg.model_dump(mode="json"), "train": cfg.resolve(r.train).model_dump(mode="json")}
+            return {"section": settled(cfg), "train": settled(cfg.resolve(r.train))}
 
         fps = {"teacher": digest("teacher", section(r.teacher))}
         fps["student"] = previous = digest(fps["teacher"], "student", section(r.student))
@@ -283,7 +294,7 @@ class Trainer:
         b = r.baselines
         for entry in self._grid_entries():
             fps[f"kd-{entry.spec.tag}"] = digest(fps["teacher"], "kd_baseline", entry.spec.tag, b.kd_alpha,
-                                                 b.kd_temperature, b.resolve(r.train).model_dump(mode="json"))
+                                                 b.kd_temperature, settled(b.resolve(r.train)))
         return fps
 
     def _grid_entries(self):

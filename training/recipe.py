@@ -62,6 +62,7 @@ class TrainConfig(_Strict):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     crop_padding: int = Field(2, ge=0)
     flip: bool = True
+    random_erasing: float = Field(0.0, ge=0, le=1)  # probability of erasing a random rectangle (Zhong et al. 2017)
     eval_batch_size: int = Field(512, ge=1)
     grad_clip: float | None = Field(None, gt=0)  # max global gradient norm; None = no clipping
 
@@ -77,6 +78,7 @@ class _StageOverrides(_Strict):
     label_smoothing: float | None = Field(None, ge=0, lt=1)
     crop_padding: int | None = Field(None, ge=0)
     flip: bool | None = None
+    random_erasing: float | None = Field(None, ge=0, le=1)
     grad_clip: float | None = Field(None, gt=0)
 
     def resolve(self, base: TrainConfig) -> TrainConfig:
