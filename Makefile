@@ -8,7 +8,7 @@ RUN_DIR ?= runs/fashion-mnist-cpu
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run train test setup-serve setup-train setup-test data
+.PHONY: run train test setup-serve setup-train setup-test data device-pack device-train
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,3 +46,18 @@ train: setup-train data
 
 test: setup-test data
 	$(BIN)/python -m pytest -q
+
+# The reference cascade on a GPU host (docs/device.md). Here: everything that host lacks, into the git-ignored
+# .device/ the device tool carries: Python 3.12 wheels of the training extra's pure dependencies (the host has torch
+# and numpy) and the Fashion-MNIST files.
+device-pack: setup-train data
+	rm -rf .device && mkdir -p .device/wheels .device/data
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .device/wheels $$($(BIN)/python bench/device_deps.py)
+	cp $(dir $(FMNIST))*-ubyte.gz .device/data/
+	@du -sh .device
+
+# There: train the plan in resumable steps, packing the run into $(OUT) after each (bench/device_train.sh).
+device-train:
+	bash bench/device_train.sh

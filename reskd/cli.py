@@ -55,6 +55,31 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_device_train(args: argparse.Namespace) -> int:
+    import json
+
+    from reskd.training.data import DatasetError
+    from reskd.training.device_train import STEPS, Plan, device_train
+    from reskd.training.recipe import RecipeError
+    from reskd.training.rundir import RunDirError
+
+    steps = tuple(s for s in args.steps.split(",") if s)
+    unknown = set(steps) - set(STEPS)
+    if unknown:
+        print(f"reskd device-train: unknown step(s) {', '.join(sorted(unknown))}; the steps are "
+              f"{', '.join(STEPS)}", file=sys.stderr)
+        return 2
+    try:
+        progress = device_train(Plan.load(args.plan), args.out, tiny=args.tiny, device=args.device,
+                                data_root=args.data_root, pack=args.pack, steps=steps,
+                                log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    except (RecipeError, DatasetError, RunDirError, FileNotFoundError) as err:
+        print(f"reskd device-train: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(progress, indent=1))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from reskd.export.exporter import ExportError, export_run
     from reskd.manifest import ManifestError
@@ -175,6 +200,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny", action="store_true", help="apply the file's [tiny] overrides: a CPU smoke run of the grid")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("device-train", help="the reference cascade on a GPU host, in resumable named steps",
+                       description="Train a plan's teacher candidates (smallest first, until one reaches the "
+                                   "target on validation), then the cascade, then the baselines, each step "
+                                   "leaving its result in OUT before the next starts; a re-run resumes. "
+                                   "See training/device_train.py and docs/device.md.")
+    p.add_argument("--plan", default="fashion-mnist-gpu", metavar="PLAN",
+                   help="a plan file, or a bundled plan's name (default: %(default)s)")
+    p.add_argument("--out", required=True, metavar="DIR", help="one run directory per step's runs is made here")
+    p.add_argument("--tiny", action="store_true", help="apply the plan's [tiny] overrides: a CPU rehearsal")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--data-root", metavar="DIR", help="the dataset's files (data.root of every recipe)")
+    p.add_argument("--pack", metavar="DIR",
+                   help="after every step, OUT as DIR/run.tar.partNNN of at most 15 MiB each; restore with "
+                        "`cat DIR/run.tar.part* | tar -x -C DEST`")
+    p.add_argument("--steps", default="teacher,cascade,baselines", help="comma-separated subset, in order")
+    p.set_defaults(func=cmd_device_train)
 
     p = sub.add_parser("export", help="write a run's cascade and teacher to a model repository (ONNX, checked)",
                        description="Export each stage of RUN_DIR to ONNX as REPO/NAME/VERSION (and the teacher as "

@@ -16,6 +16,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -301,7 +302,9 @@ class Trainer:
         # The student is itself a KD single model of its size; the report lists it in the grid instead.
         return [e for e in self.recipe.baselines.kd_grid if e.spec != self.recipe.student.spec]
 
-    def run(self) -> dict:
+    def run(self, until: Literal["teacher", "cascade", "all"] = "all") -> dict:
+        """Train what is not trained yet, up to `until` (the teacher; the student and res-students too; the
+        baselines too), then evaluate and report what there is."""
         r = self.recipe
         started = time.time()
         fps = self.fingerprints()
@@ -310,19 +313,18 @@ class Trainer:
         self._write_run_file(data)
         normalizer = Normalizer(data.mean, data.std, self.device)
 
-        teacher = self.teacher(data, normalizer)
-        student = self.kd_model("student", "student", r.student.spec, r.student.resolve(r.train), r.student.kd_alpha,
-                                r.student.kd_temperature, fps["student"], teacher, data, normalizer)
-        cascade = [student]
-        for k, rcfg in enumerate(r.res_students):
-            cascade.append(self.res_student(k, rcfg, teacher, list(cascade), data, normalizer))
-
-        bcfg = r.baselines.resolve(r.train)
-        baselines = [self.kd_model(f"kd-{e.spec.tag}", "kd_baseline", e.spec, bcfg, r.baselines.kd_alpha,
-                                   r.baselines.kd_temperature, fps[f"kd-{e.spec.tag}"], teacher, data, normalizer)
-                     for e in self._grid_entries()]
-
-        stages = [teacher, *cascade, *baselines]
+        stages = [self.teacher(data, normalizer)]
+        if until != "teacher":
+            stages.append(self.kd_model("student", "student", r.student.spec, r.student.resolve(r.train),
+                                        r.student.kd_alpha, r.student.kd_temperature, fps["student"], stages[0], data,
+                                        normalizer))
+            for k, rcfg in enumerate(r.res_students):
+                stages.append(self.res_student(k, rcfg, stages[0], list(stages[1:]), data, normalizer))
+        if until == "all":
+            bcfg = r.baselines.resolve(r.train)
+            stages += [self.kd_model(f"kd-{e.spec.tag}", "kd_baseline", e.spec, bcfg, r.baselines.kd_alpha,
+                                     r.baselines.kd_temperature, fps[f"kd-{e.spec.tag}"], stages[0], data, normalizer)
+                       for e in self._grid_entries()]
         logits = self.evaluate(stages, data, normalizer)
         shape = (data.channels, data.height, data.width)
         flops = {s.name: count_flops(s.model, s.input_shape(shape)) for s in stages}  # a stage's own layers
@@ -330,7 +332,8 @@ class Trainer:
                          self.environment())
         report["wall_seconds"] = round(time.time() - started, 1)
         self.run_dir.write_report(report, render_markdown(report))
-        plot_pareto(report, self.run_dir.path / "pareto.png")
+        if "cascade" in report:
+            plot_pareto(report, self.run_dir.path / "pareto.png")
         return report
 
     def evaluate(self, stages: list[Stage], data: DataBundle, normalizer: Normalizer) -> dict[str, np.ndarray]:

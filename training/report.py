@@ -86,11 +86,17 @@ class Evidence:
 
 
 def analyse(recipe, data, stages, logits: dict, flops: dict, params: dict, environment: dict | None = None) -> dict:
-    """The report as a dict (report.json); render_markdown and plot_pareto draw it."""
+    """The report as a dict (report.json); render_markdown and plot_pareto draw it. A run stopped after its
+    teacher (Trainer.run(until="teacher")) reports the teacher alone."""
     ev = recipe.evaluation
     evidence = Evidence(logits, flops, Bootstrap(len(logits["test/labels"]), ev.bootstrap_samples, seed=recipe.seed),
                         ev.exit_measure)
     models = model_rows(evidence, stages, params)
+    head = {"recipe": recipe.name, "dataset": data.name, "flops_note": FLOPS_NOTE,
+            "teacher_flops": evidence.teacher_flops, "environment": environment or {}, "split": data.meta,
+            "models": models}
+    if "student" not in models:
+        return head
     names = ["student"] + [s.name for s in stages if s.kind == "res_student"]
     val_scores, test_scores = evidence.scores(names, "val", True), evidence.scores(names, "test", True)
     adaptive, chosen = calibrated(evidence, val_scores, test_scores, ev)
@@ -98,8 +104,7 @@ def analyse(recipe, data, stages, logits: dict, flops: dict, params: dict, envir
     grid = kd_grid(models, stages, recipe)
     independent, independent_correct = independent_cascade(evidence, stages, recipe, chosen.mean_flops)
     return {
-        "recipe": recipe.name, "dataset": data.name, "flops_note": FLOPS_NOTE, "teacher_flops": evidence.teacher_flops,
-        "environment": environment or {}, "split": data.meta, "models": models,
+        **head,
         "cascade": {"stages": names, "stage_flops": [flops[n] for n in names],
                     "depths": cascade_depths(evidence, names, val_scores, test_scores)},
         "adaptive": adaptive, "adaptive_curve": _curve(val_scores, test_scores), "kd_grid": grid,
@@ -164,9 +169,9 @@ def independent_cascade(evidence: Evidence, stages, recipe,
     at the adaptive ResKD cascade's validation FLOPs (the fair comparison point). -> (its report section, its
     test correctness at that point)."""
     order = [e.spec for e in recipe.baselines.independent_cascade]
-    if not order:
-        return None, None
     chosen = [s for s in stages if s.kind in ("student", "kd_baseline") and s.spec in order]
+    if not order or len(chosen) < len(order):  # none asked for, or its models are not trained (yet)
+        return None, None
     names = [s.name for s in sorted(chosen, key=lambda s: order.index(s.spec))]
     val, test = evidence.scores(names, "val", False), evidence.scores(names, "test", False)
     matched = val.calibrate(flops_budget=adaptive_val_flops)
@@ -225,7 +230,7 @@ def _ci(ci: list[float]) -> str:
 
 
 def render_markdown(r: dict) -> str:
-    m, a = r["models"], r["adaptive"]
+    m = r["models"]
     lines = [f"# {r['recipe']} — ResKD run report", "",
              f"Dataset {r['dataset']}: {r['split']['train_size']} train / {r['split']['val_size']} validation "
              f"(carved from train, never trained on) / {r['split']['test_size']} test.",
@@ -242,6 +247,9 @@ def render_markdown(r: dict) -> str:
                     f"{v['val_accuracy']:.2f} | {v['test_accuracy']:.2f} | {_ci(v['test_ci95'])}")
         lines.append(f"| {name} ({v['tag']}) | {v['kind']} | {v['flops']:,} | {v['pct_teacher_flops']:.2f} | "
                      f"{v['params']:,} | {len(v['history'])} | {seconds} | {accuracy} |")
+    if "cascade" not in r:  # a run stopped after its teacher
+        return "\n".join(lines + [""])
+    a = r["adaptive"]
     lines += ["", "## ResKD cascade", "", "| stages run | FLOPs | % teacher | val acc | test acc | 95% CI |",
               "|---|---:|---:|---:|---:|---|"]
     for d in r["cascade"]["depths"]:
