@@ -84,3 +84,6 @@ def test_cli_reports_recipe_and_data_errors_without_a_traceback(tmp_path):
     out = run("--recipe", "fashion-mnist-cpu", "--out", str(tmp_path / "run"), "--set", f"data.root=\"{tmp_path}\"")
     assert out.returncode == 2
     assert "Fashion-MNIST IDX files not found" in out.stderr and "Traceback" not in out.stderr
+    out = run("--recipe", "fashion-mnist-cpu", "--out", str(tmp_path / "run"), "--set", "res_students.2.epochs=1")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "res_students is a list of 2 entries; '2' is not an index into it" in out.stderr

@@ -207,12 +207,18 @@ def set_dotted(data: dict, dotted: str, value) -> None:
     """Set `a.b.0.c` in nested dicts/lists (used by --set and the sweep)."""
     keys = dotted.split(".")
     node = data
-    for key in keys[:-1]:
+    for depth, key in enumerate(keys):
+        last = depth == len(keys) - 1
         if isinstance(node, list):
-            node = node[int(key)]
+            if not key.isdigit() or int(key) >= len(node):
+                where = ".".join(keys[:depth]) or "(top level)"
+                raise RecipeError(f"override {dotted}: {where} is a list of {len(node)} entries; "
+                                  f"{key!r} is not an index into it")
+            if last:
+                node[int(key)] = value
+            else:
+                node = node[int(key)]
+        elif last:
+            node[key] = value
         else:
             node = node.setdefault(key, {})
-    if isinstance(node, list):
-        node[int(keys[-1])] = value
-    else:
-        node[keys[-1]] = value
