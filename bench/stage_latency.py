@@ -16,7 +16,7 @@ import onnxruntime as ort
 
 from reskd.device import Device
 from reskd.runtime import CascadeRuntime
-from reskd.service.stages import BoundStages
+from reskd.engine import EngineSpec
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 SIZES = [1, 4, 16, 64, 256]
@@ -50,7 +50,8 @@ def main() -> None:
                     row[f"b{n}_ms"] = round(timed(lambda: rt.stage_logits(s, x), args.repeats), 3)
                 print(json.dumps(row), flush=True)
             if name == "fashion-mnist" and search == searches[0]:
-                bound = BoundStages(rt, device=args.device, buckets=SIZES, max_blocks=8)
+                bound = CascadeRuntime(MODELS / name / "1", device=device,
+                                       engine=EngineSpec("bound", buckets=tuple(SIZES), max_blocks=8)).engine
                 bound.warm_up()
                 x = rng.normal(size=(256, *rt.input_shape)).astype(np.float32)
                 blocks = [bound.upload(x) for _ in range(8)]

@@ -45,6 +45,7 @@ class Device:
     threads: int = 0  # intra-op threads of a session's own pool (0: onnxruntime's default, one per core)
     shared_pool: bool = False  # sessions use the process-wide pool instead of their own
     spinning: bool = True  # False: own pools never busy-wait (other sessions or processes share the cores)
+    cuda_graphs: bool = False  # CUDA EP captures a graph per gpu_graph_id (reskd.engine's BoundEngine only)
 
     @classmethod
     def resolve(cls, name: str = "auto", *, cudnn_conv_algo_search: str = "HEURISTIC", threads: int = 0,
@@ -67,6 +68,10 @@ class Device:
         """The same device with `threads` intra-op threads; shared_pool=True creates the process-wide pool of that
         size (before any session of the process exists) and has every session use it."""
         return replace(self, threads=threads, shared_pool=shared_pool and _share_threads(threads))
+
+    def with_cuda_graphs(self, on: bool = True) -> Device:
+        """The same device whose CUDA sessions capture graphs (`enable_cuda_graph`); no effect on CPU."""
+        return replace(self, cuda_graphs=on and self.cuda)
 
     @classmethod
     def cpu(cls, threads: int = 0, spinning: bool = True) -> Device:
@@ -94,8 +99,12 @@ class Device:
 
     def session(self, model: str | bytes, sessions_sharing_cores: int = 1) -> ort.InferenceSession:
         """model: an ONNX file's path or serialised bytes."""
+        providers = list(self.providers)
+        if self.cuda_graphs:
+            name, options = providers[0]
+            providers[0] = (name, {**options, "enable_cuda_graph": "1"})
         return ort.InferenceSession(model, sess_options=self.session_options(sessions_sharing_cores),
-                                    providers=list(self.providers))
+                                    providers=providers)
 
     @staticmethod
     def runs_on_cuda(session: ort.InferenceSession) -> bool:

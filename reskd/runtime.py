@@ -2,7 +2,8 @@
 execute a model repository version through this one class, so what is calibrated is exactly what is served.
 
 A batch goes through the stages in order; each stage runs only on the samples still undecided, and
-reskd.cascade decides, after each stage, which samples leave.
+reskd.cascade decides, after each stage, which samples leave. The stages execute on the version's engine
+(reskd.engine: numpy on CPU; fixed device buffers, buckets and CUDA graphs on CUDA).
 """
 
 from __future__ import annotations
@@ -15,24 +16,30 @@ import numpy as np
 
 from .cascade import CascadeInputError, CascadeResult, CascadeSamples, ExitRule, advance, combine
 from .device import Device
+from .engine import BoundEngine, EngineSpec, HostEngine, make_engine
 from .manifest import Manifest, load_manifest
 
 StageHook = Callable[[int, int, float], None]
 
 
 class CascadeRuntime:
-    def __init__(self, version_dir: str | Path, *, device: Device | None = None, check_folder_name: bool = True):
+    def __init__(self, version_dir: str | Path, *, device: Device | None = None, check_folder_name: bool = True,
+                 engine: EngineSpec | None = None):
         self.path = Path(version_dir)
         self.manifest: Manifest = load_manifest(self.path, check_folder_name=check_folder_name)
         self.device = device or Device.resolve()
+        self.engine_spec = (engine or EngineSpec()).resolve(self.device)
         stages = self.manifest.stages
-        self.sessions = [self.device.session(str(self.path / s.file), len(stages)) for s in stages]
+        session_device = self.device.with_cuda_graphs(bool(self.engine_spec.graphs))
+        self.sessions = [session_device.session(str(self.path / s.file), len(stages)) for s in stages]
         self.stage_flops = np.asarray(self.manifest.stage_flops, dtype=np.int64)
         self.cum_flops = np.cumsum(self.stage_flops)
         m = self.manifest.input
         self.input_shape = (m.channels, m.height, m.width)
         self.num_classes = len(self.manifest.labels)
         self.rule = ExitRule(self.manifest.exit.measure, len(stages))
+        self.engine: HostEngine | BoundEngine = make_engine(self.engine_spec, self.device, self.sessions,
+                                                           self.input_shape, self.num_classes)
 
     @property
     def num_stages(self) -> int:
@@ -43,8 +50,19 @@ class CascadeRuntime:
         """Whether the stages really run on CUDA (onnxruntime falls back to CPU when the CUDA libraries fail)."""
         return Device.runs_on_cuda(self.sessions[0])
 
+    def _chunks(self, n: int) -> list[slice]:
+        """A batch as the engine takes it: whole on the host engine, at most the largest bucket when bound."""
+        return self.engine.buckets.chunks(n) if isinstance(self.engine, BoundEngine) else [slice(0, n)]
+
     def stage_logits(self, stage: int, images: np.ndarray) -> np.ndarray:
-        return self.sessions[stage].run(["logits"], {"images": images})[0]
+        """One stage's logits for every image (float32 [N, classes]), through the engine."""
+        images = self.check_images(images)
+        out = []
+        with self.engine.lock:
+            for chunk in self._chunks(len(images)):
+                block = self.engine.stage_block(images[chunk])
+                out.append(self.engine.run(stage, [(block, np.arange(chunk.stop - chunk.start))])[0])
+        return out[0] if len(out) == 1 else np.concatenate(out)
 
     def check_images(self, images: np.ndarray) -> np.ndarray:
         images = np.asarray(images)
@@ -83,16 +101,20 @@ class CascadeRuntime:
         images = self.check_images(images)
         n = len(images)
         samples = self.samples(n, threshold, max_stage)
-        active = np.arange(n)
-        for s in range(int(samples.last.max(initial=0)) + 1):
-            if len(active) == 0:
-                break
-            start = time.perf_counter()
-            logits = self.stage_logits(s, images if len(active) == n else images[active])
-            if on_stage is not None:
-                on_stage(s, len(active), time.perf_counter() - start)
-            (leave,) = advance(self.rule, s, [(samples, active)], logits, early_exit)
-            active = active[~leave]
+        stages = int(samples.last.max(initial=0)) + 1
+        for chunk in self._chunks(n):
+            with self.engine.lock:  # a bound engine's staging buffer holds this chunk until its last stage
+                block = self.engine.stage_block(images[chunk])
+                active = np.arange(chunk.stop - chunk.start)
+                for s in range(stages):
+                    if len(active) == 0:
+                        break
+                    start = time.perf_counter()
+                    logits, _ = self.engine.run(s, [(block, active)])
+                    if on_stage is not None:
+                        on_stage(s, len(active), time.perf_counter() - start)
+                    (leave,) = advance(self.rule, s, [(samples, chunk.start + active)], logits, early_exit)
+                    active = active[~leave]
         return samples.result(self.cum_flops)
 
     def all_stage_logits(self, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:

@@ -12,6 +12,7 @@ import numpy as np
 
 from reskd.cascade import CascadeResult
 from reskd.device import Device
+from reskd.engine import Engine, EngineSpec
 from reskd.manifest import Manifest, ManifestError, ModelRepository
 from reskd.runtime import CascadeRuntime
 
@@ -19,7 +20,6 @@ from .errors import not_found
 from .metrics import Metrics, ModelMetrics
 from .scheduler import CascadeScheduler
 from .settings import ServeSettings
-from .stages import BoundStages, HostStages, StageRunner
 
 log = logging.getLogger("reskd.service")
 
@@ -30,7 +30,7 @@ class ServedModel:
     version: int
     path: Path
     runtime: CascadeRuntime
-    runner: StageRunner
+    runner: Engine
     scheduler: CascadeScheduler
     metrics: ModelMetrics
 
@@ -77,6 +77,23 @@ class ServingDevice:
         return cls(device.with_threads(intra, shared_pool), workers)
 
 
+def engine_spec(s: ServeSettings, device: Device) -> EngineSpec:
+    """The engine every version runs on (reskd.engine). Raises ValueError where a bound engine's largest bucket
+    cannot hold a batch the scheduler can form (its buffers are allocated once)."""
+    spec = EngineSpec(s.stage_runner, s.cuda_graphs, tuple(s.batch_buckets), s.max_gather_blocks)
+    if spec.resolve(device).kind == "bound":
+        largest = max(s.batch_buckets)
+        sizes = s.stage_max_batch_size or [s.max_batch_size]
+        # The stage scheduler splits requests into batches of at most the max batch size; the request-level
+        # ones take a whole request however large.
+        needed = max(sizes) if s.scheduler == "stage" else max(s.max_images, *sizes)
+        if needed > largest:
+            what = "the max batch size" if s.scheduler == "stage" else "max_images and the max batch size"
+            raise ValueError(f"the largest batch bucket ({largest}) must hold the largest batch the server can "
+                             f"form ({needed}: {what}); raise RESKD_BATCH_BUCKETS or lower those")
+    return spec
+
+
 class ModelStore:
     def __init__(self, settings: ServeSettings, metrics: Metrics, executor: Executor, serving: ServingDevice):
         self.settings = settings
@@ -96,7 +113,7 @@ class ModelStore:
         for name in names:
             for version in self.repo.versions(name):
                 path = self.repo.resolve(name, version)
-                runtime = CascadeRuntime(path, device=self.serving.device)
+                runtime = CascadeRuntime(path, device=self.serving.device, engine=self.engine_spec)
                 runner = self._runner(runtime)
                 metrics = self.metrics.for_model(name, version, runtime.stage_flops, runtime.manifest.teacher.flops)
                 scheduler = CascadeScheduler(
@@ -106,21 +123,22 @@ class ModelStore:
                     max_queue_images=s.max_queue_images, pipeline_depth=self.serving.workers, observer=metrics)
                 model = ServedModel(name, version, path, runtime, runner, scheduler, metrics)
                 self._models.setdefault(name, {})[version] = model
-                log.info("loaded %s version %d: %d stage(s) on %s (%s), scheduler %s", name, version,
-                         runtime.num_stages, model.device, type(runner).__name__, s.scheduler)
+                log.info("loaded %s version %d: %d stage(s) on %s (%s engine%s), scheduler %s", name, version,
+                         runtime.num_stages, model.device, runtime.engine.kind,
+                         ", CUDA graphs" if runtime.engine_spec.graphs else "", s.scheduler)
 
-    def _runner(self, runtime: CascadeRuntime) -> StageRunner:
+    @property
+    def engine_spec(self) -> EngineSpec:
+        return engine_spec(self.settings, self.serving.device)
+
+    def _runner(self, runtime: CascadeRuntime) -> Engine:
         s = self.settings
-        on_cuda = runtime.on_cuda
-        if self.serving.device.cuda and not on_cuda:
+        if self.serving.device.cuda and not runtime.on_cuda:
             if s.device == "cuda":
                 raise RuntimeError(f"device 'cuda' asked for, but onnxruntime could not create a CUDA session for "
                                    f"{runtime.path} (it fell back to the CPU); check the CUDA and cuDNN libraries")
             log.warning("CUDA execution provider failed for %s; serving it on CPU", runtime.path)
-        if s.stage_runner == "bound" or (s.stage_runner == "auto" and on_cuda):
-            return BoundStages(runtime, device="cuda" if on_cuda else "cpu", buckets=s.batch_buckets,
-                               max_blocks=s.max_gather_blocks)
-        return HostStages(runtime, s.warmup_batch_sizes)
+        return runtime.engine
 
     def all(self) -> list[ServedModel]:
         return [m for versions in self._models.values() for m in versions.values()]

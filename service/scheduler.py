@@ -32,9 +32,9 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from reskd.cascade import CascadeResult, CascadeSamples, advance
+from reskd.engine import Engine
 from reskd.runtime import CascadeRuntime
 
-from .stages import StageRunner
 
 log = logging.getLogger("reskd.service")
 
@@ -125,8 +125,8 @@ class StageQueue:
     def deadline(self) -> float:
         return self.items[0].enqueued + self.max_delay_s
 
-    def ready(self, now: float) -> bool:
-        return bool(self.items) and (self.size >= self.max_batch or now >= self.deadline())
+    def ready(self, now: float, idle: bool = False) -> bool:
+        return bool(self.items) and (idle or self.size >= self.max_batch or now >= self.deadline())
 
     def take(self, *, whole_requests: bool, one_request: bool, max_blocks: int) -> list[Rows]:
         batch: list[Rows] = []
@@ -156,7 +156,7 @@ class StageQueue:
 
 
 class CascadeScheduler:
-    def __init__(self, runtime: CascadeRuntime, runner: StageRunner, executor: Executor, *, model: str,
+    def __init__(self, runtime: CascadeRuntime, runner: Engine, executor: Executor, *, model: str,
                  version: int, policy: Policy, max_batch_sizes: list[int], max_queue_delays_s: list[float],
                  max_queue_images: int, pipeline_depth: int, observer: SchedulerObserver | None = None):
         self.runtime = runtime
@@ -179,6 +179,7 @@ class CascadeScheduler:
         self._slots: asyncio.Semaphore | None = None
         self._task: asyncio.Task | None = None
         self._running: set[asyncio.Task] = set()
+        self._in_flight = 0  # batches dispatched and not finished
 
     # --- admission -------------------------------------------------------------------------------------------
     @property
@@ -221,10 +222,13 @@ class CascadeScheduler:
             q.size = 0
 
     def _pick(self, now: float) -> int | None:
-        """The deepest ready stage whose next queue has room (back-pressure)."""
+        """The deepest ready stage whose next queue has room (back-pressure). An idle scheduler (no batch in flight,
+        samples in one queue only) dispatches that queue at once instead of charging a lone request the queue
+        delay; under load batches are in flight, so queues fill up and close by size or delay as before."""
+        idle = self._in_flight == 0 and sum(1 for q in self.queues if q.items) == 1
         for s in range(len(self.queues) - 1, -1, -1):
             q = self.queues[s]
-            if not q.ready(now):
+            if not q.ready(now, idle):
                 continue
             if s + 1 < len(self.queues) and self.queues[s + 1].size >= self.queues[s + 1].bound:
                 continue
@@ -254,6 +258,7 @@ class CascadeScheduler:
                 continue
             for rows in batch:
                 self.observer.waited(stage, now - rows.enqueued)
+            self._in_flight += 1
             task = asyncio.get_running_loop().create_task(self._run(stage, batch))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
@@ -275,6 +280,7 @@ class CascadeScheduler:
                     rows.request.future.set_exception(failure)
             return
         finally:
+            self._in_flight -= 1
             self._slots.release()
             self._wakeup.set()
         for req, count in exited:  # counted here, on the loop, as batches in flight may share a request

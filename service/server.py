@@ -21,7 +21,7 @@ from reskd.manifest import ManifestError, ModelRepository
 from . import errors, ops, v1, v2
 from .logs import log_config
 from .middlewares import BearerAuth, BodyLimit, RequestMetrics
-from .models import ServingDevice
+from .models import ServingDevice, engine_spec
 from .settings import ServeSettings
 from .state import ServerState
 
@@ -81,5 +81,6 @@ def serve(settings: ServeSettings) -> None:
     # Raises under --device cuda without the CUDA EP. One onnxruntime thread pool for every stage of every model:
     # the thread budget, with no idle pool spinning; it must exist before the first session.
     serving = ServingDevice.resolve(settings, shared_pool=True)
+    engine_spec(settings, serving.device)  # raises ValueError for buckets that cannot hold a batch
     uvicorn.run(create_app(settings, serving), host=settings.host, port=settings.port, log_config=config,
                 log_level=settings.log_level, timeout_graceful_shutdown=10)

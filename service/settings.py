@@ -49,10 +49,13 @@ class ServeSettings(BaseSettings):
     decode_workers: int = Field(2, gt=0, description="threads decoding and preprocessing images")
     warmup_batch_sizes: list[int] = Field([1, 8, 64], description="CPU: batch sizes run once per stage before ready")
 
-    # Device path (CUDA): images uploaded once per stage-0 batch and kept on the device (IO binding); later
-    # stages gather their rows there. Batches are padded to these sizes, each warmed at start. "bound" forces
-    # the IO-binding path on CPU as well (it is what runs on a GPU; useful to test without one).
+    # The engine (reskd/engine.py). "bound" (the CUDA default): images uploaded once per stage-0 batch and kept
+    # on the device (IO binding) in buffers allocated once; later stages gather their rows there; batches are
+    # padded to these bucket sizes, every stage and bucket warmed at start; with cuda_graphs each (stage, bucket)
+    # is a captured CUDA graph. "host" (the CPU default): numpy, exact batch sizes. "bound" on CPU runs the
+    # device path without a GPU (tests). The largest bucket must hold max_images and every max batch size.
     stage_runner: Literal["auto", "host", "bound"] = "auto"
+    cuda_graphs: bool | None = Field(None, description="CUDA graphs for the bound engine; unset: on under CUDA")
     batch_buckets: list[int] = Field([1, 2, 4, 8, 16, 32, 64, 128, 256])
     max_gather_blocks: int = Field(8, gt=0, description="stage-0 batches one later-stage batch may draw from")
     cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "EXHAUSTIVE"

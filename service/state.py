@@ -34,7 +34,7 @@ class ServerState:
             self.store.load()
             loop = asyncio.get_running_loop()
             for model in self.store.all():
-                await loop.run_in_executor(self.inference, model.runner.warm_up)
+                await loop.run_in_executor(self.inference, model.runner.warm_up, self.settings.warmup_batch_sizes)
                 model.scheduler.start()
             self.ready = True
             log.info("ready: %s", ", ".join(f"{m.name}/{m.version}" for m in self.store.all()))

@@ -14,12 +14,12 @@ import pytest
 
 from reskd.cascade import CascadeResult
 from reskd.device import Device
+from reskd.engine import EngineSpec, HostEngine
 from reskd.runtime import CascadeRuntime
 from reskd.service.metrics import Metrics
 from reskd.service.models import thread_budget
 from reskd.service.scheduler import CascadeScheduler, InferenceFailed, QueueFull
 from reskd.service.settings import ServeSettings
-from reskd.service.stages import BoundStages, HostStages
 from server_process import MODELS
 
 
@@ -45,8 +45,8 @@ class Spy:
         self.batches.append((stage, list(self.current)))
         return self.runner.run(stage, parts)
 
-    def warm_up(self):
-        self.runner.warm_up()
+    def warm_up(self, batch_sizes=None):
+        self.runner.warm_up(batch_sizes)
 
 
 def scheduler(rt, runner, policy="stage", batch=(64,), delay_ms=(1,), bound=1024, depth=1, metrics=None):
@@ -78,7 +78,7 @@ async def serve_all(sched, reqs, stagger_s=0.0):
 
 
 def test_a_later_stage_batch_merges_survivors_of_several_requests(rt):
-    spy = Spy(HostStages(rt, [1]))
+    spy = Spy(rt.engine)
     ids = {}
 
     real_step = CascadeScheduler._step
@@ -106,10 +106,10 @@ def test_a_later_stage_batch_merges_survivors_of_several_requests(rt):
 @pytest.mark.parametrize("runner", ["host", "bound"])
 def test_every_policy_gives_what_the_runtime_gives(rt, policy, runner):
     reqs = requests()
-    if runner == "host":
-        stages = HostStages(rt, [1])
-    else:
-        stages = BoundStages(rt, device="cpu", buckets=[1, 4, 16, 64], max_blocks=3)
+    if runner == "bound":
+        rt = CascadeRuntime(rt.path, device=Device.cpu(), engine=EngineSpec("bound", buckets=(1, 4, 16, 64),
+                                                                             max_blocks=3))
+    stages = rt.engine
     metrics = Metrics()
     sched = scheduler(rt, stages, policy=policy, batch=(16, 8, 8), delay_ms=(2, 5, 5), depth=2, metrics=metrics)
     results = asyncio.run(serve_all(sched, reqs, stagger_s=0.001))
@@ -143,7 +143,7 @@ def concat(results):
 
 def test_back_pressure_refuses_at_admission(rt):
     async def go():
-        sched = scheduler(rt, HostStages(rt, [1]), batch=(8,), delay_ms=(10_000,), bound=8)
+        sched = scheduler(rt, rt.engine, batch=(8,), delay_ms=(10_000,), bound=8)
         sched.start()
         try:
             first = sched.submit(np.zeros((8, 1, 28, 28), np.float32))
@@ -158,8 +158,28 @@ def test_back_pressure_refuses_at_admission(rt):
     asyncio.run(go())
 
 
+@pytest.mark.parametrize("policy", ["stage", "request"])
+def test_an_idle_scheduler_dispatches_a_lone_request_at_once(rt, policy):
+    """Nothing in flight and nothing else queued: the request does not wait for its batch to fill or time out
+    (a minute here), at any stage; while a batch is in flight, the queue waits as configured."""
+    async def go():
+        sched = scheduler(rt, rt.engine, policy=policy, batch=(64, 64, 64), delay_ms=(60_000,) * 3)
+        sched.start()
+        try:
+            result = await asyncio.wait_for(sched.submit(np.zeros((2, 1, 28, 28), np.float32), 1.0), 20)
+            assert result.exit_stage.tolist() == [2, 2]  # through every stage, each dispatched at once
+            sched._in_flight += 1  # as if a batch were running: the next request waits for its delay
+            waiting = sched.submit(np.zeros((1, 1, 28, 28), np.float32))
+            await asyncio.sleep(0.3)
+            assert not waiting.done() and sched.queues[0].size == 1
+        finally:
+            await sched.stop()
+
+    asyncio.run(go())
+
+
 def test_a_full_next_queue_holds_back_the_stage_before_it(rt):
-    sched = scheduler(rt, HostStages(rt, [1]), batch=(4, 4, 4), delay_ms=(0, 0, 0), bound=4)
+    sched = scheduler(rt, rt.engine, batch=(4, 4, 4), delay_ms=(0, 0, 0), bound=4)
     q0, q1 = sched.queues[0], sched.queues[1]
 
     async def fill():
@@ -181,7 +201,7 @@ MARK = np.float32(7.77)
 
 
 def test_a_failing_stage_fails_only_its_batch(rt):
-    class Failing(HostStages):
+    class Failing(HostEngine):
         def run(self, stage, parts):
             if stage == 1 and any((block[rows][:, 0, 0, 0] == MARK).any() for block, rows in parts):
                 raise RuntimeError("stage 1 exploded")
@@ -193,14 +213,14 @@ def test_a_failing_stage_fails_only_its_batch(rt):
     bad[:, 0, 0, 0] = MARK
     reqs = [good[0], (bad, 1.0, None), good[1], good[2]]
     # Each request alone in its batches: the bad one fails at stage 1, the others finish.
-    results = asyncio.run(serve_all(scheduler(rt, Failing(rt, [1]), policy="none"), reqs, stagger_s=0.01))
+    results = asyncio.run(serve_all(scheduler(rt, Failing(rt.sessions), policy="none"), reqs, stagger_s=0.01))
     assert isinstance(results[1], InferenceFailed)  # the cause is logged; the client learns which stage failed
     assert "stage 1 of m version 1" in str(results[1]) and "exploded" not in str(results[1])
     for (images, threshold, _), got in zip(reqs, results):
         if images is not bad:
             np.testing.assert_array_equal(got.class_id, rt.run(images, threshold=threshold).class_id)
     # The scheduler survived: the next requests are served.
-    again = asyncio.run(serve_all(scheduler(rt, Failing(rt, [1])), good))
+    again = asyncio.run(serve_all(scheduler(rt, Failing(rt.sessions)), good))
     assert all(len(r) == 2 for r in again)
 
 

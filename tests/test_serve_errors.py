@@ -236,6 +236,10 @@ def test_a_broken_repository_fails_at_start_with_a_message(tmp_path):
     assert out.returncode == 2, out.stderr
     assert "RESKD_SCHEDULER: Input should be 'stage', 'request' or 'none'" in out.stderr
     assert "RESKD_MAX_IMAGES: Input should be greater than 0" in out.stderr
+    # A bound engine's buffers are allocated once: its largest bucket must hold any batch the scheduler forms.
+    out = serve_exit(MODELS, RESKD_STAGE_RUNNER="bound", RESKD_SCHEDULER="request", RESKD_BATCH_BUCKETS="[1, 4]")
+    assert out.returncode == 2 and "largest batch bucket (4)" in out.stderr and "max_images" in out.stderr, \
+        out.stderr
 
 
 def test_several_versions_are_served_at_once(tmp_path):
