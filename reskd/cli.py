@@ -87,7 +87,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     try:
         out = export_run(args.run, args.repo, args.name, args.version, target_drop_pt=args.target_drop,
-                         flops_budget_pct=args.flops_budget, model=args.model,
+                         flops_budget_pct=args.flops_budget, model=args.model, precision=args.precision,
                          log=lambda msg: print(msg, file=sys.stderr))
     except (ExportError, ManifestError, DatasetError, FileNotFoundError) as err:
         print(f"reskd export: {err}", file=sys.stderr)
@@ -230,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", metavar="CHECKPOINT",
                    help="export only this network of the run (e.g. kd-resnet8, a KD baseline) as a one-stage NAME, "
                         "measured against the run's teacher; no NAME-teacher is written")
+    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
+                   help="arithmetic inside every stage written, the teacher's too (images and logits stay float32); "
+                        "thresholds are calibrated on it (default fp32)")
     _calibration_args(p)
     p.set_defaults(func=cmd_export)
 

@@ -147,6 +147,8 @@ class Manifest(BaseModel):
     source: SourceSpec | None = None
     calibration: CalibrationSpec | None = None
     parity: ParitySpec | None = None
+    # The arithmetic inside the stages' graphs (images and logits are float32 either way); absent means fp32.
+    precision: Literal["fp32", "fp16"] = "fp32"
 
     @field_validator("metrics", mode="before")
     @classmethod

@@ -158,10 +158,10 @@ def test_existing_versions_are_never_overwritten_and_the_highest_is_served(expor
 def test_failed_parity_fails_loudly_and_leaves_nothing(tiny_run, tmp_path, monkeypatch):
     real_export = exporter.export_onnx
 
-    def wrong_model(model, path, shape):  # writes another stage's network in place of res1
+    def wrong_model(model, path, shape, precision="fp32"):  # writes another stage's network in place of res1
         if "res1" in path.name:
             model = load_stage(tiny_run[0], "student")[0]
-        return real_export(model, path, shape)
+        return real_export(model, path, shape, precision)
 
     monkeypatch.setattr(exporter, "export_onnx", wrong_model)
     repo = tmp_path / "repo"
@@ -227,3 +227,30 @@ def test_one_network_of_a_run_exports_as_a_one_stage_model(tiny_run, exported, t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-kd"]  # no teacher version written
     with pytest.raises(ExportError, match="no model 'kd-nope'.*checkpoints: .*student"):
         export_run(run_dir, tmp_path, "x", model="kd-nope", log=lambda msg: None)
+
+
+def test_fp16_export_keeps_float32_io_records_parity_and_calibrates_on_fp16(tiny_run, exported, test_set, tmp_path):
+    import onnx
+
+    repo = tmp_path / "repo"
+    export_run(tiny_run[0], repo, "tiny", precision="fp16", log=lambda msg: None)
+    fp32_dir, fp16_dir = exported[0] / "tiny" / "1", repo / "tiny" / "1"
+    for folder in (fp16_dir, repo / "tiny-teacher" / "1"):
+        m = load_manifest(folder)
+        assert m.precision == "fp16"
+        graph = onnx.load(folder / m.stages[0].file).graph
+        assert {i.type.tensor_type.elem_type for i in graph.input} == {onnx.TensorProto.FLOAT}  # images float32
+        assert {o.type.tensor_type.elem_type for o in graph.output} == {onnx.TensorProto.FLOAT}  # logits float32
+        assert onnx.TensorProto.FLOAT16 in {t.data_type for t in graph.initializer}  # weights in half precision
+    assert "precision" not in json.loads((fp32_dir / "manifest.json").read_text())  # fp32 manifests unchanged
+    m = load_manifest(fp16_dir)
+    for parity in m.parity.stages.values():  # measured against the fp32 PyTorch network: rounding shows
+        assert 0 < parity.max_abs_logit_diff < 0.05 and parity.argmax_agreement >= exporter.MIN_AGREEMENT["fp16"]
+    assert m.parity.exit_stage_agreement >= exporter.MIN_AGREEMENT["fp16"]
+    assert m.calibration is not None  # thresholds chosen on the fp16 graph itself
+    half, full = CascadeRuntime(fp16_dir), CascadeRuntime(fp32_dir)
+    a, b = half.run(test_set.images, early_exit=False), full.run(test_set.images, early_exit=False)
+    assert 0 < np.abs(a.logits - b.logits).max() < 0.05
+    assert (a.class_id == b.class_id).mean() >= 0.98
+    with pytest.raises(ExportError, match="precision must be one of fp32, fp16"):
+        export_run(tiny_run[0], repo, "tiny", precision="bf16", log=lambda msg: None)
