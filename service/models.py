@@ -18,7 +18,7 @@ from reskd.runtime import CascadeRuntime
 
 from .errors import not_found
 from .metrics import Metrics, ModelMetrics
-from .scheduler import CascadeScheduler
+from .scheduler import CascadeScheduler, Policy
 from .settings import ServeSettings
 
 log = logging.getLogger("reskd.service")
@@ -77,6 +77,15 @@ class ServingDevice:
         return cls(device.with_threads(intra, shared_pool), workers)
 
 
+def scheduling_policy(s: ServeSettings, device: Device) -> Policy:
+    """RESKD_SCHEDULER, with "auto" resolved per device: per-stage re-batching wins on CPU, where a stage's cost
+    follows its batch's rows; on a GPU each stage call costs a launch whatever its rows, and request-level batching
+    measured 7x the stage scheduler's throughput on an H200 (docs/serving.md)."""
+    if s.scheduler != "auto":
+        return s.scheduler
+    return "request" if device.cuda else "stage"
+
+
 def engine_spec(s: ServeSettings, device: Device) -> EngineSpec:
     """The engine every version runs on (reskd.engine). Raises ValueError where a bound engine's largest bucket
     cannot hold a batch the scheduler can form (its buffers are allocated once)."""
@@ -86,9 +95,10 @@ def engine_spec(s: ServeSettings, device: Device) -> EngineSpec:
         sizes = s.stage_max_batch_size or [s.max_batch_size]
         # The stage scheduler splits requests into batches of at most the max batch size; the request-level
         # ones take a whole request however large.
-        needed = max(sizes) if s.scheduler == "stage" else max(s.max_images, *sizes)
+        stage = scheduling_policy(s, device) == "stage"
+        needed = max(sizes) if stage else max(s.max_images, *sizes)
         if needed > largest:
-            what = "the max batch size" if s.scheduler == "stage" else "max_images and the max batch size"
+            what = "the max batch size" if stage else "max_images and the max batch size"
             raise ValueError(f"the largest batch bucket ({largest}) must hold the largest batch the server can "
                              f"form ({needed}: {what}); raise RESKD_BATCH_BUCKETS or lower those")
     return spec
@@ -117,7 +127,7 @@ class ModelStore:
                 runner = self._runner(runtime)
                 metrics = self.metrics.for_model(name, version, runtime.stage_flops, runtime.manifest.teacher.flops)
                 scheduler = CascadeScheduler(
-                    runtime, runner, self.executor, model=name, version=version, policy=s.scheduler,
+                    runtime, runner, self.executor, model=name, version=version, policy=self.policy,
                     max_batch_sizes=s.stage_max_batch_size or [s.max_batch_size],
                     max_queue_delays_s=[d / 1000 for d in (s.stage_max_queue_delay_ms or [s.max_queue_delay_ms])],
                     max_queue_images=s.max_queue_images, pipeline_depth=self.serving.workers, observer=metrics)
@@ -125,7 +135,11 @@ class ModelStore:
                 self._models.setdefault(name, {})[version] = model
                 log.info("loaded %s version %d: %d stage(s) on %s (%s engine%s), scheduler %s", name, version,
                          runtime.num_stages, model.device, runtime.engine.kind,
-                         ", CUDA graphs" if runtime.engine_spec.graphs else "", s.scheduler)
+                         ", CUDA graphs" if runtime.engine_spec.graphs else "", self.policy)
+
+    @property
+    def policy(self) -> Policy:
+        return scheduling_policy(self.settings, self.serving.device)
 
     @property
     def engine_spec(self) -> EngineSpec:

@@ -29,8 +29,9 @@ class ServeSettings(BaseSettings):
     max_pixels: int = Field(40_000_000, gt=0, description="decoded pixels per image (413 above: decompression bomb)")
 
     # Scheduling (service/scheduler.py): "stage" re-batches survivors per stage; "request" batches whole requests
-    # (Triton's way); "none" runs each request alone.
-    scheduler: Literal["stage", "request", "none"] = "stage"
+    # (Triton's way); "none" runs each request alone; "auto" picks per device what measured best there
+    # (docs/serving.md): stage on CPU, request on CUDA.
+    scheduler: Literal["auto", "stage", "request", "none"] = "auto"
     # A batch closes at max_batch_size samples or max_queue_delay_ms after its oldest sample arrived. The
     # stage_* lists set them per stage (the last value repeats for deeper stages); unset, every stage uses these.
     max_batch_size: int = Field(64, gt=0)

@@ -104,7 +104,7 @@ def _config(model: ServedModel, state: ServerState) -> dict:
                              "default_queue_policy": {"max_queue_size": s.max_queue_images}},
         "instance_group": [{"kind": "KIND_GPU" if model.device == "cuda" else "KIND_CPU", "count": 1}],
         "parameters": {"stages": {"string_value": str(model.runtime.num_stages)},
-                       "scheduler": {"string_value": s.scheduler},
+                       "scheduler": {"string_value": model.scheduler.policy},
                        "exit_measure": {"string_value": model.manifest.exit.measure}},
     }
 

@@ -229,3 +229,15 @@ def test_one_thread_budget():
     assert thread_budget(ServeSettings(), cuda=False) == (1, cores)
     assert thread_budget(ServeSettings(), cuda=True) == (2, max(1, cores // 2))
     assert thread_budget(ServeSettings(inference_threads=2, intra_op_threads=3), cuda=False) == (2, 3)
+
+
+def test_auto_scheduling_picks_per_device_and_the_config_says_which():
+    from reskd.service.models import scheduling_policy
+
+    cpu = Device.cpu()
+    cuda = Device("cuda", (("CUDAExecutionProvider", {}), "CPUExecutionProvider"))  # described, never started
+    assert ServeSettings().scheduler == "auto"
+    assert scheduling_policy(ServeSettings(), cpu) == "stage"
+    assert scheduling_policy(ServeSettings(), cuda) == "request"
+    for explicit in ("stage", "request", "none"):
+        assert scheduling_policy(ServeSettings(scheduler=explicit), cuda) == explicit

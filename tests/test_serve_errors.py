@@ -234,7 +234,7 @@ def test_a_broken_repository_fails_at_start_with_a_message(tmp_path):
     assert out.returncode == 2 and "holds no model versions" in out.stderr
     out = serve_exit(MODELS, RESKD_SCHEDULER="fastest", RESKD_MAX_IMAGES="-1")
     assert out.returncode == 2, out.stderr
-    assert "RESKD_SCHEDULER: Input should be 'stage', 'request' or 'none'" in out.stderr
+    assert "RESKD_SCHEDULER: Input should be 'auto', 'stage', 'request' or 'none'" in out.stderr
     assert "RESKD_MAX_IMAGES: Input should be greater than 0" in out.stderr
     # A bound engine's buffers are allocated once: its largest bucket must hold any batch the scheduler forms.
     out = serve_exit(MODELS, RESKD_STAGE_RUNNER="bound", RESKD_SCHEDULER="request", RESKD_BATCH_BUCKETS="[1, 4]")
@@ -262,6 +262,8 @@ def test_several_versions_are_served_at_once(tmp_path):
             assert latest["version"] == 2 and first["version"] == 1
             assert {p["exit_stage"] for p in latest["predictions"]} == {2}
             assert c.get("/v2/models/fashion-mnist/versions/1").json()["stages"][0]["threshold"] < 1
+            config = c.get("/v2/models/fashion-mnist/config").json()
+            assert config["parameters"]["scheduler"] == {"string_value": "stage"}  # auto, resolved on CPU
             assert 'model_info{model="fashion-mnist",stages="3",version="2"}' in c.get("/metrics").text.replace(
                 "reskd_", "")
 
