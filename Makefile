@@ -8,7 +8,7 @@ RUN_DIR ?= runs/fashion-mnist-cpu
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run train test setup-serve setup-train setup-test data device-pack device-train
+.PHONY: run train test setup-serve setup-train setup-test data device-pack device-train device-run
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -61,3 +61,7 @@ device-pack: setup-train data
 # There: train the plan in resumable steps, packing the run into $(OUT) after each (bench/device_train.sh).
 device-train:
 	bash bench/device_train.sh
+
+# There: the GPU measurement (in process and served, each engine and scheduler) into $(OUT)/device-run.json.
+device-run:
+	bash bench/device_run.sh

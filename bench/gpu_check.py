@@ -59,14 +59,14 @@ def v2_binary(images: np.ndarray) -> tuple[bytes, dict]:
 
 
 class Server:
-    def __init__(self, device: str, **settings):
+    def __init__(self, device: str, repo: Path = MODELS, **settings):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, **{f"RESKD_{k.upper()}": str(v) for k, v in settings.items()})
         self.log = open(f"/tmp/reskd-serve-{device}-{self.port}.log", "w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "reskd.cli", "serve", "--repo", str(MODELS),
+        self.proc = subprocess.Popen([sys.executable, "-m", "reskd.cli", "serve", "--repo", str(repo),
                                       "--device", device, "--port", str(self.port)], env=env,
                                      stdout=self.log, stderr=subprocess.STDOUT, cwd="/tmp")
         deadline = time.monotonic() + 300
