@@ -8,7 +8,7 @@ RUN_DIR ?= runs/fashion-mnist-cpu
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run train test setup-serve setup-train setup-test data device-pack device-train device-run
+.PHONY: run train test setup-serve setup-train setup-test data device-pack device-pack-run device-train device-run
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -54,9 +54,19 @@ device-pack: setup-train data
 	rm -rf .device && mkdir -p .device/wheels .device/data
 	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-		-d .device/wheels $$($(BIN)/python bench/device_deps.py)
+		-d .device/wheels $$($(BIN)/python bench/device_deps.py train)
 	cp $(dir $(FMNIST))*-ubyte.gz .device/data/
 	@du -sh .device
+
+# For the GPU measurement (make device-run): the server's wheels and the test split, into the git-ignored
+# .device-run/ (a few MB: it travels beside the last part of onnxruntime-gpu, docs/device.md).
+device-pack-run: setup-test data
+	rm -rf .device-run && mkdir -p .device-run/wheels .device-run/data
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .device-run/wheels $$($(BIN)/python bench/device_deps.py serve)
+	cp $(dir $(FMNIST))t10k-*-ubyte.gz .device-run/data/
+	@du -sh .device-run
 
 # There: train the plan in resumable steps, packing the run into $(OUT) after each (bench/device_train.sh).
 device-train:
