@@ -170,22 +170,30 @@ class Exporter:
         return stages
 
     def check_parity(self, rt: CascadeRuntime, names: list[str]) -> tuple[dict[str, StageParity], list[np.ndarray]]:
-        """ONNX against PyTorch on every validation image, stage by stage. -> (parity per stage, PyTorch's
-        validation logits per stage)."""
+        """ONNX against PyTorch on every validation image, stage by stage: each stage's own logits, and the running
+        logits through it (what exits and answers are made of). fp32 must agree on every argmax; reduced precision
+        on the running logits' argmax within MIN_AGREEMENT (a res-student's own output is a small correction whose
+        argmax alone means nothing, so rounding flips it freely). -> (parity per stage, PyTorch's validation
+        logits per stage)."""
         report, torch_outs = {}, []
+        ref_total = got_total = 0.0
+        floor = MIN_AGREEMENT[self.precision]
         for i, n in enumerate(names):
             ref = torch_logits(self.networks[n], self.val.images)
             got = np.concatenate([rt.stage_logits(i, self.val.images[j:j + 1000])
                                   for j in range(0, len(self.val.images), 1000)])
+            ref_total, got_total = ref_total + ref.astype(np.float64), got_total + got.astype(np.float64)
             agree = float((ref.argmax(-1) == got.argmax(-1)).mean())
+            running = float((ref_total.argmax(-1) == got_total.argmax(-1)).mean())
             report[n] = StageParity(max_abs_logit_diff=float(np.abs(ref - got).max()), argmax_agreement=agree,
-                                    n=len(ref))
+                                    running_argmax_agreement=running, n=len(ref))
             self.log(f"parity {n} ({self.precision}): max |dlogit| {report[n].max_abs_logit_diff:.2e}, argmax "
-                     f"agreement {agree:.4%}")
-            if agree < MIN_AGREEMENT[self.precision]:
+                     f"agreement {agree:.4%}, running logits {running:.4%}")
+            worst = min(agree, running) if self.precision == "fp32" else running
+            if worst < floor:
                 raise ExportError(f"parity failed for stage {n}: ONNX ({self.precision}) and PyTorch disagree on the "
-                                  f"class of {int(round((1 - agree) * len(ref)))} validation images (at most "
-                                  f"{1 - MIN_AGREEMENT[self.precision]:.1%} may)")
+                                  f"class of {int(round((1 - worst) * len(ref)))} validation images (at most "
+                                  f"{1 - floor:.1%} may)")
             torch_outs.append(ref)
         return report, torch_outs
 

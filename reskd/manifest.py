@@ -116,10 +116,12 @@ class CalibrationSpec(BaseModel):
 
 
 class StageParity(BaseModel):
-    """ONNX against PyTorch on every validation image."""
+    """ONNX against PyTorch on every validation image: the stage's own logits, and the running logits through it
+    (absent in manifests written before it was measured)."""
     model_config = ConfigDict(extra="allow")
     max_abs_logit_diff: float
     argmax_agreement: float
+    running_argmax_agreement: float | None = None
     n: int
 
 
