@@ -6,6 +6,7 @@ import pytest
 
 from conftest import real_fashion_mnist_or_fail, tiny_recipe_dict
 from reskd.training import loop
+from reskd.training.pipeline import Trainer
 from reskd.training.recipe import RecipeError
 from reskd.training.sweep import run_sweep
 
@@ -63,10 +64,19 @@ variants = [{ label = "mse" }, { label = "ce", "res_students.0.ce_weight" = 1.0 
     best = max(rows, key=lambda r: (r["val_adaptive"], -r["val_adaptive_pct_teacher_flops"]))
     assert summary["selected"]["variant"] == best["variant"]
     assert "Test columns are for reading, not choosing" in (tmp_path / "out" / "sweep.md").read_text()
-    # A rerun resumes: nothing is trained again.
+    # A rerun resumes: nothing is trained again, and finished variants are read back, not evaluated again...
     trained.clear()
+    evaluated = []
+    real_run = Trainer.run
+    monkeypatch.setattr(Trainer, "run", lambda self, *a, **kw: evaluated.append(self.run_dir.path.name) or
+                        real_run(self, *a, **kw))
+    assert run_sweep(str(tmp_path / "sweep.toml"), str(tmp_path / "out"), device="cpu") == rows
+    assert trained == [] and evaluated == []
+    # ...unless something changed since its report (here a checkpoint written later).
+    ckpt = tmp_path / "out" / "s50_ce" / "checkpoints" / "res1.pt"
+    ckpt.touch()
     run_sweep(str(tmp_path / "sweep.toml"), str(tmp_path / "out"), device="cpu")
-    assert trained == []
+    assert trained == [] and evaluated == ["s50_ce"]
 
 
 def test_a_bad_variant_fails_before_anything_trains(tiny_idx, tmp_path, monkeypatch):

@@ -113,6 +113,26 @@ class RunDir:
         write_atomic(self.path / "report.md", markdown)
 
 
+    def current_report(self, recipe: dict, fingerprints: dict[str, str]) -> dict | None:
+        """report.json, if it still describes what this recipe would train and report: run.json holds the same
+        recipe, every stage has its checkpoint with the same fingerprint, and the report was written after all of
+        them. None otherwise (the run must train or evaluate again)."""
+        report = self.path / "report.json"
+        try:
+            if json.loads(self.run_file.read_text()).get("recipe") != recipe:
+                return None
+            written = report.stat().st_mtime
+            if written < self.run_file.stat().st_mtime:
+                return None
+            for name, fingerprint in fingerprints.items():
+                path = self.checkpoint_path(name)
+                if path.stat().st_mtime > written or self.load_checkpoint(name).fingerprint != fingerprint:
+                    return None
+            return json.loads(report.read_text())
+        except (OSError, ValueError, RunDirError):
+            return None
+
+
 def read_weights(path: str | Path, what: str) -> dict[str, torch.Tensor]:
     """The weights in a file from elsewhere (`what` names the setting that pointed at it): one of our checkpoints,
     or a bare state_dict."""

@@ -3,7 +3,8 @@
 A sweep file names a base recipe, overrides every variant shares ([fixed], e.g. no KD grid while searching), and
 axes; each axis is a list of variants (dotted recipe overrides plus a label); the sweep runs the product. Before a variant runs, any finished checkpoint of an earlier variant with the same
 stage fingerprint (same data, seed, settings and upstream stages) is linked into its run directory, so a teacher
-is trained once per teacher setting, not once per student. Rerunning a sweep resumes it.
+is trained once per teacher setting, not once per student. Rerunning a sweep resumes it; a variant whose report
+is newer than its checkpoints, with the same recipe and fingerprints, is read back instead of evaluated again.
 
 Selection uses validation figures only; test figures are shown beside them but never choose anything.
 With --tiny, the file's [tiny] overrides shrink data and epochs so the whole grid runs end to end on a CPU in
@@ -78,7 +79,12 @@ def run_sweep(sweep_file: str, out: str, *, tiny: bool = False, device: str = "a
             dst = trainer.run_dir.checkpoint_path(name)
             if (name, fp) in trained and not dst.exists():
                 _link(trained[(name, fp)], dst)
-        report = trainer.run()
+        report = trainer.run_dir.current_report(recipe.model_dump(mode="json"), fps)
+        if report is None:
+            report = trainer.run()
+        else:
+            print(f"[sweep] {label}: up to date (report newer than its checkpoints, same recipe)", file=sys.stderr,
+                  flush=True)
         for name, fp in fps.items():
             trained.setdefault((name, fp), trainer.run_dir.checkpoint_path(name))
         rows.append(summarise(label, own, report))
