@@ -8,8 +8,10 @@ reskd.cascade decides, after each stage, which samples leave. The stages execute
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ from .engine import BoundEngine, EngineSpec, HostEngine, make_engine
 from .manifest import Manifest, load_manifest
 
 StageHook = Callable[[int, int, float], None]
+log = logging.getLogger("reskd")
 
 
 class CascadeRuntime:
@@ -28,18 +31,29 @@ class CascadeRuntime:
         self.path = Path(version_dir)
         self.manifest: Manifest = load_manifest(self.path, check_folder_name=check_folder_name)
         self.device = device or Device.resolve()
-        self.engine_spec = (engine or EngineSpec()).resolve(self.device)
-        stages = self.manifest.stages
-        session_device = self.device.with_cuda_graphs(bool(self.engine_spec.graphs))
-        self.sessions = [session_device.session(str(self.path / s.file), len(stages)) for s in stages]
+        asked = engine or EngineSpec()
+        self.engine_spec = asked.resolve(self.device)
+        try:
+            self.sessions = self._sessions(bool(self.engine_spec.graphs))
+        except Exception as err:  # onnxruntime refuses graphs when a node is not placed on CUDA
+            if not self.engine_spec.graphs or asked.graphs:
+                raise
+            log.warning("CUDA graphs unavailable for %s (%s); running it without", self.path, err)
+            self.engine_spec = replace(self.engine_spec, graphs=False)
+            self.sessions = self._sessions(False)
         self.stage_flops = np.asarray(self.manifest.stage_flops, dtype=np.int64)
         self.cum_flops = np.cumsum(self.stage_flops)
         m = self.manifest.input
         self.input_shape = (m.channels, m.height, m.width)
         self.num_classes = len(self.manifest.labels)
-        self.rule = ExitRule(self.manifest.exit.measure, len(stages))
+        self.rule = ExitRule(self.manifest.exit.measure, len(self.manifest.stages))
         self.engine: HostEngine | BoundEngine = make_engine(self.engine_spec, self.device, self.sessions,
                                                            self.input_shape, self.num_classes)
+
+    def _sessions(self, graphs: bool) -> list:
+        device = self.device.with_cuda_graphs(graphs)
+        stages = self.manifest.stages
+        return [device.session(str(self.path / s.file), len(stages)) for s in stages]
 
     @property
     def num_stages(self) -> int:
