@@ -316,8 +316,10 @@ class BoundEngine:
         with self.lock:
             block, first = parts[0]
             if block.value is None:  # the staging buffer (the runtime's path)
-                if len(parts) > 1:
+                if any(b is not block for b, _ in parts):
                     raise ValueError("a staged block cannot be mixed with other blocks")
+                if len(parts) > 1:
+                    first = np.concatenate([r for _, r in parts])
                 if rows == block.rows and _is_range(first):
                     return self._stage(stage, "staging", block.bucket, rows), block.bucket - rows
                 size = self.buckets.size(rows)

@@ -295,28 +295,34 @@ class CascadeScheduler:
 
     # --- work in the inference thread ------------------------------------------------------------------------
     def _chain(self, batch: list[Rows]) -> tuple[list[Rows], list[tuple[Request, int]]]:
-        """Request-level policies: the batch goes through the stages on its own."""
+        """Request-level policies: the batch goes through the stages on its own, holding the engine from stage 0
+        to its last, so its images go to the engine's staging buffer and every gather can be a captured graph
+        (the runtime's own path)."""
         stage, exited = 0, []
-        while batch:
-            batch, out = self._step(stage, batch)
-            exited += out
-            stage += 1
+        with self.runner.lock:
+            while batch:
+                batch, out = self._step(stage, batch, staged=True)
+                exited += out
+                stage += 1
         return [], exited
 
-    def _step(self, stage: int, batch: list[Rows]) -> tuple[list[Rows], list[tuple[Request, int]]]:
+    def _step(self, stage: int, batch: list[Rows],
+              staged: bool = False) -> tuple[list[Rows], list[tuple[Request, int]]]:
         """Run one stage on the batch and advance its samples (reskd.cascade records their state and exits).
+        staged: stage 0's images go to the engine's staging buffer (valid while the caller holds the engine).
         -> (survivors, (request, samples that exited) pairs). Raises InferenceFailed, caused by what failed."""
         try:
-            return self._try_step(stage, batch)
+            return self._try_step(stage, batch, staged)
         except Exception as err:
             raise InferenceFailed(f"inference failed at stage {stage} of {self.model} version {self.version} "
                                   f"({type(err).__name__}); the server logged the details") from err
 
-    def _try_step(self, stage: int, batch: list[Rows]) -> tuple[list[Rows], list[tuple[Request, int]]]:
+    def _try_step(self, stage: int, batch: list[Rows],
+                  staged: bool) -> tuple[list[Rows], list[tuple[Request, int]]]:
         if stage == 0:
             images = np.concatenate([r.request.images[r.rows] for r in batch]) if len(batch) > 1 else \
                 batch[0].request.images[batch[0].rows]
-            block = self.runner.upload(images)
+            block = self.runner.stage_block(images) if staged else self.runner.upload(images)
             offset = 0
             for r in batch:
                 r.block, r.block_rows = block, np.arange(offset, offset + len(r))

@@ -41,6 +41,13 @@ class Spy:
     def upload(self, images):
         return self.runner.upload(images)
 
+    def stage_block(self, images):
+        return self.runner.stage_block(images)
+
+    @property
+    def lock(self):
+        return self.runner.lock
+
     def run(self, stage, parts):
         self.batches.append((stage, list(self.current)))
         return self.runner.run(stage, parts)

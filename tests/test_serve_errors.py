@@ -277,7 +277,9 @@ def test_a_failure_inside_a_batch_is_a_500_that_names_the_stage_not_a_422():
 
         class Broken:
             max_blocks = runner.max_blocks
+            lock = runner.lock
             upload = staticmethod(runner.upload)
+            stage_block = staticmethod(runner.stage_block)
 
             @staticmethod
             def run(stage, parts):
