@@ -64,7 +64,11 @@ class ServerProcess(Loopback):
         self.env.setdefault("RESKD_INTRA_OP_THREADS", "1")
         self._start()
         if wait_ready:
-            self.wait_ready()
+            try:
+                self.wait_ready()
+            except BaseException:  # never entered a `with` block: nobody else would stop it
+                self.stop()
+                raise
 
     def _start(self) -> None:
         self.port = free_port()
