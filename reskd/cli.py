@@ -48,7 +48,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from reskd.training.sweep import run_sweep
 
     try:
-        run_sweep(args.sweep, args.out, tiny=args.tiny, device=args.device)
+        run_sweep(args.sweep, args.out, tiny=args.tiny, device=args.device,
+                  only=args.only.split(",") if args.only else None)
     except (RecipeError, DatasetError, RunDirError, FileNotFoundError) as err:
         print(f"reskd sweep: {err}", file=sys.stderr)
         return 2
@@ -199,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="one run directory per variant is made under it")
     p.add_argument("--tiny", action="store_true", help="apply the file's [tiny] overrides: a CPU smoke run of the grid")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--only", metavar="LABEL[,LABEL...]",
+                   help="train and evaluate only these variants (e.g. in a second process beside a first); the "
+                        "others are read back where up to date, so stages are still shared and summarised")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("device-train", help="the reference cascade on a GPU host, in resumable named steps",

@@ -75,8 +75,13 @@ variants = [{ label = "mse" }, { label = "ce", "res_students.0.ce_weight" = 1.0 
     # ...unless something changed since its report (here a checkpoint written later).
     ckpt = tmp_path / "out" / "s50_ce" / "checkpoints" / "res1.pt"
     ckpt.touch()
+    ckpt.touch()  # --only: the named variants run; any other out of date is left alone, not summarised
+    only = run_sweep(str(tmp_path / "sweep.toml"), str(tmp_path / "out"), device="cpu", only=["s25_ce"])
+    assert trained == [] and evaluated == [] and [r["variant"] for r in only] == ["s25_mse", "s25_ce", "s50_mse"]
     run_sweep(str(tmp_path / "sweep.toml"), str(tmp_path / "out"), device="cpu")
     assert trained == [] and evaluated == ["s50_ce"]
+    with pytest.raises(RecipeError, match="no variant labelled s99"):
+        run_sweep(str(tmp_path / "sweep.toml"), str(tmp_path / "out"), device="cpu", only=["s99"])
 
 
 def test_a_bad_variant_fails_before_anything_trains(tiny_idx, tmp_path, monkeypatch):

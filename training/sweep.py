@@ -54,11 +54,16 @@ def variants(spec: dict, tiny: bool) -> list[tuple[str, dict, dict]]:
 def _link(src: Path, dst: Path) -> None:
     try:
         os.link(src, dst)
+    except FileExistsError:  # another sweep process (--only) linked it first: never write over a shared file
+        return
     except OSError:
         shutil.copy2(src, dst)
 
 
-def run_sweep(sweep_file: str, out: str, *, tiny: bool = False, device: str = "auto") -> list[dict]:
+def run_sweep(sweep_file: str, out: str, *, tiny: bool = False, device: str = "auto",
+              only: list[str] | None = None) -> list[dict]:
+    """only: labels of the variants to train and evaluate; every other variant is read back where its report is
+    up to date (its stages can then be shared and it is summarised) and left out otherwise."""
     path = Path(sweep_file)
     spec = load_sweep(path)
     base = spec["base"]
@@ -71,6 +76,9 @@ def run_sweep(sweep_file: str, out: str, *, tiny: bool = False, device: str = "a
     plan = variants(spec, tiny)
     # Validate every variant before the first one trains: a typo in the last one should not cost an hour.
     recipes = [(label, load_recipe(base, overrides), own) for label, overrides, own in plan]
+    unknown = sorted(set(only or []) - {label for label, _, _ in recipes})
+    if unknown:
+        raise RecipeError(f"{path}: no variant labelled {', '.join(unknown)}")
     for i, (label, recipe, own) in enumerate(recipes):
         print(f"[sweep] {i + 1}/{len(recipes)} {label}", file=sys.stderr, flush=True)
         trainer = Trainer(recipe, out_dir / label, resume=True, device=device)
@@ -80,6 +88,9 @@ def run_sweep(sweep_file: str, out: str, *, tiny: bool = False, device: str = "a
             if (name, fp) in trained and not dst.exists():
                 _link(trained[(name, fp)], dst)
         report = trainer.run_dir.current_report(recipe.model_dump(mode="json"), fps)
+        if report is None and only is not None and label not in only:
+            print(f"[sweep] {label}: not up to date, left to another run (--only)", file=sys.stderr, flush=True)
+            continue
         if report is None:
             report = trainer.run()
         else:
