@@ -1,5 +1,6 @@
 """Prometheus metrics. The names and labels are a contract (docs/design.md, "Metrics"): dashboards and alerts are
-written against them. Every series carries `model` and `version`; "% of teacher compute" is
+written against them (deploy/; tests/test_deploy_files.py checks every name they use exists here). Every series
+carries `model` and `version` but the process-wide reskd_ready; "% of teacher compute" is
 rate(reskd_flops_total[5m]) / rate(reskd_teacher_flops_total[5m]).
 
 Metrics owns the registry and the HTTP-level series; ModelMetrics holds one model version's series, resolved once,
