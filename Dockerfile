@@ -1,4 +1,5 @@
 # The reskd serving image: `reskd serve` on the bundled models, onnxruntime + numpy, no torch (the `serve` extra).
+# Needs BuildKit (RUN --mount): the default since Docker 23, DOCKER_BUILDKIT=1 before; `make docker` sets it.
 #
 #   docker build -t reskd .                                  CPU image (the default target)
 #   docker build --target gpu -t reskd:gpu .                 GPU image: onnxruntime-gpu + CUDA/cuDNN wheels
@@ -7,7 +8,8 @@
 #
 # Base: Debian bookworm's slim image, pinned by its dated tag, and Debian's own python3 (3.11). Not python:3.11-slim:
 # a Debian base is what a minimal bookworm root filesystem is, so where no registry can be reached the tests stand in
-# for it exactly (debootstrap + docker import, tests/standin_base.sh) and every step below runs for real on it.
+# for it closely (debootstrap of bookworm from the current mirror + docker import, tests/standin_base.sh; not
+# stripped of docs as the official slim image is) and every step below runs for real on it.
 #
 # Where the machine's TLS goes through an extra CA (a proxy), pip needs that bundle: pass it as a BuildKit secret,
 #   DOCKER_BUILDKIT=1 docker build --secret id=ca,src=/etc/ssl/certs/ca-certificates.crt .
