@@ -8,7 +8,8 @@ RUN_DIR ?= runs/fashion-mnist-cpu
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run train test setup-serve setup-train setup-test data device-pack device-pack-run device-train device-run
+.PHONY: run train test setup-serve setup-train setup-test data docker-tools docker docker-gpu docker-standin \
+	device-pack device-pack-run device-train device-run
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +37,41 @@ data:
 		echo "Without them, tests that need them skip (and fail under CI=true); training on the data cannot run." >&2; \
 	fi
 
+# The Docker tests (tests/test_docker.py): Debian's engine, and debootstrap to stand in for the Dockerfile's base
+# image where no registry can be reached. The tests start dockerd themselves when none is running.
+DOCKER_TOOLS := dockerd:docker.io containerd:containerd runc:runc iptables:iptables debootstrap:debootstrap
+docker-tools:
+	@missing=""; for tool in $(DOCKER_TOOLS); do \
+		command -v $${tool%%:*} >/dev/null || missing="$$missing $${tool#*:}"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	else \
+		echo "Missing Debian packages: run 'sudo apt-get install$$missing'." >&2; \
+		echo "Without them, the Docker tests skip (and fail under CI=true)." >&2; \
+	fi
+
+# The serving image (Dockerfile; README, "Deploy"). Where this machine trusts extra CAs (a TLS proxy), pip inside the
+# build gets the CA bundle as a BuildKit secret, never stored in the image. DOCKER: a CLI with BuildKit (Debian's
+# docker.io has it built in; a newer one needs the buildx plugin).
+IMAGE ?= reskd
+DOCKER ?= $(firstword $(wildcard /usr/bin/docker) docker)
+BASE := $(shell sed -n 's/^ARG BASE=//p' Dockerfile)
+CA_SECRET := --secret id=ca,src=/etc/ssl/certs/ca-certificates.crt
+DOCKER_BUILD := DOCKER_BUILDKIT=1 $(DOCKER) build --network=host \
+	$(if $(wildcard /usr/local/share/ca-certificates/*.crt),$(CA_SECRET))
+
+docker:
+	$(DOCKER_BUILD) -t $(IMAGE) .
+
+# The GPU image (onnxruntime-gpu with NVIDIA's CUDA/cuDNN wheels, a few GB): on demand, not in the tests.
+docker-gpu:
+	$(DOCKER_BUILD) --target gpu -t $(IMAGE):gpu .
+
+# Where no registry can be reached: the Dockerfile's base image made from the Debian mirror (debootstrap), once.
+docker-standin:
+	$(DOCKER) image inspect $(BASE) >/dev/null 2>&1 || DOCKER=$(DOCKER) bash tests/standin_base.sh $(BASE)
+
 # The main job: the server on the bundled models (no torch in this install).
 run: setup-serve
 	$(BIN)/reskd serve --host $(HOST) --port $(PORT)
@@ -44,7 +80,7 @@ run: setup-serve
 train: setup-train data
 	$(BIN)/reskd train --recipe fashion-mnist-cpu --out $(RUN_DIR) --resume
 
-test: setup-test data
+test: setup-test data docker-tools
 	$(BIN)/python -m pytest -q
 
 # The reference cascade on a GPU host (docs/device.md). Here: everything that host lacks, into the git-ignored

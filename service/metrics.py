@@ -1,9 +1,14 @@
 """Prometheus metrics. The names and labels are a contract (docs/design.md, "Metrics"): dashboards and alerts are
-written against them. Every series carries `model` and `version`; "% of teacher compute" is
+written against them (deploy/; tests/test_deploy_files.py checks every name they use exists here). Every series
+carries `model` and `version` but the process-wide reskd_ready; "% of teacher compute" is
 rate(reskd_flops_total[5m]) / rate(reskd_teacher_flops_total[5m]).
 
 Metrics owns the registry and the HTTP-level series; ModelMetrics holds one model version's series, resolved once,
-and is what that version's scheduler reports to (its SchedulerObserver)."""
+and is what that version's scheduler reports to (its SchedulerObserver).
+
+Besides what is measured, each version exposes what its calibration on the validation split expects
+(reskd_calibrated_compute_fraction, reskd_calibrated_exit_fraction): the references the alert rules in
+deploy/prometheus compare the served figures against."""
 
 from __future__ import annotations
 
@@ -12,12 +17,16 @@ import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from reskd.cascade import CascadeResult
+from reskd.manifest import Manifest
 
 # The *_created companion series only clutter a scrape; rates do not need them.
 prometheus_client.disable_created_metrics()
 
 LATENCY_BUCKETS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# Exit confidence lies in [0, 1] for every measure (max_prob in [1/classes, 1]). A calibrated cascade lets most
+# samples leave early at high confidence, so the top of the range gets the finest buckets: drift shows there first.
+CONFIDENCE_BUCKETS = (.1, .2, .3, .4, .5, .6, .7, .8, .9, .95, .98, .99, .995, .999, .9999)
 M = ("model", "version")
 
 
@@ -51,9 +60,20 @@ class Metrics:
         self.inflight = Gauge("reskd_inflight_requests", "requests being served", M, registry=r)
         self.model_info = Gauge("reskd_model_info", "a served model version (value 1)", [*M, "stages"],
                                 registry=r)
+        self.exit_confidence = Histogram("reskd_exit_confidence", "confidence (the manifest's exit measure) of "
+                                         "each image at the stage it left", [*M, "stage"],
+                                         buckets=CONFIDENCE_BUCKETS, registry=r)
+        self.calibrated_compute = Gauge("reskd_calibrated_compute_fraction", "mean FLOPs per image / teacher FLOPs "
+                                        "under the calibrated thresholds, measured on the validation split", M,
+                                        registry=r)
+        self.calibrated_exits = Gauge("reskd_calibrated_exit_fraction", "share of validation images that left at "
+                                      "each stage under the calibrated thresholds", [*M, "stage"], registry=r)
+        # Process-wide, the one series without model labels: a server whose loading failed has no model series.
+        self.ready = Gauge("reskd_ready", "1 when GET /v2/health/ready answers 200 (every model loaded and "
+                           "warmed), else 0", registry=r)
 
-    def for_model(self, model: str, version: int, stage_flops: np.ndarray, teacher_flops: int) -> ModelMetrics:
-        return ModelMetrics(self, model, version, stage_flops, teacher_flops)
+    def for_model(self, model: str, version: int, manifest: Manifest) -> ModelMetrics:
+        return ModelMetrics(self, model, version, manifest)
 
     def exposition(self) -> bytes:
         return prometheus_client.generate_latest(self.registry)
@@ -63,11 +83,11 @@ class ModelMetrics:
     """One model version's series. Creating it creates every series up front, so a fresh server already exposes
     zeros (rate() needs them)."""
 
-    def __init__(self, metrics: Metrics, model: str, version: int, stage_flops: np.ndarray, teacher_flops: int):
+    def __init__(self, metrics: Metrics, model: str, version: int, manifest: Manifest):
         m, v = metrics, str(version)
-        stages = [str(s) for s in range(len(stage_flops))]
-        self.stage_flops = np.asarray(stage_flops, dtype=np.int64)
-        self.teacher_flops = int(teacher_flops)
+        stages = [str(s) for s in range(len(manifest.stages))]
+        self.stage_flops = np.asarray(manifest.stage_flops, dtype=np.int64)
+        self.teacher_flops = int(manifest.teacher.flops)
         self.cascade_flops = int(self.stage_flops.sum())
         m.model_info.labels(model, v, str(len(stages))).set(1)
         self.inflight = m.inflight.labels(model, v)
@@ -82,6 +102,13 @@ class ModelMetrics:
         self._queue_duration = [m.queue_duration.labels(model, v, s) for s in stages]
         self._padding = [m.padding_flops.labels(model, v, s) for s in stages]
         self._queue_depth = [m.queue_depth.labels(model, v, s) for s in stages]
+        self._confidence = [m.exit_confidence.labels(model, v, s) for s in stages]
+        expected = calibrated_expectation(manifest)
+        if expected is not None:
+            compute, exits = expected
+            m.calibrated_compute.labels(model, v).set(compute)
+            for s, fraction in zip(stages, exits):
+                m.calibrated_exits.labels(model, v, s).set(fraction)
 
     def queue_depth(self, stage: int, images: int) -> None:
         self._queue_depth[stage].set(images)
@@ -106,3 +133,19 @@ class ModelMetrics:
         for stage, count in enumerate(np.bincount(result.exit_stage, minlength=len(self._exits)).tolist()):
             if count:
                 self._exits[stage].inc(count)
+        for stage, confidence in zip(result.exit_stage.tolist(), result.confidence.tolist()):
+            self._confidence[stage].observe(confidence)
+
+
+def calibrated_expectation(manifest: Manifest) -> tuple[float, list[float]] | None:
+    """(compute fraction of the teacher's, exit fraction per stage) that the version's thresholds gave on the
+    validation split: the manifest's calibration section (mean FLOPs, exit counts), recorded when the thresholds
+    were chosen. A one-stage model needs none: every image runs its stage. None for a cascade never calibrated
+    (nothing measured to compare against)."""
+    teacher = manifest.teacher.flops
+    if len(manifest.stages) == 1:
+        return manifest.stages[0].flops / teacher, [1.0]
+    cal = manifest.calibration
+    if cal is None or cal.n <= 0 or len(cal.exit_counts) != len(manifest.stages):
+        return None
+    return cal.mean_flops / teacher, [count / cal.n for count in cal.exit_counts]

@@ -125,7 +125,7 @@ class ModelStore:
                 path = self.repo.resolve(name, version)
                 runtime = CascadeRuntime(path, device=self.serving.device, engine=self.engine_spec)
                 runner = self._runner(runtime)
-                metrics = self.metrics.for_model(name, version, runtime.stage_flops, runtime.manifest.teacher.flops)
+                metrics = self.metrics.for_model(name, version, runtime.manifest)
                 scheduler = CascadeScheduler(
                     runtime, runner, self.executor, model=name, version=version, policy=self.policy,
                     max_batch_sizes=s.stage_max_batch_size or [s.max_batch_size],

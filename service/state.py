@@ -37,6 +37,7 @@ class ServerState:
                 await loop.run_in_executor(self.inference, model.runner.warm_up, self.settings.warmup_batch_sizes)
                 model.scheduler.start()
             self.ready = True
+            self.metrics.ready.set(1)
             log.info("ready: %s", ", ".join(f"{m.name}/{m.version}" for m in self.store.all()))
         except Exception as err:
             self.failed = f"{type(err).__name__}: {err}"

@@ -4,75 +4,19 @@ the documented query for the served share of the teacher's compute gives what th
 from __future__ import annotations
 
 import io
-import os
-import shutil
-import subprocess
-import time
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
-from server_process import ServerProcess, free_port, wait_until_ready
-
-
-def prometheus_or_fail() -> str:
-    path = shutil.which("prometheus")
-    if path:
-        return path
-    message = "prometheus is not installed (apt-get install prometheus)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message)
-    pytest.skip(message)
-
-
-class Prometheus:
-    def __init__(self, binary: str, target: str, workdir):
-        config = workdir / "prometheus.yml"
-        config.write_text("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: reskd\n"
-                          f"    static_configs:\n      - targets: ['{target}']\n")
-        self.url = f"http://127.0.0.1:{free_port()}"
-        self.log = open(workdir / "prometheus.log", "w+")
-        self.proc = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'tsdb'}",
-                                      f"--web.listen-address={self.url.removeprefix('http://')}"],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-        # Prometheus listens before it can answer queries (its query API answers 503 while the TSDB opens).
-        wait_until_ready(f"{self.url}/-/ready", self.proc, self.output, "prometheus")
-
-    def output(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()[-3000:]
-
-    def query(self, expr: str) -> list:
-        r = httpx.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=10)
-        r.raise_for_status()
-        return r.json()["data"]["result"]
-
-    def wait_for(self, expr: str, predicate, timeout: float = 30):
-        deadline = time.monotonic() + timeout
-        result = None
-        while time.monotonic() < deadline:
-            try:
-                result = self.query(expr)
-                if result and predicate(float(result[0]["value"][1])):
-                    return float(result[0]["value"][1])
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
-        raise AssertionError(f"{expr} never satisfied the condition (last: {result})\n{self.output()}")
-
-    def stop(self):
-        self.proc.terminate()
-        self.proc.wait(20)
-        self.log.close()
+from prometheus_process import Prometheus, prometheus_or_fail, simple_config
+from server_process import ServerProcess
 
 
 def test_prometheus_scrapes_the_served_compute_share(tmp_path):
     binary = prometheus_or_fail()
     with ServerProcess() as server:
-        prom = Prometheus(binary, server.url.removeprefix("http://"), tmp_path)
+        prom = Prometheus(binary, simple_config(tmp_path, server.url.removeprefix("http://")), tmp_path)
         try:
             m = '{job="reskd",model="fashion-mnist",version="1"}'
             prom.wait_for('up{job="reskd"}', lambda v: v == 1)

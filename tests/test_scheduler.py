@@ -57,7 +57,7 @@ class Spy:
 
 
 def scheduler(rt, runner, policy="stage", batch=(64,), delay_ms=(1,), bound=1024, depth=1, metrics=None):
-    observer = (metrics or Metrics()).for_model("m", 1, rt.stage_flops, rt.manifest.teacher.flops)
+    observer = (metrics or Metrics()).for_model("m", 1, rt.manifest)
     return CascadeScheduler(rt, runner, ThreadPoolExecutor(depth), model="m", version=1, policy=policy,
                             max_batch_sizes=list(batch), max_queue_delays_s=[d / 1000 for d in delay_ms],
                             max_queue_images=bound, pipeline_depth=depth, observer=observer)

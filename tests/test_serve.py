@@ -289,6 +289,45 @@ def test_metrics_move_by_exactly_what_was_served(client, real_files):
     text = client.get("/metrics").text
     for name in ("reskd_queue_duration_seconds", "reskd_stage_duration_seconds", "reskd_padding_flops_total"):
         assert f'{name}' in text
+    # Exit confidence: one observation per image at the stage it left, of the confidence the response gave.
+    for stage in range(3):
+        left = [p["confidence"] for p in served if p["exit_stage"] == stage]
+        assert delta("reskd_exit_confidence_count", stage=str(stage), **cm) == len(left)
+        assert delta("reskd_exit_confidence_sum", stage=str(stage), **cm) == pytest.approx(sum(left), abs=1e-9)
+        high = sum(c <= 0.99 for c in left)
+        assert delta("reskd_exit_confidence_bucket", stage=str(stage), le="0.99", **cm) == high
+    assert delta("reskd_exit_confidence_count", **tm) == 4
+
+
+def test_metrics_carry_the_calibrated_references(client):
+    """What calibration measured on validation, as gauges the alerts compare against: a cascade's from its
+    manifest's calibration section, a one-stage model's exact (every image runs its one stage)."""
+    samples = scrape(client)
+    manifest = load_manifest(CASCADE)
+    cal, cm = manifest.calibration, {"model": "fashion-mnist", "version": "1"}
+    assert metric(samples, "reskd_calibrated_compute_fraction", **cm) == pytest.approx(
+        cal.mean_flops / manifest.teacher.flops, rel=1e-12)
+    for stage, count in enumerate(cal.exit_counts):
+        assert metric(samples, "reskd_calibrated_exit_fraction", stage=str(stage), **cm) == count / cal.n
+    assert 0.07 < metric(samples, "reskd_calibrated_compute_fraction", **cm) < 0.08
+    kd8 = load_manifest(MODELS / "fashion-mnist-kd-resnet8" / "1")
+    km = {"model": "fashion-mnist-kd-resnet8", "version": "1"}
+    assert metric(samples, "reskd_calibrated_compute_fraction", **km) == kd8.stages[0].flops / kd8.teacher.flops
+    assert metric(samples, "reskd_calibrated_exit_fraction", stage="0", **km) == 1.0
+    assert metric(samples, "reskd_calibrated_compute_fraction", model="fashion-mnist-teacher") == 1.0
+    assert metric(samples, "reskd_ready") == 1
+
+
+def test_an_uncalibrated_cascade_has_no_reference_to_compare_against():
+    from reskd.service.metrics import Metrics
+
+    manifest = load_manifest(CASCADE).model_copy(update={"calibration": None})
+    metrics = Metrics()
+    metrics.for_model("uncalibrated", 1, manifest)
+    text = metrics.exposition().decode()
+    assert 'reskd_exit_confidence_count{model="uncalibrated",stage="0",version="1"} 0.0' in text
+    assert 'reskd_calibrated_compute_fraction{model="uncalibrated"' not in text
+    assert 'reskd_calibrated_exit_fraction{model="uncalibrated"' not in text
 
 
 def test_openapi_documents_the_api(client):

@@ -208,11 +208,14 @@ def test_ready_only_after_warm_up():
                     time.sleep(0.05)
             ready = c.get("/v2/health/ready")
             refused = c.post(CLASSIFY, content=GOOD)
+            unready_gauge = "\nreskd_ready 0.0\n" in c.get("/metrics").text
             assert live.status_code == 200
             assert ready.status_code == 503 and "loading" in ready.json()["error"], s.output()
             assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+            assert unready_gauge  # the readiness alert's signal
             s.wait_ready()
             assert c.post(CLASSIFY, content=GOOD).status_code == 200
+            assert "\nreskd_ready 1.0\n" in c.get("/metrics").text
 
 
 def serve_exit(repo, **env) -> subprocess.CompletedProcess:
