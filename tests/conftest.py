@@ -76,6 +76,26 @@ def real_fashion_mnist_or_fail() -> Path:
     pytest.skip(message)
 
 
+def real_test_images(n: int, fmt: str = "PNG") -> list[bytes]:
+    """The first n images of the real Fashion-MNIST test split as image files' bytes (fmt: a Pillow format, or a
+    list of formats taken in turn). Fails under CI=true without the data, skips elsewhere."""
+    import io
+
+    from PIL import Image
+
+    real_fashion_mnist_or_fail()
+    with gzip.open(FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz") as f:
+        pixels = np.frombuffer(f.read()[16:], np.uint8).reshape(-1, 28, 28)[:n]
+    formats = [fmt] if isinstance(fmt, str) else fmt
+    out = []
+    for i, img in enumerate(pixels):
+        buf = io.BytesIO()
+        this = formats[i % len(formats)]
+        Image.fromarray(img).save(buf, this, **({"quality": 92} if this == "JPEG" else {}))
+        out.append(buf.getvalue())
+    return out
+
+
 def load_stage(run_dir, name):
     ckpt = RunDir(run_dir).load_checkpoint(name)
     return ckpt.build(), ckpt

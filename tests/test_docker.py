@@ -8,8 +8,6 @@ The engine, the stand-in base and the build are tests/docker_engine.py's. Run al
 
 from __future__ import annotations
 
-import gzip
-import io
 import json
 import math
 import shutil
@@ -20,9 +18,8 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from PIL import Image
 
-from conftest import FASHION_MNIST_DIR, real_fashion_mnist_or_fail
+from conftest import real_test_images
 from docker_engine import Engine, EngineUnavailable, build, dockerfile_base, ensure_base, fail_or_skip
 from prometheus_process import Prometheus, prometheus_or_fail
 from reskd.device import Device
@@ -135,15 +132,7 @@ def prometheus(container, tmp_path_factory):
 @pytest.fixture(scope="module")
 def pngs():
     """The first 48 test images of the real Fashion-MNIST, as PNG files."""
-    real_fashion_mnist_or_fail()
-    with gzip.open(FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz") as f:
-        pixels = np.frombuffer(f.read()[16:], np.uint8).reshape(-1, 28, 28)[:48]
-    files = []
-    for i, img in enumerate(pixels):
-        buf = io.BytesIO()
-        Image.fromarray(img).save(buf, "PNG")
-        files.append((f"test{i}.png", buf.getvalue()))
-    return files
+    return [(f"test{i}.png", blob) for i, blob in enumerate(real_test_images(48))]
 
 
 def classify(url: str, files, **params) -> list[dict]:

@@ -4,7 +4,6 @@ files of the Fashion-MNIST test set, plain HTTP (httpx) and the stock Triton cli
 from __future__ import annotations
 
 import base64
-import gzip
 import io
 import json
 import struct
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import FASHION_MNIST_DIR, real_fashion_mnist_or_fail
+from conftest import real_test_images
 from reskd.device import Device
 from reskd.manifest import load_manifest
 from reskd.preprocess import preprocess
@@ -44,17 +43,9 @@ def runtime():
 
 @pytest.fixture(scope="module")
 def real_files():
-    """The first 48 test images: 24 as PNG, 24 as JPEG files' bytes, with their true classes."""
-    real_fashion_mnist_or_fail()
-    with gzip.open(FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz") as f:
-        pixels = np.frombuffer(f.read()[16:], np.uint8).reshape(-1, 28, 28)[:48]
-    files = []
-    for i, img in enumerate(pixels):
-        buf = io.BytesIO()
-        fmt = "PNG" if i % 2 == 0 else "JPEG"
-        Image.fromarray(img).save(buf, fmt, **({"quality": 92} if fmt == "JPEG" else {}))
-        files.append((f"test{i}.{fmt.lower()}", buf.getvalue()))
-    return files
+    """The first 48 test images as files: even ones PNG, odd ones JPEG."""
+    blobs = real_test_images(48, ["PNG", "JPEG"])
+    return [(f"test{i}.{'png' if i % 2 == 0 else 'jpeg'}", blob) for i, blob in enumerate(blobs)]
 
 
 def expected(rt: CascadeRuntime, blobs: list[bytes], **kwargs):

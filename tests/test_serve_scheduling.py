@@ -4,16 +4,12 @@ same; and a later stage's batches hold survivors of several requests."""
 
 from __future__ import annotations
 
-import gzip
-import io
 import random
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import pytest
-from PIL import Image
 
-from conftest import FASHION_MNIST_DIR, real_fashion_mnist_or_fail
+from conftest import real_test_images
 from server_process import ServerProcess, metric, scrape
 
 CLASSIFY = "/v1/models/fashion-mnist/classify"
@@ -22,15 +18,7 @@ M = {"model": "fashion-mnist", "version": "1"}
 
 @pytest.fixture(scope="module")
 def pngs():
-    real_fashion_mnist_or_fail()
-    with gzip.open(FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz") as f:
-        pixels = np.frombuffer(f.read()[16:], np.uint8).reshape(-1, 28, 28)[:200]
-    out = []
-    for img in pixels:
-        buf = io.BytesIO()
-        Image.fromarray(img).save(buf, "PNG")
-        out.append(buf.getvalue())
-    return out
+    return real_test_images(200)
 
 
 def plan(pngs, count=160, seed=0):
