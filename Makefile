@@ -26,16 +26,22 @@ setup-test: $(BIN)/python
 
 # Real Fashion-MNIST (the official 60k/10k IDX files) and Prometheus (the tests scrape the server with it), from
 # Debian's packages.
+# $(call install_missing,WHAT FAILS WITHOUT THEM): the Debian packages the recipe put in the shell variable
+# `missing`, installed when root, else named with what goes without them.
+define install_missing
+if [ -z "$$missing" ]; then exit 0; fi; \
+if [ "$$(id -u)" = 0 ]; then \
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+else \
+	echo "Missing Debian packages: run 'sudo apt-get install $${missing# }'." >&2; \
+	echo "Without them, $(1)." >&2; \
+fi
+endef
+
 data:
 	@missing=""; [ -f $(FMNIST) ] || missing="dataset-fashion-mnist"; \
 	command -v prometheus >/dev/null || missing="$$missing prometheus"; \
-	if [ -z "$$missing" ]; then exit 0; fi; \
-	if [ "$$(id -u)" = 0 ]; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
-	else \
-		echo "Missing Debian packages: run 'sudo apt-get install $$missing'." >&2; \
-		echo "Without them, tests that need them skip (and fail under CI=true); training on the data cannot run." >&2; \
-	fi
+	$(call install_missing,tests that need them skip (and fail under CI=true); training on the data cannot run)
 
 # The Docker tests (tests/test_docker.py): Debian's engine, and debootstrap to stand in for the Dockerfile's base
 # image where no registry can be reached. The tests start dockerd themselves when none is running.
@@ -43,13 +49,7 @@ DOCKER_TOOLS := dockerd:docker.io containerd:containerd runc:runc iptables:iptab
 docker-tools:
 	@missing=""; for tool in $(DOCKER_TOOLS); do \
 		command -v $${tool%%:*} >/dev/null || missing="$$missing $${tool#*:}"; done; \
-	if [ -z "$$missing" ]; then exit 0; fi; \
-	if [ "$$(id -u)" = 0 ]; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
-	else \
-		echo "Missing Debian packages: run 'sudo apt-get install$$missing'." >&2; \
-		echo "Without them, the Docker tests skip (and fail under CI=true)." >&2; \
-	fi
+	$(call install_missing,the Docker tests skip (and fail under CI=true))
 
 # The serving image (Dockerfile; README, "Deploy"). Where this machine trusts extra CAs (a TLS proxy), pip inside the
 # build gets the CA bundle as a BuildKit secret, never stored in the image. DOCKER: a CLI with BuildKit (Debian's

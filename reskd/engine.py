@@ -91,15 +91,15 @@ def gather_indices(parts: list[tuple[int, np.ndarray]], size: int) -> np.ndarray
     return np.concatenate([indices, np.full(size - len(indices), indices[0] if len(indices) else 0, np.int64)])
 
 
-def gather_model(blocks: int, shape: tuple[int, ...], dtype: int | None = None) -> bytes:
-    """ONNX graph: b0..b{K-1} [?, *shape] and indices [B] -> Concat(blocks)[indices] (no Concat for one block)."""
+def gather_model(blocks: int, shape: tuple[int, ...]) -> bytes:
+    """ONNX graph: float32 b0..b{K-1} [?, *shape] and indices [B] -> Concat(blocks)[indices] (no Concat for one
+    block)."""
     from onnx import TensorProto, helper
 
-    dtype = TensorProto.FLOAT if dtype is None else dtype
     names = [f"b{i}" for i in range(blocks)]
-    inputs = [helper.make_tensor_value_info(n, dtype, ["?", *shape]) for n in names]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["?", *shape]) for n in names]
     inputs.append(helper.make_tensor_value_info("indices", TensorProto.INT64, ["B"]))
-    out = helper.make_tensor_value_info("images", dtype, ["B", *shape])
+    out = helper.make_tensor_value_info("images", TensorProto.FLOAT, ["B", *shape])
     if blocks == 1:
         nodes = [helper.make_node("Gather", ["b0", "indices"], ["images"], axis=0)]
     else:
@@ -178,7 +178,6 @@ class _Call:
     """One prepared call: a binding on fixed addresses and its run options (the graph id when graphs are on)."""
     binding: ort.IOBinding
     options: ort.RunOptions
-    graph_id: int
     calls: int = 0
 
 
@@ -236,18 +235,18 @@ class BoundEngine:
                 self._bind(binding, name, value, rows, output=False)
             self._bind(binding, output[0], output[1], output[2], output=True)
             options = ort.RunOptions()
-            graph_id = -1
             if self.graphs:
                 graph_id = self._next_graph_id.get(id(session), 1)  # 0 is reserved by onnxruntime
                 self._next_graph_id[id(session)] = graph_id + 1
                 options.add_run_config_entry("gpu_graph_id", str(graph_id))
-            call = self._calls[key] = _Call(binding, options, graph_id)
+            call = self._calls[key] = _Call(binding, options)
         return call
 
-    def _run_call(self, key: tuple, session, inputs, output) -> None:
+    def _run_call(self, key: tuple, session, inputs, output) -> _Call:
         call = self._call(key, session, inputs, output)
         session.run_with_iobinding(call.binding, call.options)
         call.calls += 1
+        return call
 
     def stats(self) -> BoundStats:
         buffers = {f"staging{b}": v.data_ptr() for b, v in self.staging.items()}
@@ -280,10 +279,9 @@ class BoundEngine:
     def _stage(self, stage: int, source: str, bucket: int, rows: int) -> np.ndarray:
         """Stage on `bucket` rows of a fixed buffer (staging[bucket] or gathered) -> the real rows' logits."""
         images = self.staging[bucket] if source == "staging" else self.gathered
-        self._run_call(("stage", stage, source, bucket), self.sessions[stage], [("images", images, bucket)],
-                       ("logits", self.outputs[stage], bucket))
-        logits = self._calls[("stage", stage, source, bucket)].binding.copy_outputs_to_cpu()[0]
-        return logits[:rows]
+        call = self._run_call(("stage", stage, source, bucket), self.sessions[stage],
+                              [("images", images, bucket)], ("logits", self.outputs[stage], bucket))
+        return call.binding.copy_outputs_to_cpu()[0][:rows]
 
     def _gather_staged(self, block: DeviceBlock, rows: np.ndarray, size: int) -> None:
         """Rows of the staging buffer -> the first `size` rows of `gathered` (a captured graph per bucket pair)."""

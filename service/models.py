@@ -12,7 +12,7 @@ import numpy as np
 
 from reskd.cascade import CascadeResult
 from reskd.device import Device
-from reskd.engine import Engine, EngineSpec
+from reskd.engine import EngineSpec
 from reskd.manifest import Manifest, ManifestError, ModelRepository
 from reskd.runtime import CascadeRuntime
 
@@ -30,7 +30,6 @@ class ServedModel:
     version: int
     path: Path
     runtime: CascadeRuntime
-    runner: Engine
     scheduler: CascadeScheduler
     metrics: ModelMetrics
 
@@ -124,14 +123,14 @@ class ModelStore:
             for version in self.repo.versions(name):
                 path = self.repo.resolve(name, version)
                 runtime = CascadeRuntime(path, device=self.serving.device, engine=self.engine_spec)
-                runner = self._runner(runtime)
+                self._check_device(runtime)
                 metrics = self.metrics.for_model(name, version, runtime.manifest)
                 scheduler = CascadeScheduler(
-                    runtime, runner, self.executor, model=name, version=version, policy=self.policy,
+                    runtime, runtime.engine, self.executor, model=name, version=version, policy=self.policy,
                     max_batch_sizes=s.stage_max_batch_size or [s.max_batch_size],
                     max_queue_delays_s=[d / 1000 for d in (s.stage_max_queue_delay_ms or [s.max_queue_delay_ms])],
                     max_queue_images=s.max_queue_images, pipeline_depth=self.serving.workers, observer=metrics)
-                model = ServedModel(name, version, path, runtime, runner, scheduler, metrics)
+                model = ServedModel(name, version, path, runtime, scheduler, metrics)
                 self._models.setdefault(name, {})[version] = model
                 log.info("loaded %s version %d: %d stage(s) on %s (%s engine%s), scheduler %s", name, version,
                          runtime.num_stages, model.device, runtime.engine.kind,
@@ -145,14 +144,13 @@ class ModelStore:
     def engine_spec(self) -> EngineSpec:
         return engine_spec(self.settings, self.serving.device)
 
-    def _runner(self, runtime: CascadeRuntime) -> Engine:
+    def _check_device(self, runtime: CascadeRuntime) -> None:
         s = self.settings
         if self.serving.device.cuda and not runtime.on_cuda:
             if s.device == "cuda":
                 raise RuntimeError(f"device 'cuda' asked for, but onnxruntime could not create a CUDA session for "
                                    f"{runtime.path} (it fell back to the CPU); check the CUDA and cuDNN libraries")
             log.warning("CUDA execution provider failed for %s; serving it on CPU", runtime.path)
-        return runtime.engine
 
     def all(self) -> list[ServedModel]:
         return [m for versions in self._models.values() for m in versions.values()]

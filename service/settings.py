@@ -54,7 +54,8 @@ class ServeSettings(BaseSettings):
     # on the device (IO binding) in buffers allocated once; later stages gather their rows there; batches are
     # padded to these bucket sizes, every stage and bucket warmed at start; with cuda_graphs each (stage, bucket)
     # is a captured CUDA graph. "host" (the CPU default): numpy, exact batch sizes. "bound" on CPU runs the
-    # device path without a GPU (tests). The largest bucket must hold max_images and every max batch size.
+    # device path without a GPU (tests). The largest bucket must hold the largest batch the scheduler can form:
+    # the max batch size; under the request-level policies max_images too (`reskd serve` checks it at start).
     stage_runner: Literal["auto", "host", "bound"] = "auto"
     cuda_graphs: bool | None = Field(None, description="CUDA graphs for the bound engine; unset: on under CUDA")
     batch_buckets: list[int] = Field([1, 2, 4, 8, 16, 32, 64, 128, 256])
