@@ -30,8 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
+from reskd.files import write_atomic
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import FASHION_MNIST, idx  # noqa: E402
+from common import test_set  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
@@ -51,9 +53,7 @@ class Results:
             node = node.setdefault(k, {})
         node[keys[-1]] = value
         print(json.dumps({"/".join(keys): value}), flush=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1))
-        tmp.replace(self.path)
+        write_atomic(self.path, json.dumps(self.data, indent=1))
 
     def attempt(self, keys: list[str], fn) -> None:
         """Run one measurement; a failure is recorded under its key and the next measurement goes on."""
@@ -69,17 +69,6 @@ def versions() -> list[tuple[str, int]]:
 
     repo = ModelRepository(MODELS)
     return [(name, v) for name in (CASCADE, TEACHER) for v in repo.versions(name)]
-
-
-def test_images(limit: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    from reskd.manifest import load_manifest
-    from reskd.preprocess import normalise
-
-    root = Path(os.environ.get("FASHION_MNIST_DIR", FASHION_MNIST))
-    pixels = idx(root / "t10k-images-idx3-ubyte.gz")[:limit]
-    labels = idx(root / "t10k-labels-idx1-ubyte.gz")[:limit].astype(np.int64)
-    spec = load_manifest(MODELS / CASCADE / "1").input
-    return pixels, normalise(pixels[:, None], spec).astype(np.float32), labels
 
 
 def engines(device: str) -> dict:
@@ -207,7 +196,8 @@ def main() -> None:
                               "python": platform.python_version(), "onnxruntime": ort.__version__,
                               "providers": ort.get_available_providers(), "tiny": args.tiny})
     device = Device.resolve(args.device)
-    pixels, images, labels = test_images(512 if args.tiny else None)
+    limit = 512 if args.tiny else None
+    pixels, images, labels = (a[:limit] for a in test_set())
 
     for name, version in versions():
         for label, spec in engines(args.device).items():

@@ -66,6 +66,7 @@ class RunDir:
         self.checkpoints = self.path / CHECKPOINT_DIR
         self.run_file = self.path / RUN_FILE
         self.logits_file = self.path / LOGITS_FILE
+        self.report_file = self.path / REPORT_FILES[0]
 
     # -- checkpoints --------------------------------------------------------------------------------------------
     def checkpoint_path(self, name: str) -> Path:
@@ -109,26 +110,24 @@ class RunDir:
 
     def write_report(self, report: dict, markdown: str) -> None:
         """report.json and report.md (training.report renders them; pareto.png is plotted beside them)."""
-        write_atomic(self.path / "report.json", json.dumps(report, indent=1))
-        write_atomic(self.path / "report.md", markdown)
-
+        write_atomic(self.report_file, json.dumps(report, indent=1))
+        write_atomic(self.path / REPORT_FILES[1], markdown)
 
     def current_report(self, recipe: dict, fingerprints: dict[str, str]) -> dict | None:
         """report.json, if it still describes what this recipe would train and report: run.json holds the same
         recipe, every stage has its checkpoint with the same fingerprint, and the report was written after all of
         them. None otherwise (the run must train or evaluate again)."""
-        report = self.path / "report.json"
         try:
             if json.loads(self.run_file.read_text()).get("recipe") != recipe:
                 return None
-            written = report.stat().st_mtime
+            written = self.report_file.stat().st_mtime
             if written < self.run_file.stat().st_mtime:
                 return None
             for name, fingerprint in fingerprints.items():
                 path = self.checkpoint_path(name)
                 if path.stat().st_mtime > written or self.load_checkpoint(name).fingerprint != fingerprint:
                     return None
-            return json.loads(report.read_text())
+            return json.loads(self.report_file.read_text())
         except (OSError, ValueError, RunDirError):
             return None
 
