@@ -243,6 +243,8 @@ def test_a_broken_repository_fails_at_start_with_a_message(tmp_path):
     out = serve_exit(MODELS, RESKD_STAGE_RUNNER="bound", RESKD_SCHEDULER="request", RESKD_BATCH_BUCKETS="[1, 4]")
     assert out.returncode == 2 and "largest batch bucket (4)" in out.stderr and "max_images" in out.stderr, \
         out.stderr
+    out = serve_exit(MODELS, RESKD_CUDA_GRAPHS="true")  # the test machine's device is its CPU
+    assert out.returncode == 2 and "CUDA graphs need the bound engine on a CUDA device" in out.stderr, out.stderr
 
 
 def test_several_versions_are_served_at_once(tmp_path):
