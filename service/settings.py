@@ -27,6 +27,8 @@ class ServeSettings(BaseSettings):
     max_body_bytes: int = Field(16 * 1024 * 1024, gt=0, description="request body limit (413 above)")
     max_images: int = Field(256, gt=0, description="images per request (v1 parts or v2 batch; 413 above)")
     max_pixels: int = Field(40_000_000, gt=0, description="decoded pixels per image (413 above: decompression bomb)")
+    max_request_pixels: int = Field(100_000_000, gt=0, description="decoded pixels per request, all its images "
+                                    "together (413 above); read from the image headers before any decoding")
 
     # Scheduling (service/scheduler.py): "stage" re-batches survivors per stage; "request" batches whole requests
     # (Triton's way); "none" runs each request alone; "auto" picks per device what measured best there
@@ -61,6 +63,22 @@ class ServeSettings(BaseSettings):
     batch_buckets: list[int] = Field([1, 2, 4, 8, 16, 32, 64, 128, 256])
     max_gather_blocks: int = Field(8, gt=0, description="stage-0 batches one later-stage batch may draw from")
     cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "EXHAUSTIVE"
+
+    # Connections (service/connections.py). A connection that sends nothing for keep_alive_s (new or between
+    # requests) is closed; a request's headers must arrive within header_timeout_s of its first byte and its body
+    # within body_timeout_s of its headers (408 otherwise). At max_connections the oldest connection not running a
+    # request is closed to admit a new one; with none such the new one gets 503 (the process's file-descriptor limit
+    # is never reached, so health checks and scrapes still get through).
+    keep_alive_s: float = Field(5.0, gt=0)
+    header_timeout_s: float = Field(10.0, gt=0)
+    body_timeout_s: float = Field(30.0, gt=0)
+    max_connections: int = Field(1000, gt=0)
+    # Shutdown on SIGTERM: readiness answers 503 at once, the listener stays open drain_s more (load balancers and
+    # Kubernetes endpoints stop sending meanwhile; responses then say `Connection: close`), then it closes and
+    # in-flight requests get shutdown_timeout_s to finish. A deployment's grace period must exceed the sum.
+    # SIGINT (Ctrl-C) skips the drain window; a second signal exits at once.
+    drain_s: float = Field(5.0, ge=0)
+    shutdown_timeout_s: float = Field(20.0, ge=0)
 
     # Bearer-token auth on inference and model endpoints; health, /metrics and docs stay open. Unset: off.
     auth_token: SecretStr | None = None
