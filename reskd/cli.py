@@ -145,11 +145,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"reskd serve: invalid setting: {'; '.join(fields)}", file=sys.stderr)
         return 2
     try:
-        serve(settings)
+        return serve(settings)
     except (ManifestError, ValueError, RuntimeError) as err:
         print(f"reskd serve: {err}", file=sys.stderr)
         return 2
-    return 0
 
 
 def cmd_score(args: argparse.Namespace) -> int:

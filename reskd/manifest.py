@@ -228,6 +228,11 @@ class ModelRepository:
         return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and re.fullmatch(r"[1-9][0-9]*", p.name)
                       and (p / MANIFEST).is_file())
 
+    def unfinished_versions(self) -> list[Path]:
+        """Version folders (REPO/NAME/N) without a manifest.json: not served, worth a warning."""
+        return sorted(p for d in self.root.iterdir() if d.is_dir() for p in d.iterdir()
+                      if p.is_dir() and re.fullmatch(r"[1-9][0-9]*", p.name) and not (p / MANIFEST).is_file())
+
     def resolve(self, name: str, version: int | None = None) -> Path:
         versions = self.versions(name)
         if not versions:

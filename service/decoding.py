@@ -1,31 +1,175 @@
 """Encoded images -> one float32 batch, in worker threads (never on the event loop). The conversion itself is
-reskd.preprocess, the same code batch scoring uses."""
+reskd.preprocess, the same code batch scoring uses.
+
+Fairness: the decoding threads take one image at a time from the requests waiting, in turn (round robin), so a
+request of 256 large images holds at most one thread at a time while a one-image request arrives: that one waits
+for at most the images already being decoded, not for the whole queue. Before any pixel is decoded, the request's
+image headers are read and their sizes summed against the per-request budget (RESKD_MAX_REQUEST_PIXELS): a request
+that would decode more gets 413 at once. Memory: images over DECODED_TRIM_PIXELS are decoded in buffers the
+allocator returns to the system once freed (see `release_large_allocations`), so a burst of large images does not
+leave the process holding its peak.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import Executor
+import collections
+import ctypes
+import ctypes.util
+import io
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, TypeVar
 
 import numpy as np
+from PIL import Image
 
 from reskd.manifest import InputSpec
 from reskd.preprocess import ImageError, ImageTooLarge, preprocess
 
 from .errors import too_large, unsupported
 
+T = TypeVar("T")
 
-async def decode_batch(executor: Executor, blobs: list[bytes], names: list[str], spec: InputSpec,
-                       max_pixels: int) -> np.ndarray:
-    """-> float32 [N, C, H, W]. The first bad image fails the request: 413 for a decompression bomb or an image
-    over the pixel limit, 415 for bytes that are not a readable image; the message names the image."""
-    loop = asyncio.get_running_loop()
-    tasks = [loop.run_in_executor(executor, preprocess, blob, spec, max_pixels) for blob in blobs]
-    results = await asyncio.gather(*tasks, return_exceptions=True)
-    for name, result in zip(names, results):
-        if isinstance(result, ImageTooLarge):
-            raise too_large(f"{name}: {result}")
-        if isinstance(result, ImageError):
-            raise unsupported(f"{name}: {result}")
-        if isinstance(result, BaseException):
-            raise result
+
+class _Job:
+    """One request's items, handed to the threads one at a time."""
+
+    def __init__(self, fn: Callable, items: list, future: asyncio.Future):
+        self.fn, self.items, self.future = fn, items, future
+        self.results: list[Any] = [None] * len(items)
+        self.next = 0  # the next item to hand out
+        self.running = 0
+
+    @property
+    def exhausted(self) -> bool:
+        return self.next >= len(self.items) or self.future.done()
+
+
+class DecodePool:
+    """Worker threads shared by every request, each request's items served in turn (see the module's doc)."""
+
+    def __init__(self, workers: int):
+        self.executor = ThreadPoolExecutor(workers, thread_name_prefix="reskd-decode")
+        self.free = workers
+        self.ring: collections.deque[_Job] = collections.deque()
+
+    async def map(self, fn: Callable, items: list) -> list:
+        """[fn(item) for item in items] in the threads, in turn with other requests'. The first exception raised
+        by fn fails the call at once (items not started are not run). Cancelling the call stops handing out its
+        items."""
+        if not items:
+            return []
+        job = _Job(fn, items, asyncio.get_running_loop().create_future())
+        self.ring.append(job)
+        self._pump()
+        try:
+            return await job.future
+        finally:
+            if not job.future.done():
+                job.future.cancel()
+            if job in self.ring:
+                self.ring.remove(job)
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        """fn() in a thread, in turn with the requests' images."""
+        (result,) = await self.map(lambda _: fn(), [None])
+        return result
+
+    def _pump(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self.free and self.ring:
+            job = self.ring.popleft()
+            if job.exhausted:
+                continue
+            i = job.next
+            job.next += 1
+            job.running += 1
+            if not job.exhausted:
+                self.ring.append(job)  # its next item waits for every other request's turn
+            self.free -= 1
+            loop.run_in_executor(self.executor, job.fn, job.items[i]).add_done_callback(
+                lambda f, job=job, i=i: self._finished(job, i, f))
+
+    def _finished(self, job: _Job, i: int, f: asyncio.Future) -> None:
+        self.free += 1
+        job.running -= 1
+        if not job.future.done():
+            if f.exception() is not None:
+                job.future.set_exception(f.exception())
+            else:
+                job.results[i] = f.result()
+                if job.running == 0 and job.next >= len(job.items):
+                    job.future.set_result(job.results)
+        self._pump()
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def image_pixels(blob: bytes) -> int:
+    """Width x height from the image's header, without decoding it; 0 when the bytes are no readable image (the
+    decoding step then says why)."""
+    try:
+        with Image.open(io.BytesIO(blob)) as img:
+            w, h = img.size
+            return w * h
+    except Exception:  # noqa: BLE001 - any failure here is reported by preprocess, with its message
+        return 0
+
+
+def _survey(blobs: list[bytes]) -> list[int]:
+    return [image_pixels(b) for b in blobs]
+
+
+# Images above this many pixels are freed back to the system after decoding (a 28x28 image is 784 pixels).
+DECODED_TRIM_PIXELS = 4_000_000
+_libc = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
+_malloc_trim = getattr(_libc, "malloc_trim", None)
+
+
+def release_large_allocations() -> None:
+    """glibc keeps freed heap memory for reuse and raises its mmap threshold as large blocks come and go, so the
+    blocks Pillow decodes a large image into end up in the heap and stay resident after a burst. A fixed threshold
+    of 1 MiB keeps every such block mmap()ed, returned to the system when freed. No-op off glibc."""
+    mallopt = getattr(_libc, "mallopt", None)
+    if mallopt is not None:
+        M_MMAP_THRESHOLD = -3
+        mallopt(M_MMAP_THRESHOLD, 1 << 20)
+
+
+class _ImageFailed(Exception):
+    def __init__(self, index: int, error: ImageError):
+        self.index, self.error = index, error
+
+
+def _preprocess(item: tuple[int, bytes, int], spec: InputSpec, max_pixels: int) -> np.ndarray:
+    index, blob, pixels = item
+    try:
+        return preprocess(blob, spec, max_pixels)
+    except ImageError as err:
+        raise _ImageFailed(index, err) from None
+    finally:
+        if pixels > DECODED_TRIM_PIXELS and _malloc_trim is not None:
+            _malloc_trim(0)  # what the large decode freed in this thread's arena goes back to the system
+
+
+async def decode_batch(pool: DecodePool, blobs: list[bytes], names: list[str], spec: InputSpec,
+                       max_pixels: int, max_request_pixels: int) -> np.ndarray:
+    """-> float32 [N, C, H, W]. 413 when the images' header sizes add up to more than max_request_pixels (before
+    any decoding); the first bad image fails the request: 413 for a decompression bomb or an image over the pixel
+    limit, 415 for bytes that are not a readable image; the message names the image."""
+    (pixels,) = await pool.map(_survey, [blobs])
+    total = sum(pixels)
+    if total > max_request_pixels:
+        raise too_large(f"the request's {len(blobs)} image(s) hold {total:,} pixels together, over the limit of "
+                        f"{max_request_pixels:,} per request (RESKD_MAX_REQUEST_PIXELS); send fewer or smaller "
+                        f"images per request")
+    try:
+        results = await pool.map(lambda item: _preprocess(item, spec, max_pixels),
+                                 [(i, blob, n) for i, (blob, n) in enumerate(zip(blobs, pixels))])
+    except _ImageFailed as failed:
+        name, err = names[failed.index], failed.error
+        if isinstance(err, ImageTooLarge):
+            raise too_large(f"{name}: {err}") from None
+        raise unsupported(f"{name}: {err}") from None
     return np.stack(results)

@@ -7,12 +7,15 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from reskd.validation import describe
 
 log = logging.getLogger("reskd.service")
+
+CLIENT_CLOSED_REQUEST = 499
 
 
 class ApiError(Exception):
@@ -72,6 +75,15 @@ def install(app: FastAPI) -> None:
         if err.status_code == 405:
             return error_response(405, f"{request.method} is not allowed on {request.url.path}", err.headers)
         return error_response(err.status_code, str(err.detail), err.headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, _: ClientDisconnect):
+        # Nobody to answer: the response goes nowhere, its status is what the request metrics count (nginx's 499,
+        # "client closed request"; 408 when the server closed a connection whose body was too slow).
+        timed_out = request.scope.get("reskd.timed_out", False)
+        log.info("%s %s: %s", request.method, request.url.path,
+                 "request body timed out" if timed_out else "the client went away; its work was dropped")
+        return Response(status_code=408 if timed_out else CLIENT_CLOSED_REQUEST)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, err: Exception):

@@ -1,6 +1,6 @@
 """Prometheus metrics. The names and labels are a contract (docs/design.md, "Metrics"): dashboards and alerts are
 written against them (deploy/; tests/test_deploy_files.py checks every name they use exists here). Every series
-carries `model` and `version` but the process-wide reskd_ready; "% of teacher compute" is
+carries `model` and `version` but the process-wide reskd_ready and connection series; "% of teacher compute" is
 rate(reskd_flops_total[5m]) / rate(reskd_teacher_flops_total[5m]).
 
 Metrics owns the registry and the HTTP-level series; ModelMetrics holds one model version's series, resolved once,
@@ -18,6 +18,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from reskd.cascade import CascadeResult
 from reskd.manifest import Manifest
+
+from .connections import REASONS
 
 # The *_created companion series only clutter a scrape; rates do not need them.
 prometheus_client.disable_created_metrics()
@@ -68,9 +70,17 @@ class Metrics:
                                         registry=r)
         self.calibrated_exits = Gauge("reskd_calibrated_exit_fraction", "share of validation images that left at "
                                       "each stage under the calibrated thresholds", [*M, "stage"], registry=r)
-        # Process-wide, the one series without model labels: a server whose loading failed has no model series.
+        self.dropped_images = Counter("reskd_dropped_images_total", "images not classified because their client "
+                                      "went away first (the request counts as code 499)", M, registry=r)
+        # Process-wide, without model labels: a server whose loading failed has no model series, and connections
+        # belong to no model.
         self.ready = Gauge("reskd_ready", "1 when GET /v2/health/ready answers 200 (every model loaded and "
-                           "warmed), else 0", registry=r)
+                           "warmed, not shutting down), else 0", registry=r)
+        self.connections = Gauge("reskd_open_connections", "HTTP connections open", registry=r)
+        self.connections_closed = Counter("reskd_connections_closed_total", "connections the server closed or "
+                                          "refused, by reason (service/connections.py)", ["reason"], registry=r)
+        for reason in REASONS:
+            self.connections_closed.labels(reason)
 
     def for_model(self, model: str, version: int, manifest: Manifest) -> ModelMetrics:
         return ModelMetrics(self, model, version, manifest)
@@ -103,6 +113,7 @@ class ModelMetrics:
         self._padding = [m.padding_flops.labels(model, v, s) for s in stages]
         self._queue_depth = [m.queue_depth.labels(model, v, s) for s in stages]
         self._confidence = [m.exit_confidence.labels(model, v, s) for s in stages]
+        self._dropped = m.dropped_images.labels(model, v)
         expected = calibrated_expectation(manifest)
         if expected is not None:
             compute, exits = expected
@@ -121,6 +132,9 @@ class ModelMetrics:
         self._stage_duration[stage].observe(seconds)
         if padding_rows:
             self._padding[stage].inc(padding_rows * int(self.stage_flops[stage]))
+
+    def dropped(self, images: int) -> None:
+        self._dropped.inc(images)
 
     def answered(self, result: CascadeResult) -> None:
         flops = result.flops

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
@@ -78,27 +79,44 @@ class BearerAuth:
 
 class RequestMetrics:
     """reskd_requests_total{endpoint,code} and reskd_request_duration_seconds{endpoint}; endpoint is the route
-    template (bounded label values), model/version as resolved by the route ("" when none was)."""
+    template (bounded label values), model/version as resolved by the route ("" when none was).
 
-    def __init__(self, app: ASGIApp, metrics: Metrics):
+    Outermost, it also owns what happens at shutdown: while the server drains (ServerState.draining) every response
+    says `Connection: close`, so clients reconnect elsewhere; a request still running when the shutdown timeout
+    cancels it is answered 503 with Retry-After (JSON, like every error) instead of the server's plain-text 500."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, state):
         self.app = app
         self.metrics = metrics
+        self.state = state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start = time.perf_counter()
         status = 500
+        started = False
 
         async def send_status(msg: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if msg["type"] == "http.response.start":
-                status = msg["status"]
+                status, started = msg["status"], True
+                if self.state.draining:
+                    msg = {**msg, "headers": [*msg.get("headers", []), (b"connection", b"close")]}
             await send(msg)
 
         try:
             await self.app(scope, receive, send_status)
+        except asyncio.CancelledError:
+            if started:
+                raise
+            status = 503
+            await _send_json(send, 503, "the server shut down before this request finished; retry (on another "
+                                        "replica)", {"Retry-After": str(self.state.settings.retry_after_s),
+                                                     "Connection": "close"})
         finally:
+            if scope.get("reskd.timed_out"):
+                status = 408
             route = scope.get("route")
             endpoint = getattr(route, "path", "") if route is not None else ""
             model, version = scope.get("reskd.model", ("", ""))

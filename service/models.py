@@ -111,18 +111,28 @@ class ModelStore:
         self.serving = serving
         self.repo = ModelRepository(settings.repo)
         self._models: dict[str, dict[int, ServedModel]] = {}
+        self.loaded = False
 
     def load(self) -> None:
-        """Open a session per stage for every version (files verified by sha256 first). Must run on the loop's
-        thread: batch queues belong to the running event loop."""
+        """Open a session per stage for every version (files verified by sha256 first). Raises ManifestError
+        naming the file for a version that cannot load. Version folders without a manifest are logged, not
+        served."""
         names = self.repo.models()
         if not names:
             raise ManifestError(f"model repository {self.repo.root} holds no model versions")
+        for folder in self.repo.unfinished_versions():
+            log.warning("%s is not served: it has no manifest.json (a version being copied in, or left empty)",
+                        folder)
         s = self.settings
         for name in names:
             for version in self.repo.versions(name):
                 path = self.repo.resolve(name, version)
-                runtime = CascadeRuntime(path, device=self.serving.device, engine=self.engine_spec)
+                try:
+                    runtime = CascadeRuntime(path, device=self.serving.device, engine=self.engine_spec)
+                except ManifestError:
+                    raise
+                except Exception as err:  # onnxruntime refusing a file whose sha256 matches (e.g. truncated)
+                    raise ManifestError(f"{name} version {version} ({path}) cannot be loaded: {err}") from err
                 self._check_device(runtime)
                 metrics = self.metrics.for_model(name, version, runtime.manifest)
                 scheduler = CascadeScheduler(
@@ -135,6 +145,7 @@ class ModelStore:
                 log.info("loaded %s version %d: %d stage(s) on %s (%s engine%s), scheduler %s", name, version,
                          runtime.num_stages, model.device, runtime.engine.kind,
                          ", CUDA graphs" if runtime.engine_spec.graphs else "", self.policy)
+        self.loaded = True
 
     @property
     def policy(self) -> Policy:

@@ -45,6 +45,10 @@ class QueueFull(Exception):
     """A queue is at its bound; the client should retry later."""
 
 
+class NeverFits(Exception):
+    """A request holds more images than the queue can ever take: retrying cannot help (-> 413)."""
+
+
 class InferenceFailed(Exception):
     """A stage batch failed on the server's side (the cause is logged); its requests fail with this."""
 
@@ -60,6 +64,8 @@ class SchedulerObserver(Protocol):
 
     def answered(self, result: CascadeResult) -> None: ...
 
+    def dropped(self, images: int) -> None: ...
+
 
 class Unobserved:
     def queue_depth(self, stage: int, images: int) -> None:
@@ -72,6 +78,9 @@ class Unobserved:
         pass
 
     def answered(self, result: CascadeResult) -> None:
+        pass
+
+    def dropped(self, images: int) -> None:
         pass
 
 
@@ -87,6 +96,26 @@ class Request:
     @property
     def abandoned(self) -> bool:  # answered already (failed) or the client went away
         return self.future.done()
+
+
+class Admission:
+    """One admitted request's reservation in its scheduler's queue (CascadeScheduler.admit)."""
+
+    def __init__(self, scheduler: CascadeScheduler):
+        self.scheduler = scheduler
+        scheduler.pending += 1
+        self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.scheduler.pending -= 1
+
+    def __enter__(self) -> Admission:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 @dataclass
@@ -180,24 +209,45 @@ class CascadeScheduler:
         self._task: asyncio.Task | None = None
         self._running: set[asyncio.Task] = set()
         self._in_flight = 0  # batches dispatched and not finished
+        # Admission: requests admitted and not yet submitted (their bodies are being read and decoded), and the
+        # mean images per request (an exponential average), to reserve room for them before their size is known.
+        self.pending = 0
+        self.mean_request_images = 1.0
 
     # --- admission -------------------------------------------------------------------------------------------
     @property
     def queued_images(self) -> int:
         return sum(q.size for q in self.queues)
 
+    def admit(self) -> Admission:
+        """Admission before any work: called before the request's body is read. Raises QueueFull when stage 0's
+        queue, with the room reserved for requests admitted before this one, is full. The Admission holds this
+        request's reservation until it is submitted or given up (use it as a context manager)."""
+        q = self.queues[0]
+        if q.size + self.pending * self.mean_request_images >= q.bound:
+            raise QueueFull(f"model {self.model} version {self.version} has {q.size} images queued and "
+                            f"{self.pending} request(s) being read (limit {q.bound} images); retry shortly")
+        return Admission(self)
+
     def submit(self, images: np.ndarray, threshold: float | None = None,
                max_stage: int | None = None) -> asyncio.Future:
         """Queue one request; the future resolves to its CascadeResult, or fails with InferenceFailed or (at
-        shutdown) QueueFull. Raises QueueFull at the bound, and CascadeInputError for a threshold or max_stage
-        out of range."""
-        q = self.queues[0]
-        if q.size + len(images) > q.bound:
+        shutdown) QueueFull. Cancelling the future (the client went away) drops the request's samples still
+        queued. Raises NeverFits for more images than the queue's bound, QueueFull at the bound, and
+        CascadeInputError for a threshold or max_stage out of range."""
+        q, n = self.queues[0], len(images)
+        if n > q.bound:
+            raise NeverFits(f"{n} images in one request, more than model {self.model} version {self.version} "
+                            f"queues at once ({q.bound}, RESKD_MAX_QUEUE_IMAGES); send at most {q.bound}")
+        self.mean_request_images += 0.1 * (n - self.mean_request_images)
+        if q.size + n > q.bound:
             raise QueueFull(f"model {self.model} version {self.version} has {q.size} images queued (limit "
                             f"{q.bound}); retry shortly")
-        samples = self.runtime.samples(len(images), threshold, max_stage)
+        samples = self.runtime.samples(n, threshold, max_stage)
         future = asyncio.get_running_loop().create_future()
-        q.put(Rows(Request(images, samples, future), np.arange(len(images))))
+        request = Request(images, samples, future)
+        future.add_done_callback(lambda f: f.cancelled() and self.observer.dropped(request.remaining))
+        q.put(Rows(request, np.arange(n)))
         self.observer.queue_depth(0, q.size)
         self._wakeup.set()
         return future

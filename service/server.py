@@ -1,8 +1,9 @@
 """The FastAPI application and `reskd serve`.
 
-Start-up: the repository is checked (manifests, sha256 of every file) before the port opens, so a broken model
-fails `reskd serve` at once with a message. The server then answers liveness at once and turns ready after every
-model is loaded and warmed up.
+Start-up: every model is loaded (manifests, sha256 of every file, an onnxruntime session per stage) before the
+port opens, so a broken model fails `reskd serve` at once with status 2 and a message naming it. The server then
+answers liveness at once and turns ready after every model is warmed up. Connections are guarded
+(service/connections.py) and shutdown drains (Server).
 """
 
 from __future__ import annotations
@@ -10,16 +11,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import logging.config
+import resource
+import signal
+import time
 from contextlib import asynccontextmanager
 
 import uvicorn
 from fastapi import FastAPI
 
 import reskd
-from reskd.manifest import ManifestError, ModelRepository
 
 from . import errors, ops, v1, v2
+from .connections import REFUSAL_MARGIN, ConnectionGuard
+from .decoding import release_large_allocations
 from .logs import log_config
+from .metrics import Metrics
 from .middlewares import BearerAuth, BodyLimit, RequestMetrics
 from .models import ServingDevice, engine_spec
 from .settings import ServeSettings
@@ -56,31 +62,100 @@ def create_app(settings: ServeSettings | None = None, serving: ServingDevice | N
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     if settings.auth_token is not None:
         app.add_middleware(BearerAuth, token=settings.auth_token.get_secret_value())
-    app.add_middleware(RequestMetrics, metrics=state.metrics)
+    app.add_middleware(RequestMetrics, metrics=state.metrics, state=state)
     return app
 
 
-def check_repository(settings: ServeSettings) -> None:
-    """Fail before the port opens: every manifest valid, every stage file present with the right sha256."""
-    repo = ModelRepository(settings.repo)
-    names = repo.models()
-    if not names:
-        raise ManifestError(f"model repository {repo.root} holds no model versions (REPO/NAME/VERSION/manifest.json)")
-    for name in names:
-        for version in repo.versions(name):
-            repo.load(name, version)
-    if settings.default_model not in names:
-        log.warning("default model %r is not in %s: POST /v1/classify will answer 404", settings.default_model,
-                    repo.root)
+def connection_guard(settings: ServeSettings, metrics: Metrics, max_connections: int) -> ConnectionGuard:
+    return ConnectionGuard(keep_alive_s=settings.keep_alive_s, header_timeout_s=settings.header_timeout_s,
+                           body_timeout_s=settings.body_timeout_s, max_connections=max_connections,
+                           retry_after_s=settings.retry_after_s,
+                           on_close=lambda reason: metrics.connections_closed.labels(reason).inc(),
+                           on_count=metrics.connections.set)
 
 
-def serve(settings: ServeSettings) -> None:
+def connection_budget(wanted: int) -> int:
+    """Connections this process can hold: the file-descriptor soft limit is raised to the hard one, and the
+    connection limit kept under it with room for the refusal margin, model files, logs and the pools."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or soft < hard:
+            target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    except (ValueError, OSError):
+        return wanted
+    room = soft - REFUSAL_MARGIN - 128
+    if wanted > room:
+        log.warning("RESKD_MAX_CONNECTIONS=%d is over what %d file descriptors allow: using %d", wanted, soft,
+                    max(room, 1))
+        return max(room, 1)
+    return wanted
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server with reskd's shutdown (ServeSettings.drain_s): on SIGTERM readiness fails at once while the
+    listener stays open drain_s longer; then uvicorn's own shutdown closes the listener and idle connections and
+    gives in-flight requests shutdown_timeout_s. SIGINT skips the drain window. A second signal exits at once.
+    Exit status 0, or 2 when the models failed to load or warm up."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState):
+        super().__init__(config)
+        self.state = state
+        self.drain_until: float | None = None
+        self.exit_status = 0
+        state.on_failure = self.fail
+
+    def fail(self) -> None:
+        self.exit_status = 2
+        self.should_exit = True
+
+    def handle_exit(self, sig: int, frame) -> None:
+        # Not uvicorn's: it re-raises the signal after shutting down, so the process would die of it (status 143)
+        # instead of exiting 0.
+        if self.should_exit or self.drain_until is not None:
+            log.info("second signal: exiting now")
+            self.should_exit = self.force_exit = True
+            return
+        self.state.drain()
+        drain_s = self.state.settings.drain_s
+        if sig == signal.SIGTERM and drain_s > 0:
+            log.info("SIGTERM: not ready from now on; the listener closes in %g s (RESKD_DRAIN_S)", drain_s)
+            self.drain_until = time.monotonic() + drain_s
+        else:
+            self.should_exit = True
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.drain_until is not None and time.monotonic() >= self.drain_until:
+            log.info("drain window over: closing the listener; in-flight requests get %g s (RESKD_SHUTDOWN_TIMEOUT_S)",
+                     self.state.settings.shutdown_timeout_s)
+            self.should_exit = True
+        return await super().on_tick(counter)
+
+
+def serve(settings: ServeSettings) -> int:
+    """Run `reskd serve` until signalled; -> the exit status. Raises ManifestError (a model that cannot load, named
+    with its file), ValueError or RuntimeError before the port opens."""
     config = log_config(settings.log_format, settings.log_level)
     logging.config.dictConfig(config)
-    check_repository(settings)
     # Raises under --device cuda without the CUDA EP. One onnxruntime thread pool for every stage of every model:
     # the thread budget, with no idle pool spinning; it must exist before the first session.
     serving = ServingDevice.resolve(settings, shared_pool=True)
     engine_spec(settings, serving.device)  # raises ValueError for buckets that cannot hold a batch
-    uvicorn.run(create_app(settings, serving), host=settings.host, port=settings.port, log_config=config,
-                log_level=settings.log_level, timeout_graceful_shutdown=10)
+    release_large_allocations()
+    app = create_app(settings, serving)
+    state: ServerState = app.state.reskd
+    # Every manifest, sha256 and ONNX file is checked and every session created before the port opens; warm-up
+    # runs after, with liveness answering meanwhile.
+    state.store.load()
+    if settings.default_model not in state.store.names():
+        log.warning("default model %r is not in %s: POST /v1/classify will answer 404", settings.default_model,
+                    settings.repo)
+    guard = connection_guard(settings, state.metrics, connection_budget(settings.max_connections))
+    uv = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=config, log_level=settings.log_level,
+                        timeout_keep_alive=settings.keep_alive_s, timeout_graceful_shutdown=settings.shutdown_timeout_s)
+    uv.load()
+    uv.http_protocol_class = guard.protocol(uv.http_protocol_class)
+    server = Server(uv, state)
+    server.run()
+    return server.exit_status

@@ -8,12 +8,12 @@ from fastapi import APIRouter, Depends, Query, Request
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
-from reskd.cascade import CascadeInputError, CascadeResult
+from reskd.cascade import CascadeResult
 
 from .decoding import decode_batch
-from .errors import bad_request, internal, invalid, too_large, unavailable, unsupported
-from .scheduler import InferenceFailed, QueueFull
+from .errors import bad_request, too_large, unsupported
 from .models import ServedModel
+from .pipeline import admit, run_cascade, until_disconnected
 from .schemas import ERROR_RESPONSES, ClassifyResponse, Prediction, TopClass
 from .state import ServerState, get_state
 
@@ -85,31 +85,19 @@ def predictions(model: ServedModel, result: CascadeResult, top_k: int,
     return out
 
 
-async def run_cascade(state: ServerState, model: ServedModel, images: np.ndarray, threshold: float | None,
-                      max_stage: int | None) -> CascadeResult:
-    """The one path from decoded images to results, shared by v1 and v2: queue and inference. threshold and
-    max_stage are range-checked where they are used, by the runtime (CascadeInputError -> 422); a batch that
-    failed on the server's side is a 500."""
-    gauge = model.metrics.inflight
-    gauge.inc()
-    try:
-        return await model.classify(images, threshold, max_stage)
-    except QueueFull as err:
-        raise unavailable(str(err), state.settings.retry_after_s) from None
-    except CascadeInputError as err:
-        raise invalid(f"{err} ({model.name} version {model.version})") from None
-    except InferenceFailed as err:
-        raise internal(str(err)) from None
-    finally:
-        gauge.dec()
-
-
 async def _classify(request: Request, state: ServerState, name: str, version: str | None, top_k: int,
                     threshold: float | None, max_stage: int | None) -> ClassifyResponse:
     model = state.model(request, name, version)
-    blobs, names, filenames = await read_images(request, state.settings.max_images)
-    images = await decode_batch(state.decoding, blobs, names, model.manifest.input, state.settings.max_pixels)
-    result = await run_cascade(state, model, images, threshold, max_stage)
+    s = state.settings
+    with admit(state, model) as admission:
+        blobs, names, filenames = await read_images(request, s.max_images)
+
+        async def classify() -> CascadeResult:
+            images = await decode_batch(state.decoding, blobs, names, model.manifest.input, s.max_pixels,
+                                        s.max_request_pixels)
+            return await run_cascade(state, model, admission, images, threshold, max_stage)
+
+        result = await until_disconnected(request, classify())
     return ClassifyResponse(model=model.name, version=model.version,
                             predictions=predictions(model, result, top_k, filenames))
 

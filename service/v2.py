@@ -7,8 +7,6 @@ base64 strings when sent as JSON). Outputs: `logits` FP32 [N, classes], `class_i
 
 from __future__ import annotations
 
-import asyncio
-
 import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
@@ -19,9 +17,10 @@ from . import kserve
 from .decoding import decode_batch
 from .errors import bad_request, invalid, too_large
 from .models import ServedModel
+from .pipeline import admit, run_cascade, until_disconnected
+from .scheduler import Admission
 from .schemas import ERROR_RESPONSES
 from .state import ServerState, get_state
-from .v1 import run_cascade
 
 router = APIRouter(tags=["kserve v2"], responses=ERROR_RESPONSES)
 
@@ -32,13 +31,14 @@ INPUTS = {"images": "FP32", "image_bytes": "BYTES"}
 @router.get("/v2/health/live", summary="Liveness: 200 while the process serves (503 if model loading failed)")
 async def live(state: ServerState = Depends(get_state)):
     if state.failed:
-        return JSONResponse({"error": f"model loading failed: {state.failed}"}, status_code=503)
+        return JSONResponse({"error": "loading the models failed (see the server log); the server is stopping"},
+                            status_code=503)
     return {"live": True}
 
 
-@router.get("/v2/health/ready", summary="Readiness: 200 once every model is loaded and warmed up")
+@router.get("/v2/health/ready", summary="Readiness: 200 once every model is loaded and warmed up, 503 again once shutting down")
 async def ready(state: ServerState = Depends(get_state)):
-    state.require_ready()
+    state.require_ready(readiness=True)
     return {"ready": True}
 
 
@@ -161,14 +161,20 @@ def _parameter(params: dict, key: str, kind: type):
 
 async def _infer(request: Request, state: ServerState, name: str, version: str | None) -> Response:
     model = state.model(request, name, version)
+    with admit(state, model) as admission:
+        raw = await request.body()
+        return await until_disconnected(request, _infer_body(request, state, model, admission, raw))
+
+
+async def _infer_body(request: Request, state: ServerState, model: ServedModel, admission: Admission,
+                      raw: bytes) -> Response:
     s = state.settings
-    raw = await request.body()
     encoding, header_length = request.headers.get("content-encoding"), request.headers.get(kserve.HEADER_LENGTH)
 
     def parse():  # JSON tensors can be megabytes: parsed in a worker, not on the event loop
         return kserve.parse_request(kserve.decompress(raw, encoding, s.max_body_bytes), header_length)
 
-    req, tensors = await asyncio.get_running_loop().run_in_executor(state.decoding, parse)
+    req, tensors = await state.decoding.run(parse)
     if len(tensors) != 1 or tensors[0].name not in INPUTS:
         raise bad_request(f"send exactly one input, 'images' (FP32 [N, C, H, W]) or 'image_bytes' (BYTES [N]); "
                           f"got {[t.name for t in tensors]}")
@@ -191,10 +197,10 @@ async def _infer(request: Request, state: ServerState, name: str, version: str |
         if len(t.shape) != 1:
             raise invalid(f"input 'image_bytes' must have shape [N], got {t.shape}")
         images = await decode_batch(state.decoding, t.value, [f"image_bytes[{i}]" for i in range(n)],
-                                    model.manifest.input, s.max_pixels)
+                                    model.manifest.input, s.max_pixels, s.max_request_pixels)
     threshold = _parameter(req.parameters, "threshold", float)
     max_stage = _parameter(req.parameters, "max_stage", int)
-    result = await run_cascade(state, model, images, threshold, max_stage)
+    result = await run_cascade(state, model, admission, images, threshold, max_stage)
 
     binary_default = bool(req.parameters.get("binary_data_output", False))
     wanted = req.outputs if req.outputs else [kserve.OutputRequest(name=o) for o in OUTPUTS]

@@ -1,0 +1,85 @@
+"""The path every inference request takes, v1 and v2 alike, from admission to results.
+
+1. Admission, before the body is read: a model whose queue (with room reserved for requests already being read)
+   is full answers 503 + Retry-After at once, so under overload a refusal costs microseconds, not a body's read,
+   parse and decode.
+2. The body is read and the images decoded (service/decoding.py).
+3. The cascade runs through the model's scheduler.
+From the moment the body has been read, the client's connection is watched: if it goes away, decoding stops,
+its samples still queued are dropped (reskd_dropped_images_total), and the request is counted with code 499, not
+as a server error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Awaitable, TypeVar
+
+import numpy as np
+from fastapi import Request
+from starlette.requests import ClientDisconnect
+
+from reskd.cascade import CascadeInputError, CascadeResult
+
+from .errors import internal, invalid, too_large, unavailable
+from .models import ServedModel
+from .scheduler import Admission, InferenceFailed, NeverFits, QueueFull
+from .state import ServerState
+
+T = TypeVar("T")
+
+
+def admit(state: ServerState, model: ServedModel) -> Admission:
+    """503 + Retry-After when the model's queue is full; the Admission is a context manager."""
+    try:
+        return model.scheduler.admit()
+    except QueueFull as err:
+        raise unavailable(str(err), state.settings.retry_after_s) from None
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone away. Only once the body has been read: then the server's next message is
+    the disconnect (or the end of the response, when this is cancelled)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Run `work`; if the client goes away first, cancel it and raise ClientDisconnect (answered as 499)."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the server is shutting down: not the client's doing
+        task.cancel()
+        watch.cancel()
+        raise
+    watch.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    raise ClientDisconnect()
+
+
+async def run_cascade(state: ServerState, model: ServedModel, admission: Admission, images: np.ndarray,
+                      threshold: float | None, max_stage: int | None) -> CascadeResult:
+    """Queue and inference. threshold and max_stage are range-checked where they are used, by the runtime
+    (CascadeInputError -> 422); more images than the queue ever holds -> 413; a batch that failed on the server's
+    side -> 500."""
+    gauge = model.metrics.inflight
+    gauge.inc()
+    try:
+        admission.release()  # from here on the images themselves are counted in the queue
+        future = model.scheduler.submit(images, threshold, max_stage)
+        return await future
+    except NeverFits as err:
+        raise too_large(str(err)) from None
+    except QueueFull as err:
+        raise unavailable(str(err), state.settings.retry_after_s) from None
+    except CascadeInputError as err:
+        raise invalid(f"{err} ({model.name} version {model.version})") from None
+    except InferenceFailed as err:
+        raise internal(str(err)) from None
+    finally:
+        gauge.dec()
