@@ -28,6 +28,8 @@ log = logging.getLogger("reskd.service")
 
 # Connections beyond the limit that still get a 503 (then closed); beyond this margin they are closed at once.
 REFUSAL_MARGIN = 64
+# How long a connection closed with a response keeps reading (and discarding) what its client still sends.
+LINGER_S = 2.0
 # Closing reasons, the `reason` label of reskd_connections_closed_total.
 REASONS = ("idle", "header_timeout", "body_timeout", "evicted", "refused")
 
@@ -88,12 +90,22 @@ class ConnectionGuard:
         self.on_close("refused")
 
     def _close(self, conn: _Guarded, reason: str, response: bytes | None = None) -> None:
+        """Close `conn`, with `response` first if given. A response is followed by a lingering close: the write
+        side is shut (FIN after the response) while what the client still sends is read and discarded for up to
+        LINGER_S, since closing a socket with unread input resets it and the client could lose the response."""
         self.connections.pop(conn, None)
         self.on_count(len(self.connections))
         self.on_close(reason)
-        if response and not conn.transport.is_closing():
-            conn.transport.write(response)
-        conn.transport.close()
+        transport = conn.transport
+        if response is None or transport.is_closing():
+            transport.close()
+            return
+        conn.lingering = True
+        transport.write(response)
+        if transport.can_write_eof():
+            transport.write_eof()
+        transport.resume_reading()
+        asyncio.get_running_loop().call_later(LINGER_S, transport.close)
 
     # --- the timer ---------------------------------------------------------------------------------------------
     def _schedule(self) -> None:
@@ -129,6 +141,7 @@ class _Guarded:
     """Mixed in before one of uvicorn's HTTP protocol classes (ConnectionGuard.protocol)."""
 
     guard: ConnectionGuard
+    lingering = False  # closed with a response: input is discarded until the transport closes
 
     @property
     def serving(self) -> bool:
@@ -148,6 +161,8 @@ class _Guarded:
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self.lingering:
+            return
         now = self.loop.time()
         if not self.serving and self._first_byte_at is None:
             self._first_byte_at = now

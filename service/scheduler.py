@@ -246,11 +246,22 @@ class CascadeScheduler:
         samples = self.runtime.samples(n, threshold, max_stage)
         future = asyncio.get_running_loop().create_future()
         request = Request(images, samples, future)
-        future.add_done_callback(lambda f: f.cancelled() and self.observer.dropped(request.remaining))
+        future.add_done_callback(lambda f: f.cancelled() and self._drop(request))
         q.put(Rows(request, np.arange(n)))
         self.observer.queue_depth(0, q.size)
         self._wakeup.set()
         return future
+
+    def _drop(self, request: Request) -> None:
+        """The request's client went away (its future was cancelled): its samples waiting in a queue leave it now,
+        freeing the room for others; batches already running finish without it."""
+        for s, q in enumerate(self.queues):
+            mine = [rows for rows in q.items if rows.request is request]
+            if mine:
+                q.items = collections.deque(rows for rows in q.items if rows.request is not request)
+                q.size -= sum(map(len, mine))
+                self.observer.queue_depth(s, q.size)
+        self.observer.dropped(request.remaining)
 
     # --- dispatch --------------------------------------------------------------------------------------------
     def start(self) -> None:
