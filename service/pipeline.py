@@ -70,8 +70,7 @@ async def run_cascade(state: ServerState, model: ServedModel, admission: Admissi
     gauge = model.metrics.inflight
     gauge.inc()
     try:
-        admission.release()  # from here on the images themselves are counted in the queue
-        future = model.scheduler.submit(images, threshold, max_stage)
+        future = model.scheduler.submit(images, threshold, max_stage, admission)
         return await future
     except NeverFits as err:
         raise too_large(str(err)) from None

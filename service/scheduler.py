@@ -27,7 +27,7 @@ import logging
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Callable, Literal, Protocol
 
 import numpy as np
 
@@ -98,24 +98,81 @@ class Request:
         return self.future.done()
 
 
+class Workload:
+    """What a model version has admitted and not yet answered, and the rate it answers images at while it has any:
+    a newcomer's expected wait is the images ahead of it over that rate. The rate is measured on a busy clock (time
+    with at least one request in the system), over the last WINDOW answers, so an idle spell does not make the
+    server look slow and a burst after it is not refused for nothing."""
+
+    WINDOW = 32
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock
+        self.requests = 0
+        self.images = 0.0  # admitted requests not yet read count as the mean request size
+        self._busy_since: float | None = None
+        self._busy_before = 0.0
+        self._answers: collections.deque[tuple[float, int]] = collections.deque(maxlen=self.WINDOW)
+
+    def _clock(self, now: float) -> float:
+        return self._busy_before + (now - self._busy_since if self._busy_since is not None else 0.0)
+
+    def enter(self, images: float) -> None:
+        if self.requests == 0:
+            self._busy_since = self.clock()
+        self.requests += 1
+        self.images += images
+
+    def resize(self, before: float, after: float) -> None:
+        self.images += after - before
+
+    def leave(self, images: float, answered: int) -> None:
+        now = self.clock()
+        if answered:
+            self._answers.append((self._clock(now), answered))
+        self.requests -= 1
+        self.images -= images
+        if self.requests == 0:
+            self._busy_before, self._busy_since, self.images = self._clock(now), None, 0.0
+
+    def rate(self) -> float | None:
+        """Images answered per busy second, once a few answers are in."""
+        if len(self._answers) < 4:
+            return None
+        span = self._answers[-1][0] - self._answers[0][0]
+        return sum(n for _, n in list(self._answers)[1:]) / span if span > 0 else None
+
+    def expected_wait(self) -> float | None:
+        rate = self.rate()
+        return self.images / rate if rate else None
+
+
 class Admission:
-    """One admitted request's reservation in its scheduler's queue (CascadeScheduler.admit)."""
+    """One admitted request, from before its body is read until it is submitted (CascadeScheduler.admit): it
+    reserves room in the queue and counts in the workload as a mean-sized request. A context manager: leaving it
+    without submitting gives the reservation up."""
 
     def __init__(self, scheduler: CascadeScheduler):
         self.scheduler = scheduler
+        self.images = scheduler.mean_request_images
         scheduler.pending += 1
+        scheduler.workload.enter(self.images)
         self.held = True
 
-    def release(self) -> None:
-        if self.held:
-            self.held = False
-            self.scheduler.pending -= 1
+    def hand_over(self, images: int) -> None:
+        """Submitted: the request's real size replaces the estimate; it leaves the workload when answered."""
+        self.held = False
+        self.scheduler.pending -= 1
+        self.scheduler.workload.resize(self.images, images)
 
     def __enter__(self) -> Admission:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.release()
+        if self.held:
+            self.held = False
+            self.scheduler.pending -= 1
+            self.scheduler.workload.leave(self.images, 0)
 
 
 @dataclass
@@ -187,7 +244,8 @@ class StageQueue:
 class CascadeScheduler:
     def __init__(self, runtime: CascadeRuntime, runner: Engine, executor: Executor, *, model: str,
                  version: int, policy: Policy, max_batch_sizes: list[int], max_queue_delays_s: list[float],
-                 max_queue_images: int, pipeline_depth: int, observer: SchedulerObserver | None = None):
+                 max_queue_images: int, pipeline_depth: int, max_wait_s: float = 0.0,
+                 observer: SchedulerObserver | None = None):
         self.runtime = runtime
         self.runner = runner
         self.executor = executor
@@ -213,6 +271,8 @@ class CascadeScheduler:
         # mean images per request (an exponential average), to reserve room for them before their size is known.
         self.pending = 0
         self.mean_request_images = 1.0
+        self.workload = Workload()
+        self.max_wait_s = max_wait_s
 
     # --- admission -------------------------------------------------------------------------------------------
     @property
@@ -227,14 +287,21 @@ class CascadeScheduler:
         if q.size + self.pending * self.mean_request_images >= q.bound:
             raise QueueFull(f"model {self.model} version {self.version} has {q.size} images queued and "
                             f"{self.pending} request(s) being read (limit {q.bound} images); retry shortly")
+        wait = self.workload.expected_wait()
+        if self.max_wait_s and wait is not None and wait > self.max_wait_s:
+            raise QueueFull(f"model {self.model} version {self.version} is overloaded: the "
+                            f"{self.workload.images:.0f} images queued or being read ahead would take about "
+                            f"{1000 * wait:.0f} ms (limit {1000 * self.max_wait_s:g} ms, RESKD_MAX_QUEUE_WAIT_MS); "
+                            f"retry shortly")
         return Admission(self)
 
-    def submit(self, images: np.ndarray, threshold: float | None = None,
-               max_stage: int | None = None) -> asyncio.Future:
+    def submit(self, images: np.ndarray, threshold: float | None = None, max_stage: int | None = None,
+               admission: Admission | None = None) -> asyncio.Future:
         """Queue one request; the future resolves to its CascadeResult, or fails with InferenceFailed or (at
         shutdown) QueueFull. Cancelling the future (the client went away) drops the request's samples still
         queued. Raises NeverFits for more images than the queue's bound, QueueFull at the bound, and
-        CascadeInputError for a threshold or max_stage out of range."""
+        CascadeInputError for a threshold or max_stage out of range. admission: the request's, from admit()
+        (without one, e.g. in-process users, it enters the workload here)."""
         q, n = self.queues[0], len(images)
         if n > q.bound:
             raise NeverFits(f"{n} images in one request, more than model {self.model} version {self.version} "
@@ -246,11 +313,21 @@ class CascadeScheduler:
         samples = self.runtime.samples(n, threshold, max_stage)
         future = asyncio.get_running_loop().create_future()
         request = Request(images, samples, future)
-        future.add_done_callback(lambda f: f.cancelled() and self._drop(request))
+        if admission is not None:
+            admission.hand_over(n)
+        else:
+            self.workload.enter(n)
+        future.add_done_callback(lambda f: self._done(request, f))
         q.put(Rows(request, np.arange(n)))
         self.observer.queue_depth(0, q.size)
         self._wakeup.set()
         return future
+
+    def _done(self, request: Request, future: asyncio.Future) -> None:
+        answered = not future.cancelled() and future.exception() is None
+        self.workload.leave(len(request.images), len(request.images) if answered else 0)
+        if future.cancelled():
+            self._drop(request)
 
     def _drop(self, request: Request) -> None:
         """The request's client went away (its future was cancelled): its samples waiting in a queue leave it now,

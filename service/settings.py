@@ -40,7 +40,11 @@ class ServeSettings(BaseSettings):
     max_queue_delay_ms: float = Field(2.0, ge=0)
     stage_max_batch_size: list[int] | None = None
     stage_max_queue_delay_ms: list[float] | None = None
-    # Samples waiting per stage queue before admission refuses with 503 + Retry-After (bounded memory).
+    # Admission (service/pipeline.py), before a request's body is read: 503 + Retry-After when the images already
+    # admitted would keep a newcomer waiting over max_queue_wait_ms at the rate the model answers while busy (0:
+    # off), or when a stage queue holds max_queue_images (bounded memory; a request larger than that gets 413).
+    # The wait limit is the latency bound under overload: set it to what a client may wait before its work starts.
+    max_queue_wait_ms: float = Field(250.0, ge=0)
     max_queue_images: int = Field(1024, gt=0)
     retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 503")
 

@@ -41,7 +41,8 @@ class ServerState:
                 self.store.load()
             loop = asyncio.get_running_loop()
             for model in self.store.all():
-                await loop.run_in_executor(self.inference, model.runtime.engine.warm_up, self.settings.warmup_batch_sizes)
+                await loop.run_in_executor(self.inference, model.runtime.engine.warm_up,
+                                           self.settings.warmup_batch_sizes)
                 model.scheduler.start()
             self.ready = True
             self.metrics.ready.set(1)

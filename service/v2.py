@@ -36,7 +36,8 @@ async def live(state: ServerState = Depends(get_state)):
     return {"live": True}
 
 
-@router.get("/v2/health/ready", summary="Readiness: 200 once every model is loaded and warmed up, 503 again once shutting down")
+@router.get("/v2/health/ready",
+            summary="Readiness: 200 once every model is loaded and warmed up; 503 again once shutting down")
 async def ready(state: ServerState = Depends(get_state)):
     state.require_ready(readiness=True)
     return {"ready": True}

@@ -62,6 +62,8 @@ class ServerProcess(Loopback):
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("RESKD_")}
         self.env.update({f"RESKD_{k.upper()}": str(v) for k, v in settings.items()})
         self.env.setdefault("RESKD_INTRA_OP_THREADS", "1")
+        # Off unless a test is about it: the wait-based admission reacts to the speed of a machine busy with tests.
+        self.env.setdefault("RESKD_MAX_QUEUE_WAIT_MS", "0")
         self._start()
         if wait_ready:
             try:
@@ -136,7 +138,8 @@ class InProcessServer(Loopback):
         from reskd.service.server import create_app
         from reskd.service.settings import ServeSettings
 
-        self.app = create_app(ServeSettings(device="cpu", intra_op_threads=1, **settings))
+        self.app = create_app(ServeSettings(**{"device": "cpu", "intra_op_threads": 1, "max_queue_wait_ms": 0,
+                                               **settings}))
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"

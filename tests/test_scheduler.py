@@ -18,7 +18,7 @@ from reskd.engine import EngineSpec, HostEngine
 from reskd.runtime import CascadeRuntime
 from reskd.service.metrics import Metrics
 from reskd.service.models import thread_budget
-from reskd.service.scheduler import CascadeScheduler, InferenceFailed, QueueFull
+from reskd.service.scheduler import CascadeScheduler, InferenceFailed, QueueFull, Workload
 from reskd.service.settings import ServeSettings
 from server_process import MODELS
 
@@ -56,11 +56,12 @@ class Spy:
         self.runner.warm_up(batch_sizes)
 
 
-def scheduler(rt, runner, policy="stage", batch=(64,), delay_ms=(1,), bound=1024, depth=1, metrics=None):
+def scheduler(rt, runner, policy="stage", batch=(64,), delay_ms=(1,), bound=1024, depth=1, metrics=None,
+              max_wait_s=0.0):
     observer = (metrics or Metrics()).for_model("m", 1, rt.manifest)
     return CascadeScheduler(rt, runner, ThreadPoolExecutor(depth), model="m", version=1, policy=policy,
                             max_batch_sizes=list(batch), max_queue_delays_s=[d / 1000 for d in delay_ms],
-                            max_queue_images=bound, pipeline_depth=depth, observer=observer)
+                            max_queue_images=bound, pipeline_depth=depth, max_wait_s=max_wait_s, observer=observer)
 
 
 def requests(seed=0, count=24):
@@ -161,6 +162,45 @@ def test_back_pressure_refuses_at_admission(rt):
             assert len(await sched.submit(np.zeros((3, 1, 28, 28), np.float32), 0.0)) == 3
         finally:
             await sched.stop()
+
+    asyncio.run(go())
+
+
+def test_the_workload_rate_is_measured_on_a_busy_clock():
+    """Images answered per second while the model had work: an idle minute between requests does not count."""
+    now = [0.0]
+    w = Workload(clock=lambda: now[0])
+    for _ in range(5):  # one 100-image request at a time, 0.1 s each, a minute apart
+        w.enter(100)
+        now[0] += 0.1
+        w.leave(100, 100)
+        now[0] += 60
+    assert w.rate() == pytest.approx(1000)
+    w.enter(100)
+    w.enter(200)
+    assert w.expected_wait() == pytest.approx(0.3)
+    w.leave(100, 0)  # failed or abandoned: leaves, answers nothing
+    assert w.images == 200 and w.requests == 1
+
+
+def test_admission_refuses_when_the_expected_wait_is_over_the_limit(rt):
+    async def go():
+        sched = scheduler(rt, rt.engine, max_wait_s=0.05)
+        now = [0.0]
+        sched.workload = Workload(clock=lambda: now[0])
+        for _ in range(5):  # the model answers 1000 images/s
+            sched.workload.enter(100)
+            now[0] += 0.1
+            sched.workload.leave(100, 100)
+        sched.mean_request_images = 20.0
+        held = [sched.admit() for _ in range(2)]  # 40 images ahead: 40 ms
+        with held[0], held[1]:
+            third = sched.admit()  # 40 ms ahead of it: admitted
+            with pytest.raises(QueueFull, match="about 60 ms .limit 50 ms, RESKD_MAX_QUEUE_WAIT_MS"):
+                sched.admit()
+            third.__exit__()
+        assert sched.workload.images == 0 and sched.pending == 0
+        assert sched.admit() is not None  # room again
 
     asyncio.run(go())
 

@@ -373,12 +373,13 @@ def slow_request_files(n: int) -> list:
 def test_sigterm_drains_then_exits_0_with_every_request_answered():
     """Before: readiness stayed 200 until the listener closed, kept-alive connections were cut off with no
     response, and the process died of the signal."""
-    with ServerProcess(drain_s=2, shutdown_timeout_s=20, max_request_pixels=500_000_000) as s:
+    with ServerProcess(drain_s=4, shutdown_timeout_s=20, max_request_pixels=500_000_000) as s:
         kept = s.client()
         assert kept.post(CLASSIFY, content=GOOD).status_code == 200  # a kept-alive connection
         slow: dict = {}
+        files = slow_request_files(6)
         slow_thread = threading.Thread(target=lambda: slow.setdefault(
-            "r", httpx.post(s.url + CLASSIFY, files=slow_request_files(6), timeout=60)))
+            "r", httpx.post(s.url + CLASSIFY, files=files, timeout=60)))
         slow_thread.start()
         time.sleep(0.3)
         t0 = time.monotonic()
@@ -389,23 +390,24 @@ def test_sigterm_drains_then_exits_0_with_every_request_answered():
             served = fresh.post(CLASSIFY, content=GOOD)
         again = kept.post(CLASSIFY, content=GOOD)
         kept.close()
+        # All three came after SIGTERM, within the drain window: the listener was still open.
         assert ready.status_code == 503 and "shutting down" in ready.json()["error"]
-        assert time.monotonic() - t0 < 2  # within the drain window: the listener is still open
         assert served.status_code == 200 and served.headers["connection"] == "close"
         assert again.status_code == 200 and again.headers["connection"] == "close"
         slow_thread.join(60)
         assert slow["r"].status_code == 200 and len(slow["r"].json()["predictions"]) == 6
         assert s.proc.wait(30) == 0, s.output()
-        assert time.monotonic() - t0 >= 2  # the listener stayed open for the drain window
+        assert time.monotonic() - t0 >= 4  # the listener stayed open for the drain window
     assert "Traceback" not in s.output()
 
 
 def test_a_request_still_running_at_the_shutdown_timeout_gets_a_json_503():
     """Before: a plain-text 500."""
-    with ServerProcess(drain_s=0, shutdown_timeout_s=0.5, max_request_pixels=2_000_000_000) as s:
+    with ServerProcess(drain_s=0, shutdown_timeout_s=0.5, max_request_pixels=3_000_000_000) as s:
         slow: dict = {}
+        files = slow_request_files(64)  # seconds of decoding
         thread = threading.Thread(target=lambda: slow.setdefault(
-            "r", httpx.post(s.url + CLASSIFY, files=slow_request_files(24), timeout=60)))
+            "r", httpx.post(s.url + CLASSIFY, files=files, timeout=60)))
         thread.start()
         time.sleep(0.5)
         s.proc.send_signal(signal.SIGTERM)
