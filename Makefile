@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 
 .PHONY: run train test setup-serve setup-train setup-test data docker-tools docker docker-gpu docker-standin \
-	device-pack device-pack-run device-train device-run
+	k8s-rules device-pack device-pack-run device-train device-run
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -71,6 +71,11 @@ docker-gpu:
 # Where no registry can be reached: the Dockerfile's base image made from the Debian mirror (debootstrap), once.
 docker-standin:
 	$(DOCKER) image inspect $(BASE) >/dev/null 2>&1 || DOCKER=$(DOCKER) bash tests/standin_base.sh $(BASE)
+
+# The PrometheusRule of deploy/k8s, generated from deploy/prometheus's rule files: run after editing those (the
+# tests fail while it is out of date).
+k8s-rules:
+	$(PYTHON) deploy/k8s/components/monitoring/prometheusrule.py
 
 # The main job: the server on the bundled models (no torch in this install).
 run: setup-serve
