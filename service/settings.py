@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The bundled repository: models/ at the project root (an editable or source install).
@@ -86,3 +86,12 @@ class ServeSettings(BaseSettings):
 
     # Bearer-token auth on inference and model endpoints; health, /metrics and docs stay open. Unset: off.
     auth_token: SecretStr | None = None
+
+    @field_validator("port", mode="before")
+    @classmethod
+    def _not_a_service_link(cls, value):
+        if isinstance(value, str) and value.startswith("tcp://"):
+            raise ValueError(f"{value!r} is a Kubernetes service link, not a port: a Service named 'reskd' sets "
+                             f"RESKD_PORT in every pod of its namespace; set enableServiceLinks: false in the pod "
+                             f"spec (deploy/k8s does) or RESKD_PORT explicitly")
+        return value

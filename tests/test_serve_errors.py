@@ -302,3 +302,10 @@ def test_a_failure_inside_a_batch_is_a_500_that_names_the_stage_not_a_422():
             assert c.post(CLASSIFY, content=GOOD).status_code == 200  # nothing wedged
             r = c.post(CLASSIFY, content=GOOD, params={"max_stage": 7})
             assert r.status_code == 422 and "max_stage must be between 0 and 2" in r.json()["error"]
+
+
+def test_a_kubernetes_service_link_in_reskd_port_is_named_as_such():
+    """A Service named `reskd` puts RESKD_PORT=tcp://IP:PORT in every pod of its namespace (service links)."""
+    out = subprocess.run([sys.executable, "-m", "reskd.cli", "serve"], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "RESKD_PORT": "tcp://10.0.0.3:8000"})
+    assert out.returncode == 2 and "Kubernetes service link" in out.stderr and "enableServiceLinks" in out.stderr
