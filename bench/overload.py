@@ -37,6 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from server_process import ServerProcess  # noqa: E402
 
+from reskd.service.settings import ServeSettings  # noqa: E402
+
 BOUNDARY = "reskd-overload-boundary"
 PATH = "/v1/models/fashion-mnist/classify"
 
@@ -185,6 +187,8 @@ def main() -> None:
         result = asyncio.run(measure(args.url, None, args))
     else:
         settings = dict(item.split("=", 1) for item in args.set)
+        # The server's own default, not the test helper's (which turns the wait-based admission off).
+        settings.setdefault("max_queue_wait_ms", str(ServeSettings.model_fields["max_queue_wait_ms"].default))
         with ServerProcess(log_level="warning", **settings) as server:
             result = asyncio.run(measure(server.url, server.proc.pid, args))
             result["server_settings"] = settings

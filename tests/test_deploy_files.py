@@ -106,6 +106,11 @@ def test_compose_file_is_valid():
     assert set(services) == {"reskd", "prometheus", "grafana"}
     assert services["reskd"]["build"]["context"] == str(ROOT)
     assert services["reskd"]["build"]["target"] == "cpu"
+    # `docker compose stop` waits this long before SIGKILL: the server's drain and in-flight deadline fit in it.
+    settings = ServeSettings(**{k.removeprefix("RESKD_").lower(): v for k, v in
+                                (services["reskd"].get("environment") or {}).items()})
+    grace = services["reskd"]["stop_grace_period"]  # compose config gives a duration string, e.g. "30s"
+    assert grace.endswith("s") and float(grace[:-1]) >= settings.drain_s + settings.shutdown_timeout_s + 3, grace
 
 
 def manylinux_platforms() -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import threading
 import time
 import uuid
 
@@ -238,3 +239,24 @@ def test_every_dashboard_expression_returns_data(container, prometheus, pngs):
         if not any(math.isfinite(v) for v in values):
             empty.append(f"{title}: {query} -> {result}")
     assert not empty, "dashboard expressions without data:\n" + "\n".join(empty)
+
+
+def test_docker_stop_drains_and_the_server_exits_0(engine, image):
+    """`docker stop` sends SIGTERM to the server (the entry point, PID 1): readiness fails at once, the listener
+    stays open for the drain window, then the process exits 0 well before Docker's SIGKILL."""
+    c = Container(engine, image["tag"])
+    try:
+        wait_until_ready(f"{c.url}/v2/health/ready", _Proc(c), c.logs, "the reskd container", timeout=90)
+        stopping = threading.Thread(target=engine.docker, args=("stop", "-t", "30", c.id))
+        stopping.start()
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{c.url}/v2/health/ready", timeout=5).status_code == 200:  # the listener is still open
+            assert time.monotonic() < deadline, c.logs()
+            time.sleep(0.05)
+        assert httpx.get(f"{c.url}/v2/health/live", timeout=5).status_code == 200
+        stopping.join(60)
+        code = engine.docker("inspect", "-f", "{{.State.ExitCode}}", c.id).stdout.strip()
+        assert code == "0", c.logs()
+        assert "drain window over" in c.logs()
+    finally:
+        c.remove()
