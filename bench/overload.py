@@ -187,8 +187,10 @@ def main() -> None:
         result = asyncio.run(measure(args.url, None, args))
     else:
         settings = dict(item.split("=", 1) for item in args.set)
-        # The server's own default, not the test helper's (which turns the wait-based admission off).
-        settings.setdefault("max_queue_wait_ms", str(ServeSettings.model_fields["max_queue_wait_ms"].default))
+        # The server's own default, not the test helper's (which turns the wait-based admission off); a server
+        # from before that setting is measured as it is.
+        if "max_queue_wait_ms" in ServeSettings.model_fields:
+            settings.setdefault("max_queue_wait_ms", str(ServeSettings.model_fields["max_queue_wait_ms"].default))
         with ServerProcess(log_level="warning", **settings) as server:
             result = asyncio.run(measure(server.url, server.proc.pid, args))
             result["server_settings"] = settings

@@ -72,6 +72,27 @@ def test_other_sizes_are_resized():
     assert x.shape == (1, 8, 8) and x[0, :, 0].max() < 0 and x[0, 4, 4] > 1.5
 
 
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "LA"])
+@pytest.mark.parametrize("how", ["bilinear", "fit-center"])
+def test_a_much_larger_image_is_reduced_first_with_the_same_pixels_within_rounding(mode, how):
+    """shrink() box-filters before the colour conversion and the bilinear resize: for a smooth image the result is
+    the full-size path's within a few grey levels (alpha composited onto black either way)."""
+    from reskd.preprocess import image_to_pixels, resize, shrink, to_mode
+
+    spec = InputSpec(**{**(GRAY if mode in ("L", "LA") else RGB).model_dump(), "resize": how})
+    grad = Image.linear_gradient("L").resize((300, 260))
+    bands = {"L": [grad], "LA": [grad, grad.transpose(Image.Transpose.ROTATE_180)],
+             "RGB": [grad, grad.transpose(Image.Transpose.FLIP_LEFT_RIGHT), grad.transpose(Image.Transpose.ROTATE_180)],
+             "RGBA": [grad, grad.transpose(Image.Transpose.FLIP_LEFT_RIGHT), grad,
+                      grad.transpose(Image.Transpose.ROTATE_180)]}[mode]
+    img = Image.merge(mode, bands)
+    assert shrink(img, spec.height, spec.width).size == (18, 16)  # by 16.25 (260 / 16): twice 8 x 8, same aspect
+    got = image_to_pixels(img, spec).astype(int)
+    full = np.asarray(resize(to_mode(img, spec.color), spec.height, spec.width, how), dtype=int)
+    full = full[None] if full.ndim == 2 else full.transpose(2, 0, 1)
+    assert np.abs(got - full).max() <= 3, np.abs(got - full).max()
+
+
 def test_bad_bytes_are_refused_clearly():
     with pytest.raises(ImageError, match="empty image"):
         preprocess(b"", GRAY)
