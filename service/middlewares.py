@@ -9,7 +9,7 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import too_large
+from .errors import too_large, unavailable
 from .metrics import Metrics
 
 # Always open, even with auth on: probes, scrapes and the API documentation.
@@ -25,11 +25,22 @@ async def _send_json(send: Send, status: int, message: str, headers: dict[str, s
 
 
 class BodyLimit:
-    """Refuse bodies over max_bytes with 413: at once from Content-Length, or while streaming (chunked uploads)."""
+    """Request bodies: refuse one over max_bytes with 413, at once from Content-Length or while streaming (chunked
+    uploads); and bound the bytes of all bodies being received or held at once to budget_bytes: a request whose
+    declared (or, chunked, received) length would pass it gets 503 + Retry-After before its body is read. A body's
+    bytes count from its headers until its response: clients that send most of a large body and stall cannot hold
+    more than the budget between them."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, budget_bytes: int, retry_after_s: int):
         self.app = app
         self.max_bytes = max_bytes
+        self.budget_bytes = budget_bytes
+        self.retry_after_s = retry_after_s
+        self.held = 0
+
+    def _over_budget(self) -> str:
+        return (f"the server is holding {self.held:,} bytes of request bodies, its limit "
+                f"(RESKD_MAX_INFLIGHT_BODY_BYTES = {self.budget_bytes:,}); retry shortly")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -43,18 +54,30 @@ class BodyLimit:
                 return await _send_json(send, 400, "Content-Length is not a number")
             if int(length) > limit:
                 return await _send_json(send, 413, message)
+        reserved = int(length) if length is not None else 0
+        if reserved and self.held + reserved > self.budget_bytes:
+            return await _send_json(send, 503, self._over_budget(), {"Retry-After": str(self.retry_after_s)})
+        self.held += reserved
         seen = 0
 
         async def guarded() -> Message:
-            nonlocal seen
+            nonlocal seen, reserved
             msg = await receive()
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > limit:
                     raise too_large(message)  # turned into a 413 by the app's ApiError handler
+                if seen > reserved:  # a chunked body (or one longer than declared, which h11 refuses anyway)
+                    if self.held + seen - reserved > self.budget_bytes:
+                        raise unavailable(self._over_budget(), self.retry_after_s)
+                    self.held += seen - reserved
+                    reserved = seen
             return msg
 
-        await self.app(scope, guarded, send)
+        try:
+            await self.app(scope, guarded, send)
+        finally:
+            self.held -= reserved
 
 
 class BearerAuth:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The bundled repository: models/ at the project root (an editable or source install).
@@ -25,6 +25,8 @@ class ServeSettings(BaseSettings):
 
     # Limits (docs/design.md, "HTTP"). Anything smaller than an image's size limit is accepted and resized.
     max_body_bytes: int = Field(16 * 1024 * 1024, gt=0, description="request body limit (413 above)")
+    max_inflight_body_bytes: int = Field(256 * 1024 * 1024, gt=0, description="bytes of request bodies held at "
+                                         "once, all requests together (503 above); at least max_body_bytes")
     max_images: int = Field(256, gt=0, description="images per request (v1 parts or v2 batch; 413 above)")
     max_pixels: int = Field(40_000_000, gt=0, description="decoded pixels per image (413 above: decompression bomb)")
     max_request_pixels: int = Field(100_000_000, gt=0, description="decoded pixels per request, all its images "
@@ -86,6 +88,13 @@ class ServeSettings(BaseSettings):
 
     # Bearer-token auth on inference and model endpoints; health, /metrics and docs stay open. Unset: off.
     auth_token: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _one_body_fits_the_budget(self):
+        if self.max_inflight_body_bytes < self.max_body_bytes:
+            raise ValueError(f"max_inflight_body_bytes ({self.max_inflight_body_bytes:,}) must be at least "
+                             f"max_body_bytes ({self.max_body_bytes:,}): a body under the limit could never be read")
+        return self
 
     @field_validator("port", mode="before")
     @classmethod

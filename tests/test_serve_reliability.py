@@ -122,6 +122,29 @@ def test_stalled_bodies_stalled_headers_and_idle_connections_are_timed_out():
         assert metric(m, "reskd_requests_total", code="500") == 0
 
 
+def test_bodies_held_at_once_are_bounded_and_over_the_budget_get_503_before_reading():
+    """Before: 40 clients that sent 9.9 MB of a declared 10 MB body and stalled held 400 MB between them."""
+    with ServerProcess(max_body_bytes=2_000_000, max_inflight_body_bytes=3_000_000, body_timeout_s=30) as s:
+        stalled = []
+        for _ in range(2):
+            sock = connect(s.port)
+            sock.sendall(request_head(CLASSIFY, 1_400_000) + b"\0" * 1_000_000)
+            stalled.append(sock)
+        time.sleep(0.3)
+        late = connect(s.port)
+        late.sendall(request_head(CLASSIFY, 1_000_000))  # its body never needs sending
+        status, headers, body = read_response(late)
+        assert status == 503 and headers["retry-after"] == "1", body
+        assert "RESKD_MAX_INFLIGHT_BODY_BYTES" in json.loads(body)["error"]
+        with s.client() as c:  # small requests still fit in what is left
+            assert c.post(CLASSIFY, content=GOOD).status_code == 200
+        for sock in stalled + [late]:
+            sock.close()
+        with s.client() as c:  # the stalled bodies' bytes were given back when their clients left
+            wait_for(lambda: metric(scrape(c), "reskd_requests_total", code="499") == 2)
+            assert c.post(CLASSIFY, content=GOOD + b"\0" * 1_500_000).status_code == 200
+
+
 def test_at_the_connection_limit_the_oldest_idle_connection_makes_room():
     """Before: no limit; at the file-descriptor limit accept() failed and health checks timed out."""
     with ServerProcess(max_connections=6, keep_alive_s=60) as s:
