@@ -459,3 +459,27 @@ def test_a_request_still_running_at_the_shutdown_timeout_gets_a_json_503():
         assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
         assert "shut down" in r.json()["error"]
         assert s.proc.wait(60) == 0
+
+
+def test_a_warm_up_failure_after_the_port_opened_stops_the_server_with_status_2():
+    """Loading happens before the port opens; warm-up after. If warm-up fails, `reskd serve` exits 2 (it used to
+    stay up, not live and not ready, forever)."""
+    import uvicorn
+
+    from reskd.service.server import Server, create_app
+    from reskd.service.settings import ServeSettings
+
+    app = create_app(ServeSettings(device="cpu", intra_op_threads=1))
+    state = app.state.reskd
+    server = Server(uvicorn.Config(app), state)
+    state.store.load()
+    model = state.store.get("fashion-mnist")
+
+    def broken(batch_sizes):
+        raise RuntimeError("a stage cannot run")
+
+    model.runtime.engine.warm_up = broken
+    asyncio.run(state.start())
+    assert state.failed and not state.ready
+    assert server.should_exit and server.exit_status == 2
+    state.inference.shutdown()
