@@ -5,9 +5,10 @@ Fairness: the decoding threads take one image at a time from the requests waitin
 request of 256 large images holds at most one thread at a time while a one-image request arrives: that one waits
 for at most the images already being decoded, not for the whole queue. Before any pixel is decoded, the request's
 image headers are read and their sizes summed against the per-request budget (RESKD_MAX_REQUEST_PIXELS): a request
-that would decode more gets 413 at once. Memory: images over DECODED_TRIM_PIXELS are decoded in buffers the
-allocator returns to the system once freed (see `release_large_allocations`), so a burst of large images does not
-leave the process holding its peak.
+that would decode more gets 413 at once. Memory: `reskd serve` keeps large image buffers mmap()ed
+(`release_large_allocations`) and a thread's heap is trimmed after an image over DECODED_TRIM_PIXELS, so a burst of
+large images does not leave the process holding its peak; reskd.preprocess.shrink converts a large image at twice
+the model's input size, not at its own.
 """
 
 from __future__ import annotations
