@@ -6,7 +6,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import struct
+import sys
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +21,8 @@ from reskd.validation import describe
 from .errors import bad_request, too_large, unsupported
 
 HEADER_LENGTH = "inference-header-content-length"
+INT64_MAX = 2**63 - 1
+MAX_DIMS = 32  # numpy's limit on an array's dimensions (32 before numpy 2, 64 since)
 DTYPES = {"FP32": "<f4", "FP64": "<f8", "INT64": "<i8", "INT32": "<i4", "UINT8": "u1"}
 
 
@@ -71,30 +75,42 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
 
 def parse_request(body: bytes, header_length: str | None) -> tuple[InferRequest, list[Tensor]]:
     if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
-            raise bad_request(f"Inference-Header-Content-Length {header_length!r} must be a byte count within the "
-                              f"body ({len(body)} bytes)")
+        # ASCII digits only (str.isdigit also takes '²'), and few enough for int() and any real body.
+        if not (header_length.isascii() and header_length.isdigit() and len(header_length) <= 19
+                and int(header_length) <= len(body)):
+            raise bad_request(f"Inference-Header-Content-Length {clip(header_length)!r} must be a byte count within "
+                              f"the body ({len(body)} bytes)")
         split = int(header_length)
     else:
         split = len(body)
     try:
         raw = json.loads(body[:split])
+    except RecursionError:
+        raise bad_request("inference request header is nested too deeply to parse (JSON arrays and objects nest "
+                          "a few hundred levels at most)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise bad_request(f"inference request header is not valid JSON: {err}") from None
+    except ValueError:  # an integer of more digits than Python converts (sys.get_int_max_str_digits())
+        raise bad_request("inference request header holds a number too long to read (over "
+                          f"{sys.get_int_max_str_digits()} digits)") from None
     try:
         req = InferRequest.model_validate(raw)
     except ValidationError as err:
-        problems = "; ".join(describe(err))
+        problems = describe(err)
+        if len(problems) > 10:
+            problems = [*problems[:10], f"and {len(problems) - 10} more"]
+        problems = "; ".join(problems)
         raise bad_request(f"inference request does not follow the KServe v2 schema: {problems}") from None
     binary = memoryview(body)[split:]
     offset = 0
     tensors = []
     for t in req.inputs:
-        if any(d < 0 for d in t.shape):
-            raise bad_request(f"input {t.name!r}: shape {t.shape} has a negative dimension")
+        _check_shape(t)
         size = t.parameters.get("binary_data_size")
         if size is not None:
-            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise bad_request(f"input {t.name!r}: binary_data_size must be a byte count, got {clip(size)!r}")
+            if offset + size > len(binary):
                 raise bad_request(f"input {t.name!r}: binary_data_size {size!r} runs past the {len(binary)} bytes "
                                   f"of binary data after the JSON header")
             value = _from_binary(t, bytes(binary[offset:offset + size]))
@@ -110,8 +126,30 @@ def parse_request(body: bytes, header_length: str | None) -> tuple[InferRequest,
     return req, tensors
 
 
+def clip(value: Any, width: int = 40) -> Any:
+    """A value from the request, shortened for an error message when its text is long."""
+    text = str(value)
+    return value if len(text) <= width else f"{text[:width]}... ({len(text)} characters)"
+
+
+def _check_shape(t: TensorIn) -> None:
+    """Every dimension and the element count fit int64 (what the protocol's shapes are), and an array can have
+    that many dimensions: counts below are exact Python integers, never wrapped."""
+    if len(t.shape) > MAX_DIMS:
+        raise bad_request(f"input {t.name!r}: shape has {len(t.shape)} dimensions, at most {MAX_DIMS} are "
+                          f"supported")
+    for i, d in enumerate(t.shape):
+        if d < 0:
+            raise bad_request(f"input {t.name!r}: dimension {i} of the shape ({clip(d)}) is negative")
+        if d > INT64_MAX:
+            raise bad_request(f"input {t.name!r}: dimension {i} of the shape ({clip(d)}) is beyond int64 (at most "
+                              f"2**63 - 1)")
+    if _count(t.shape) > INT64_MAX:
+        raise bad_request(f"input {t.name!r}: shape {t.shape} holds more elements than int64 can count")
+
+
 def _count(shape: list[int]) -> int:
-    return int(np.prod(shape, dtype=np.int64)) if shape else 1
+    return math.prod(shape)  # exact: the shape was checked, so the count fits int64
 
 
 def _from_binary(t: TensorIn, raw: bytes) -> np.ndarray | list[bytes]:
@@ -139,7 +177,7 @@ def _from_binary(t: TensorIn, raw: bytes) -> np.ndarray | list[bytes]:
 
 def _from_json(t: TensorIn) -> np.ndarray | list[bytes]:
     if t.datatype == "BYTES":
-        flat = _flatten(t.data)
+        flat = _flatten(t)
         if len(flat) != _count(t.shape) or not all(isinstance(x, str) for x in flat):
             raise bad_request(f"input {t.name!r}: shape {t.shape} needs {_count(t.shape)} BYTES elements as "
                               f"strings, got {len(flat)}")
@@ -151,17 +189,29 @@ def _from_json(t: TensorIn) -> np.ndarray | list[bytes]:
     dtype = _dtype(t)
     try:
         arr = np.asarray(t.data, dtype=np.float64 if dtype.startswith("<f") else np.int64)
-    except (ValueError, TypeError, OverflowError):
+    except (ValueError, TypeError, OverflowError, RecursionError):
         raise bad_request(f"input {t.name!r}: 'data' must be a (possibly nested) list of numbers") from None
     if arr.size != _count(t.shape):
         raise bad_request(f"input {t.name!r}: shape {t.shape} needs {_count(t.shape)} values, 'data' has {arr.size}")
     return arr.astype(dtype).reshape(t.shape)
 
 
-def _flatten(data: Any) -> list:
-    if isinstance(data, list):
-        return [x for item in data for x in _flatten(item)]
-    return [data]
+def _flatten(t: TensorIn) -> list:
+    """'data' in row-major order, flat or nested along the shape: nesting deeper than the shape has dimensions
+    is refused (without recursion, so any depth the JSON parser accepted is safe here)."""
+    flat: list = []
+    stack = [iter([t.data])]
+    while stack:
+        item = next(stack[-1], stack)
+        if item is stack:
+            stack.pop()
+        elif isinstance(item, list):
+            if len(stack) > max(len(t.shape), 1):
+                raise bad_request(f"input {t.name!r}: 'data' nests deeper than shape {t.shape} has dimensions")
+            stack.append(iter(item))
+        else:
+            flat.append(item)
+    return flat
 
 
 def _dtype(t: TensorIn) -> str:

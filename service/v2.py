@@ -153,10 +153,13 @@ def _parameter(params: dict, key: str, kind: type):
     if value is None:
         return None
     if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise invalid(f"parameter {key!r} must be an integer, got {value!r}")
+        raise invalid(f"parameter {key!r} must be an integer, got {kserve.clip(value)!r}")
     if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        raise invalid(f"parameter {key!r} must be a number, got {value!r}")
-    return kind(value)
+        raise invalid(f"parameter {key!r} must be a number, got {kserve.clip(value)!r}")
+    try:
+        return kind(value)
+    except OverflowError:  # an integer beyond any float
+        raise invalid(f"parameter {key!r} is out of range, got an integer of {len(str(value))} digits") from None
 
 
 async def _infer(request: Request, state: ServerState, name: str, version: str | None) -> Response:

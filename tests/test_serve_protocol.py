@@ -1,0 +1,113 @@
+"""The KServe v2 protocol's edges against a real `reskd serve` on loopback: tensor shapes and nesting at the limits
+of int64 and the parser. Every refusal is a 4xx with JSON {"error": ...} naming the problem, never a 500."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from server_process import ServerProcess
+
+INFER = "/v2/models/fashion-mnist/infer"
+REQUEST = {"inputs": [{"name": "images", "datatype": "FP32", "shape": [1, 1, 28, 28], "data": [0.0] * 784}]}
+BODY = json.dumps(REQUEST).encode()
+
+
+@pytest.fixture(scope="module")
+def server():
+    with ServerProcess(max_images=4, max_body_bytes=300_000) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with server.client() as c:
+        yield c
+
+
+def tensor(shape, data=None, name="images", datatype="FP32", **parameters) -> dict:
+    t = {"name": name, "datatype": datatype, "shape": shape}
+    if parameters:
+        t["parameters"] = parameters
+    else:
+        t["data"] = data
+    return t
+
+
+def as_json(*inputs, **extra) -> dict:
+    return {"content": json.dumps({"inputs": list(inputs), **extra}).encode(),
+            "headers": {"content-type": "application/json"}}
+
+
+def as_binary(t: dict, blob: bytes) -> dict:
+    head = json.dumps({"inputs": [t]}).encode()
+    return {"content": head + blob, "headers": {"Inference-Header-Content-Length": str(len(head))}}
+
+
+def nested(depth: int, leaf: str) -> str:
+    return "[" * depth + leaf + "]" * depth
+
+
+def raw(body: str | bytes, **headers) -> dict:
+    return {"content": body.encode() if isinstance(body, str) else body,
+            "headers": {"content-type": "application/json", **headers}}
+
+
+HUGE = 2**32
+CASES = [
+    # (what, request kwargs, status, words in the message)
+    ("a dimension beyond int64", as_json(tensor([2**70, 1, 28, 28], [0.0])), 400, "beyond int64"),
+    ("a dimension of 2**63", as_json(tensor([2**63], [0.0])), 400, "beyond int64"),
+    ("a dimension of thousands of digits", raw('{"inputs": [{"name": "images", "datatype": "FP32", "shape": [%s], '
+                                               '"data": [0]}]}' % ("9" * 5000)), 400, "number"),
+    ("an element count over int64 (JSON, no data)", as_json(tensor([HUGE, HUGE, 1, 1], [])), 400,
+     "more elements than int64 can count"),
+    ("an element count over int64 (binary, no data)", as_binary(tensor([HUGE, HUGE, 1, 1], binary_data_size=0), b""),
+     400, "more elements than int64 can count"),
+    ("an element count over int64 (BYTES, binary)",
+     as_binary(tensor([HUGE, HUGE], name="image_bytes", datatype="BYTES", binary_data_size=4), b"\0" * 4), 400,
+     "more elements than int64 can count"),
+    ("an element count that wraps to 2**63 in int64", as_json(tensor([2**62, 2], [0.0])), 400,
+     "more elements than int64 can count"),
+    ("more dimensions than an array can have", as_json(tensor([1] * 65, [0.0])), 400, "dimensions"),
+    ("more dimensions than an array can have (binary)", as_binary(tensor([1] * 65, binary_data_size=4), b"\0" * 4),
+     400, "dimensions"),
+    ("JSON nested 100,000 levels deep", raw(nested(100_000, "")), 400, "nested too deeply"),
+    ("'data' nested 100,000 levels deep",
+     raw('{"inputs": [{"name": "images", "datatype": "FP32", "shape": [1], "data": %s}]}' % nested(100_000, "1")),
+     400, "nested too deeply"),
+    ("BYTES 'data' nested as deep as the parser goes",
+     raw('{"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1], "data": %s}]}'
+         % nested(980, '"aGk="')), 400, "nests deeper than shape [1]"),
+    ("an integer of thousands of digits in 'data'",
+     raw('{"inputs": [{"name": "images", "datatype": "FP32", "shape": [1], "data": [%s]}]}' % ("9" * 5000)), 400,
+     "number"),
+    ("threshold beyond a float", as_json(REQUEST["inputs"][0], parameters={"threshold": 10**400}), 422,
+     "threshold"),
+    ("Inference-Header-Content-Length of a non-ASCII digit",
+     {"content": BODY, "headers": {"Inference-Header-Content-Length": b"\xb2"}}, 400,
+     "Inference-Header-Content-Length"),
+    ("Inference-Header-Content-Length of thousands of digits",
+     {"content": BODY, "headers": {"Inference-Header-Content-Length": "9" * 5000}}, 400,
+     "Inference-Header-Content-Length"),
+    ("binary_data_size true", as_binary(tensor([1, 1, 28, 28], binary_data_size=True), b"\0"), 400,
+     "binary_data_size must be a byte count"),
+]
+
+
+@pytest.mark.parametrize("what,kwargs,status,words", CASES, ids=[c[0] for c in CASES])
+def test_edge_input_gets_a_4xx_naming_the_problem(client, what, kwargs, status, words):
+    r = client.post(INFER, **kwargs)
+    assert r.status_code == status, r.text[:500]
+    body = r.json()
+    assert set(body) == {"error"} and words in body["error"], body
+    assert len(r.text) < 2000, "the message must not echo the input at length"
+
+
+def test_the_server_survives_the_edge_cases(server, client):
+    for what, kwargs, status, words in CASES:
+        client.post(INFER, **kwargs)
+    assert server.proc.poll() is None
+    assert "Traceback" not in server.output() and "unexpected error" not in server.output()
+    assert client.post(INFER, content=BODY).status_code == 200
