@@ -7,6 +7,7 @@ import base64
 import binascii
 import json
 import math
+import re
 import struct
 import sys
 import zlib
@@ -58,19 +59,46 @@ class Tensor:
 
 
 def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
-    """Content-Encoding gzip or deflate (tritonclient's request_compression_algorithm), bounded by limit."""
-    if not encoding or encoding == "identity":
+    """Content-Encoding gzip or deflate (tritonclient's request_compression_algorithm), bounded by limit; the name
+    is case-insensitive. gzip decodes every member as gzip.decompress does (zero padding between members
+    included); anything else after the compressed data is refused."""
+    coding = (encoding or "").strip().lower()
+    if coding in ("", "identity"):
         return body
-    if encoding not in ("gzip", "deflate"):
-        raise unsupported(f"Content-Encoding {encoding!r} is not supported (gzip, deflate or none)")
-    d = zlib.decompressobj(zlib.MAX_WBITS | 16 if encoding == "gzip" else zlib.MAX_WBITS)
-    try:
-        out = d.decompress(body, limit + 1)
-    except zlib.error as err:
-        raise bad_request(f"body is not valid {encoding} data: {err}") from None
-    if len(out) > limit:
-        raise too_large(f"decompressed body is over the limit of {limit:,} bytes")
-    return out
+    if coding == "x-gzip":  # the old name, which HTTP/1.1 says to treat as gzip
+        coding = "gzip"
+    if coding not in ("gzip", "deflate"):
+        raise unsupported(f"Content-Encoding {clip(encoding)!r} is not supported (gzip, deflate or none)")
+    view, pos, out, members = memoryview(body), 0, bytearray(), 0
+    while pos < len(body):
+        # One member (deflate: the one stream). Its input goes in slices that start small and double: the
+        # decompressor copies what lies past a member's end, so a body of many tiny members costs linear time.
+        d = zlib.decompressobj(zlib.MAX_WBITS | 16 if coding == "gzip" else zlib.MAX_WBITS)
+        start, step = pos, 256
+        while not d.eof:
+            if pos == len(body):
+                raise bad_request(f"the {coding} data is truncated: the body ends before the compressed stream "
+                                  f"does")
+            piece = view[pos:pos + step]
+            try:
+                out += d.decompress(piece, limit + 1 - len(out))
+            except zlib.error as err:
+                where = (f"body is not valid {coding} data" if not members else
+                         f"{len(body) - start} bytes after gzip member {members} are not a valid gzip member")
+                raise bad_request(f"{where}: {err}") from None
+            if len(out) > limit:
+                raise too_large(f"decompressed body is over the limit of {limit:,} bytes")
+            pos += len(piece) - len(d.unused_data)  # all of it was read: the output limit was not reached
+            step = min(step * 2, 1 << 20)
+        members += 1
+        if coding == "deflate" and pos < len(body):
+            raise bad_request(f"{len(body) - pos} bytes after the end of the deflate data; send one zlib stream")
+        data = _NOT_ZERO.search(body, pos)
+        pos = len(body) if data is None else data.start()
+    return bytes(out)
+
+
+_NOT_ZERO = re.compile(rb"[^\0]")
 
 
 def parse_request(body: bytes, header_length: str | None) -> tuple[InferRequest, list[Tensor]]:

@@ -1,22 +1,28 @@
 """The KServe v2 protocol's edges against a real `reskd serve` on loopback: tensor shapes and nesting at the limits
-of int64 and the parser. Every refusal is a 4xx with JSON {"error": ...} naming the problem, never a 500."""
+of int64 and the parser, and Content-Encoding. Every refusal is a 4xx with JSON {"error": ...} naming the problem,
+never a 500."""
 
 from __future__ import annotations
 
+import gzip
 import json
+import zlib
 
 import pytest
 
+from reskd.service import kserve
+from reskd.service.errors import ApiError
 from server_process import ServerProcess
 
 INFER = "/v2/models/fashion-mnist/infer"
+LIMIT = 300_000  # the server's body limit, compressed or not
 REQUEST = {"inputs": [{"name": "images", "datatype": "FP32", "shape": [1, 1, 28, 28], "data": [0.0] * 784}]}
 BODY = json.dumps(REQUEST).encode()
 
 
 @pytest.fixture(scope="module")
 def server():
-    with ServerProcess(max_images=4, max_body_bytes=300_000) as s:
+    with ServerProcess(max_images=4, max_body_bytes=LIMIT) as s:
         yield s
 
 
@@ -93,6 +99,18 @@ CASES = [
      "Inference-Header-Content-Length"),
     ("binary_data_size true", as_binary(tensor([1, 1, 28, 28], binary_data_size=True), b"\0"), 400,
      "binary_data_size must be a byte count"),
+    # Content-Encoding
+    ("bytes after the gzip member", raw(gzip.compress(BODY) + b"trailing", **{"content-encoding": "gzip"}), 400,
+     "8 bytes after gzip member 1 are not a valid gzip member"),
+    ("bytes after the deflate stream", raw(zlib.compress(BODY) + b"xx", **{"content-encoding": "deflate"}), 400,
+     "2 bytes after the end of the deflate data"),
+    ("truncated gzip", raw(gzip.compress(BODY)[:-20], **{"content-encoding": "gzip"}), 400,
+     "gzip data is truncated"),
+    ("truncated deflate", raw(zlib.compress(BODY)[:-20], **{"content-encoding": "deflate"}), 400,
+     "deflate data is truncated"),
+    ("gzip members over the limit together",
+     raw(gzip.compress(b" " * (LIMIT // 2 + 1)) * 2, **{"content-encoding": "gzip"}), 413, "300,000 bytes"),
+    ("unknown encoding", raw(BODY, **{"content-encoding": "br"}), 415, "'br'"),
 ]
 
 
@@ -111,3 +129,27 @@ def test_the_server_survives_the_edge_cases(server, client):
     assert server.proc.poll() is None
     assert "Traceback" not in server.output() and "unexpected error" not in server.output()
     assert client.post(INFER, content=BODY).status_code == 200
+
+
+@pytest.mark.parametrize("encoding,body", [
+    ("gzip", gzip.compress(BODY[:50]) + gzip.compress(BODY[50:])),  # several members, decoded as one stream
+    ("gzip", gzip.compress(BODY) + b"\0" * 16),  # padding zeros after a member, as gzip.decompress allows
+    ("GZIP", gzip.compress(BODY)),  # encodings are case-insensitive
+    ("x-gzip", gzip.compress(BODY)),
+    ("Deflate", zlib.compress(BODY)),
+    ("identity", BODY),
+], ids=["two gzip members", "zero padding", "GZIP", "x-gzip", "Deflate", "identity"])
+def test_content_encodings_are_decoded(client, encoding, body):
+    r = client.post(INFER, content=body, headers={"content-encoding": encoding, "content-type": "application/json"})
+    assert r.status_code == 200, r.text
+    assert [o["name"] for o in r.json()["outputs"]] == ["logits", "class_id", "exit_stage", "flops"]
+
+
+def test_an_encoding_with_surrounding_whitespace_is_decoded():
+    # HTTP servers strip a header value's surrounding whitespace before the app sees it; this checks the app itself.
+    assert kserve.decompress(gzip.compress(BODY), " gzip\t", LIMIT) == BODY
+    assert kserve.decompress(BODY, " Identity ", LIMIT) == BODY
+    assert kserve.decompress(b"", "gzip", LIMIT) == b""  # no member at all, as gzip.decompress has it
+    with pytest.raises(ApiError) as err:
+        kserve.decompress(gzip.compress(BODY)[:5], "gzip", LIMIT)
+    assert err.value.status == 400 and "truncated" in err.value.message
