@@ -162,6 +162,29 @@ def _parameter(params: dict, key: str, kind: type):
         raise invalid(f"parameter {key!r} is out of range, got an integer of {len(str(value))} digits") from None
 
 
+def _outputs(req: kserve.InferRequest) -> list[tuple[str, bool]]:
+    """The requested outputs (all when none is named) as (name, binary?). binary_data_output (the request's
+    default) and each output's binary_data must be JSON booleans: a string such as "false" is refused, not read
+    as true."""
+    def flag(params: dict, key: str, default: bool, where: str = "") -> bool:
+        value = params.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise bad_request(f"parameter {key!r}{where} must be a JSON boolean (true or false), got "
+                              f"{kserve.clip(value)!r}")
+        return value
+
+    binary_default = flag(req.parameters, "binary_data_output", False)
+    wanted = req.outputs if req.outputs else [kserve.OutputRequest(name=o) for o in OUTPUTS]
+    outputs = []
+    for o in wanted:
+        if o.name not in OUTPUTS:
+            raise bad_request(f"unknown output {o.name!r} (outputs: {', '.join(OUTPUTS)})")
+        outputs.append((o.name, flag(o.parameters, "binary_data", binary_default, f" of output {o.name!r}")))
+    return outputs
+
+
 async def _infer(request: Request, state: ServerState, name: str, version: str | None) -> Response:
     model = state.model(request, name, version)
     s = state.settings
@@ -197,18 +220,12 @@ async def _infer(request: Request, state: ServerState, name: str, version: str |
                                     model.manifest.input, s.max_pixels)
     threshold = _parameter(req.parameters, "threshold", float)
     max_stage = _parameter(req.parameters, "max_stage", int)
+    wanted = _outputs(req)
     result = await run_cascade(state, model, images, threshold, max_stage)
 
-    binary_default = bool(req.parameters.get("binary_data_output", False))
-    wanted = req.outputs if req.outputs else [kserve.OutputRequest(name=o) for o in OUTPUTS]
     values = {"logits": result.logits, "class_id": result.class_id, "exit_stage": result.exit_stage,
               "flops": result.flops}
-    outputs = []
-    for o in wanted:
-        if o.name not in OUTPUTS:
-            raise bad_request(f"unknown output {o.name!r} (outputs: {', '.join(OUTPUTS)})")
-        binary = bool(o.parameters.get("binary_data", binary_default))
-        outputs.append((o.name, OUTPUTS[o.name], values[o.name], binary))
+    outputs = [(name, OUTPUTS[name], values[name], binary) for name, binary in wanted]
     head = {"model_name": model.name, "model_version": str(model.version)}
     if req.id is not None:
         head["id"] = req.id

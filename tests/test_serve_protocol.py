@@ -1,6 +1,6 @@
 """The KServe v2 protocol's edges against a real `reskd serve` on loopback: tensor shapes and nesting at the limits
-of int64 and the parser, and Content-Encoding. Every refusal is a 4xx with JSON {"error": ...} naming the problem,
-never a 500."""
+of int64 and the parser, Content-Encoding and the binary-output flags. Every refusal is a 4xx with JSON
+{"error": ...} naming the problem, never a 500."""
 
 from __future__ import annotations
 
@@ -111,6 +111,14 @@ CASES = [
     ("gzip members over the limit together",
      raw(gzip.compress(b" " * (LIMIT // 2 + 1)) * 2, **{"content-encoding": "gzip"}), 413, "300,000 bytes"),
     ("unknown encoding", raw(BODY, **{"content-encoding": "br"}), 415, "'br'"),
+    # binary_data_output and binary_data are JSON booleans
+    ("binary_data_output 'false'", as_json(REQUEST["inputs"][0], parameters={"binary_data_output": "false"}), 400,
+     "'binary_data_output' must be a JSON boolean"),
+    ("binary_data_output 0", as_json(REQUEST["inputs"][0], parameters={"binary_data_output": 0}), 400,
+     "'binary_data_output' must be a JSON boolean"),
+    ("binary_data 'no'", as_json(REQUEST["inputs"][0], outputs=[{"name": "class_id",
+                                                                  "parameters": {"binary_data": "no"}}]), 400,
+     "'binary_data' of output 'class_id' must be a JSON boolean"),
 ]
 
 
@@ -153,3 +161,18 @@ def test_an_encoding_with_surrounding_whitespace_is_decoded():
     with pytest.raises(ApiError) as err:
         kserve.decompress(gzip.compress(BODY)[:5], "gzip", LIMIT)
     assert err.value.status == 400 and "truncated" in err.value.message
+
+
+@pytest.mark.parametrize("parameters,outputs,binary", [
+    ({"binary_data_output": False}, None, False),
+    ({"binary_data_output": True}, None, True),
+    ({"binary_data_output": None}, None, False),  # null: as if absent
+    ({"binary_data_output": True}, [{"name": "class_id", "parameters": {"binary_data": False}}], False),
+    ({}, [{"name": "class_id", "parameters": {"binary_data": True}}], True),
+])
+def test_binary_output_flags_are_booleans(client, parameters, outputs, binary):
+    request = {**REQUEST, "parameters": parameters} | ({"outputs": outputs} if outputs else {})
+    r = client.post(INFER, json=request)
+    assert r.status_code == 200, r.text
+    assert ("inference-header-content-length" in r.headers) is binary
+    assert r.headers["content-type"] == ("application/octet-stream" if binary else "application/json")
