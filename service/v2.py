@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 import reskd
@@ -131,11 +131,29 @@ async def model_version_ready(request: Request, name: str, version: str, state: 
     return {"name": name, "version": str(model.version), "ready": True}
 
 
+# The infer body is read by hand (JSON or binary tensors, maybe compressed), so FastAPI does not see its models:
+# their schemas go into the document's components here, and document() adds them to the app's OpenAPI.
+_SCHEMAS = kserve.InferRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+_SCHEMAS = {**_SCHEMAS.pop("$defs"), "InferRequest": _SCHEMAS}
 _INFER_DOC = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": kserve.InferRequest.model_json_schema()},
+    "application/json": {"schema": {"$ref": "#/components/schemas/InferRequest"}},
     "application/octet-stream": {"schema": {"type": "string", "format": "binary", "description":
                                             "JSON header (length in Inference-Header-Content-Length) followed by "
                                             "binary tensor data"}}}}}
+
+
+def document(app: FastAPI) -> None:
+    """Adds the infer request's schemas (InferRequest, TensorIn, OutputRequest) to app's OpenAPI components, where
+    the infer routes' request bodies refer to them."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schemas = build().setdefault("components", {}).setdefault("schemas", {})
+            schemas.update(_SCHEMAS)
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 @router.post("/v2/models/{name}/infer", openapi_extra=_INFER_DOC, summary="Infer with the highest version")

@@ -1,6 +1,6 @@
 """The KServe v2 protocol's edges against a real `reskd serve` on loopback: tensor shapes and nesting at the limits
-of int64 and the parser, Content-Encoding and the binary-output flags. Every refusal is a 4xx with JSON
-{"error": ...} naming the problem, never a 500."""
+of int64 and the parser, Content-Encoding, the binary-output flags, and an OpenAPI document that describes what the
+server really answers. Every refusal is a 4xx with JSON {"error": ...} naming the problem, never a 500."""
 
 from __future__ import annotations
 
@@ -176,3 +176,44 @@ def test_binary_output_flags_are_booleans(client, parameters, outputs, binary):
     assert r.status_code == 200, r.text
     assert ("inference-header-content-length" in r.headers) is binary
     assert r.headers["content-type"] == ("application/octet-stream" if binary else "application/json")
+
+
+def _pointer(document: dict, ref: str):
+    assert ref.startswith("#/"), ref
+    node = document
+    for part in ref[2:].split("/"):
+        part = part.replace("~1", "/").replace("~0", "~")
+        assert isinstance(node, dict) and part in node, f"{ref} does not resolve (no {part!r})"
+        node = node[part]
+    return node
+
+
+def _refs(node):
+    if isinstance(node, dict):
+        if isinstance(node.get("$ref"), str):
+            yield node["$ref"]
+        for value in node.values():
+            yield from _refs(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _refs(value)
+
+
+def test_every_reference_in_the_openapi_document_resolves(client):
+    doc = client.get("/openapi.json").json()
+    refs = set(_refs(doc))
+    assert "#/components/schemas/TensorIn" in refs and "#/components/schemas/OutputRequest" in refs
+    for ref in refs:
+        _pointer(doc, ref)
+    body = doc["paths"][INFER.replace("fashion-mnist", "{name}")]["post"]["requestBody"]["content"]
+    request = _pointer(doc, body["application/json"]["schema"]["$ref"])
+    tensor_in = _pointer(doc, request["properties"]["inputs"]["items"]["$ref"])
+    assert "$defs" not in json.dumps(doc) and tensor_in["properties"]["shape"]["items"]["type"] == "integer"
+
+
+def test_metrics_are_documented_as_prometheus_text(client):
+    doc = client.get("/openapi.json").json()
+    content = doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    assert list(content) == ["text/plain"], content
+    r = client.get("/metrics")
+    assert r.headers["content-type"].startswith("text/plain") and "# TYPE reskd_requests_total counter" in r.text
