@@ -161,8 +161,8 @@ def clip(value: Any, width: int = 40) -> Any:
 
 
 def _check_shape(t: TensorIn) -> None:
-    """Every dimension and the element count fit int64 (what the protocol's shapes are), and an array can have
-    that many dimensions: counts below are exact Python integers, never wrapped."""
+    """Every dimension, the element count and the byte size fit int64 (what the protocol's shapes are), and an
+    array can have that many dimensions: counts below are exact Python integers, never wrapped."""
     if len(t.shape) > MAX_DIMS:
         raise bad_request(f"input {t.name!r}: shape has {len(t.shape)} dimensions, at most {MAX_DIMS} are "
                           f"supported")
@@ -172,8 +172,12 @@ def _check_shape(t: TensorIn) -> None:
         if d > INT64_MAX:
             raise bad_request(f"input {t.name!r}: dimension {i} of the shape ({clip(d)}) is beyond int64 (at most "
                               f"2**63 - 1)")
-    if _count(t.shape) > INT64_MAX:
-        raise bad_request(f"input {t.name!r}: shape {t.shape} holds more elements than int64 can count")
+    span = math.prod(d for d in t.shape if d)  # what numpy sizes an array by, even one with no elements
+    if span > INT64_MAX:
+        raise bad_request(f"input {t.name!r}: the dimensions of shape {t.shape} multiply to more than int64 can "
+                          f"count")
+    if t.datatype in DTYPES and span * np.dtype(DTYPES[t.datatype]).itemsize > INT64_MAX:
+        raise bad_request(f"input {t.name!r}: shape {t.shape} of {t.datatype} needs more bytes than int64 can count")
 
 
 def _count(shape: list[int]) -> int:
