@@ -27,27 +27,52 @@ MAX_DIMS = 32  # numpy's limit on an array's dimensions (32 before numpy 2, 64 s
 DTYPES = {"FP32": "<f4", "FP64": "<f8", "INT64": "<i8", "INT32": "<i4", "UINT8": "u1"}
 
 
+# What the schemas below document beyond their types is checked by parse_request, with its own messages.
 class TensorIn(BaseModel):
     model_config = ConfigDict(extra="allow")
     name: str
-    shape: list[int]
-    datatype: str
-    parameters: dict[str, Any] = {}
-    data: Any = None
+    shape: list[int] = Field(json_schema_extra={"items": {"type": "integer", "minimum": 0, "maximum": INT64_MAX},
+                                                "maxItems": MAX_DIMS})
+    datatype: str = Field(json_schema_extra={"enum": [*DTYPES, "BYTES"]})
+    parameters: dict[str, Any] = Field({}, json_schema_extra={"properties": {"binary_data_size": {
+        "type": "integer", "minimum": 0,
+        "description": "bytes of this tensor in the binary data after the JSON header (instead of 'data')"}}})
+    data: Any = Field(None, description="the elements in row-major order, flat or nested along the shape; "
+                                        "BYTES elements as base64 strings")
 
 
 class OutputRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     name: str
-    parameters: dict[str, Any] = {}
+    parameters: dict[str, Any] = Field({}, json_schema_extra={"properties": {"binary_data": {
+        "type": "boolean", "description": "send this output as binary data (default: binary_data_output)"}}})
 
 
 class InferRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     id: str | None = None
-    parameters: dict[str, Any] = {}
+    parameters: dict[str, Any] = Field({}, json_schema_extra={"properties": {"binary_data_output": {
+        "type": "boolean", "description": "send every output as binary data unless it says otherwise"}}})
     inputs: list[TensorIn] = Field(min_length=1)
     outputs: list[OutputRequest] | None = None
+
+
+class TensorOut(BaseModel):
+    """An output as encode_response writes it (for the API documentation)."""
+    name: str
+    datatype: str
+    shape: list[int]
+    parameters: dict[str, Any] = Field({}, json_schema_extra={"properties": {"binary_data_size": {
+        "type": "integer", "description": "bytes of this output in the binary data after the JSON header"}}})
+    data: list[int | float] | None = Field(None, description="the elements, flat in row-major order (absent when "
+                                                             "the output is sent as binary data)")
+
+
+class InferResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = Field(None, description="the request's id, when it had one")
+    outputs: list[TensorOut]
 
 
 @dataclass

@@ -133,18 +133,39 @@ async def model_version_ready(request: Request, name: str, version: str, state: 
 
 # The infer body is read by hand (JSON or binary tensors, maybe compressed), so FastAPI does not see its models:
 # their schemas go into the document's components here, and document() adds them to the app's OpenAPI.
-_SCHEMAS = kserve.InferRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-_SCHEMAS = {**_SCHEMAS.pop("$defs"), "InferRequest": _SCHEMAS}
+_SCHEMAS = {}
+for _model in (kserve.InferRequest, kserve.InferResponse):
+    _schema = _model.model_json_schema(ref_template="#/components/schemas/{model}")
+    _SCHEMAS.update({**_schema.pop("$defs", {}), _model.__name__: _schema})
+# What this server's models take and give (the protocol itself allows any names), and an example that runs.
+_SCHEMAS["InferRequest"]["properties"]["inputs"]["maxItems"] = 1
+_SCHEMAS["InferRequest"]["properties"]["parameters"]["properties"].update({
+    "threshold": {"type": "number", "minimum": 0, "maximum": 1,
+                  "description": "one exit threshold for every non-final stage, for this request"},
+    "max_stage": {"type": "integer", "minimum": 0, "description": "stop at this stage at the latest"}})
+_SCHEMAS["TensorIn"]["properties"]["name"]["enum"] = list(INPUTS)
+_SCHEMAS["OutputRequest"]["properties"]["name"]["enum"] = list(OUTPUTS)
+_SCHEMAS["InferRequest"]["examples"] = [{  # one black 28 x 28 PNG; the model resizes any other size
+    "inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1], "data": [
+        "iVBORw0KGgoAAAANSUhEUgAAABwAAAAcCAAAAABXZoBIAAAAEElEQVR42mNgGAWjYBQQAwADLAAB1wvpfAAAAABJRU5ErkJggg=="]}],
+    "outputs": [{"name": "class_id"}, {"name": "exit_stage"}, {"name": "flops"}]}]
 _INFER_DOC = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"$ref": "#/components/schemas/InferRequest"}},
     "application/octet-stream": {"schema": {"type": "string", "format": "binary", "description":
                                             "JSON header (length in Inference-Header-Content-Length) followed by "
-                                            "binary tensor data"}}}}}
+                                            "binary tensor data"}}}},
+              "responses": {"200": {
+                  "description": "The outputs: JSON, or with binary outputs a JSON header followed by their data",
+                  "headers": {"Inference-Header-Content-Length": {
+                      "description": "length of the JSON header (only when some output is binary)",
+                      "schema": {"type": "integer"}}},
+                  "content": {"application/json": {"schema": {"$ref": "#/components/schemas/InferResponse"}},
+                              "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}}
 
 
 def document(app: FastAPI) -> None:
-    """Adds the infer request's schemas (InferRequest, TensorIn, OutputRequest) to app's OpenAPI components, where
-    the infer routes' request bodies refer to them."""
+    """Adds the infer schemas (InferRequest, TensorIn, OutputRequest, InferResponse, TensorOut) to app's OpenAPI
+    components, where the infer routes' request and response bodies refer to them."""
     build = app.openapi
 
     def openapi() -> dict:

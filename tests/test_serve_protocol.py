@@ -221,3 +221,17 @@ def test_metrics_are_documented_as_prometheus_text(client):
     assert list(content) == ["text/plain"], content
     r = client.get("/metrics")
     assert r.headers["content-type"].startswith("text/plain") and "# TYPE reskd_requests_total counter" in r.text
+
+
+def test_infer_responses_and_an_example_are_documented(client):
+    doc = client.get("/openapi.json").json()
+    for path in ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"):
+        ok = doc["paths"][path]["post"]["responses"]["200"]
+        assert set(ok["content"]) == {"application/json", "application/octet-stream"}, ok  # binary outputs
+        assert "Inference-Header-Content-Length" in ok["headers"]
+        assert _pointer(doc, ok["content"]["application/json"]["schema"]["$ref"])["required"] == [
+            "model_name", "model_version", "outputs"]
+    request = _pointer(doc, "#/components/schemas/InferRequest")
+    r = client.post(INFER, json=request["examples"][0])
+    assert r.status_code == 200, r.text
+    assert [o["name"] for o in r.json()["outputs"]] == ["class_id", "exit_stage", "flops"]
