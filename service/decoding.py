@@ -94,9 +94,13 @@ class DecodePool:
     def _finished(self, job: _Job, i: int, f: asyncio.Future) -> None:
         self.free += 1
         job.running -= 1
+        if f.cancelled():  # the pool is shutting down
+            job.future.cancel()
+            return
+        error = f.exception()  # retrieved even when the job failed already (asyncio would log it otherwise)
         if not job.future.done():
-            if f.exception() is not None:
-                job.future.set_exception(f.exception())
+            if error is not None:
+                job.future.set_exception(error)
             else:
                 job.results[i] = f.result()
                 if job.running == 0 and job.next >= len(job.items):

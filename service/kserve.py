@@ -6,7 +6,10 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
+import re
 import struct
+import sys
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -19,30 +22,57 @@ from reskd.validation import describe
 from .errors import bad_request, too_large, unsupported
 
 HEADER_LENGTH = "inference-header-content-length"
+INT64_MAX = 2**63 - 1
+MAX_DIMS = 32  # numpy's limit on an array's dimensions (32 before numpy 2, 64 since)
 DTYPES = {"FP32": "<f4", "FP64": "<f8", "INT64": "<i8", "INT32": "<i4", "UINT8": "u1"}
 
 
+# What the schemas below document beyond their types is checked by parse_request, with its own messages.
 class TensorIn(BaseModel):
     model_config = ConfigDict(extra="allow")
     name: str
-    shape: list[int]
-    datatype: str
-    parameters: dict[str, Any] = {}
-    data: Any = None
+    shape: list[int] = Field(json_schema_extra={"items": {"type": "integer", "minimum": 0, "maximum": INT64_MAX},
+                                                "maxItems": MAX_DIMS})
+    datatype: str = Field(json_schema_extra={"enum": [*DTYPES, "BYTES"]})
+    parameters: dict[str, Any] = Field({}, json_schema_extra={"properties": {"binary_data_size": {
+        "type": "integer", "minimum": 0,
+        "description": "bytes of this tensor in the binary data after the JSON header (instead of 'data')"}}})
+    data: Any = Field(None, description="the elements in row-major order, flat or nested along the shape; "
+                                        "BYTES elements as base64 strings")
 
 
 class OutputRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     name: str
-    parameters: dict[str, Any] = {}
+    parameters: dict[str, Any] = Field({}, json_schema_extra={"properties": {"binary_data": {
+        "type": "boolean", "description": "send this output as binary data (default: binary_data_output)"}}})
 
 
 class InferRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     id: str | None = None
-    parameters: dict[str, Any] = {}
+    parameters: dict[str, Any] = Field({}, json_schema_extra={"properties": {"binary_data_output": {
+        "type": "boolean", "description": "send every output as binary data unless it says otherwise"}}})
     inputs: list[TensorIn] = Field(min_length=1)
     outputs: list[OutputRequest] | None = None
+
+
+class TensorOut(BaseModel):
+    """An output as encode_response writes it (for the API documentation)."""
+    name: str
+    datatype: str
+    shape: list[int]
+    parameters: dict[str, Any] = Field({}, json_schema_extra={"properties": {"binary_data_size": {
+        "type": "integer", "description": "bytes of this output in the binary data after the JSON header"}}})
+    data: list[int | float] | None = Field(None, description="the elements, flat in row-major order (absent when "
+                                                             "the output is sent as binary data)")
+
+
+class InferResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = Field(None, description="the request's id, when it had one")
+    outputs: list[TensorOut]
 
 
 @dataclass
@@ -54,47 +84,86 @@ class Tensor:
 
 
 def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
-    """Content-Encoding gzip or deflate (tritonclient's request_compression_algorithm), bounded by limit."""
-    if not encoding or encoding == "identity":
+    """Content-Encoding gzip or deflate (tritonclient's request_compression_algorithm), bounded by limit; the name
+    is case-insensitive. gzip decodes every member as gzip.decompress does (zero padding between members
+    included); anything else after the compressed data is refused."""
+    coding = (encoding or "").strip().lower()
+    if coding in ("", "identity"):
         return body
-    if encoding not in ("gzip", "deflate"):
-        raise unsupported(f"Content-Encoding {encoding!r} is not supported (gzip, deflate or none)")
-    d = zlib.decompressobj(zlib.MAX_WBITS | 16 if encoding == "gzip" else zlib.MAX_WBITS)
-    try:
-        out = d.decompress(body, limit + 1)
-    except zlib.error as err:
-        raise bad_request(f"body is not valid {encoding} data: {err}") from None
-    if len(out) > limit:
-        raise too_large(f"decompressed body is over the limit of {limit:,} bytes")
-    return out
+    if coding == "x-gzip":  # the old name, which HTTP/1.1 says to treat as gzip
+        coding = "gzip"
+    if coding not in ("gzip", "deflate"):
+        raise unsupported(f"Content-Encoding {clip(encoding)!r} is not supported (gzip, deflate or none)")
+    view, pos, out, members = memoryview(body), 0, bytearray(), 0
+    while pos < len(body):
+        # One member (deflate: the one stream). Its input goes in slices that start small and double: the
+        # decompressor copies what lies past a member's end, so a body of many tiny members costs linear time.
+        d = zlib.decompressobj(zlib.MAX_WBITS | 16 if coding == "gzip" else zlib.MAX_WBITS)
+        start, step = pos, 256
+        while not d.eof:
+            if pos == len(body):
+                raise bad_request(f"the {coding} data is truncated: the body ends before the compressed stream "
+                                  f"does")
+            piece = view[pos:pos + step]
+            try:
+                out += d.decompress(piece, limit + 1 - len(out))
+            except zlib.error as err:
+                where = (f"body is not valid {coding} data" if not members else
+                         f"{len(body) - start} bytes after gzip member {members} are not a valid gzip member")
+                raise bad_request(f"{where}: {err}") from None
+            if len(out) > limit:
+                raise too_large(f"decompressed body is over the limit of {limit:,} bytes")
+            pos += len(piece) - len(d.unused_data)  # all of it was read: the output limit was not reached
+            step = min(step * 2, 1 << 20)
+        members += 1
+        if coding == "deflate" and pos < len(body):
+            raise bad_request(f"{len(body) - pos} bytes after the end of the deflate data; send one zlib stream")
+        data = _NOT_ZERO.search(body, pos)
+        pos = len(body) if data is None else data.start()
+    return bytes(out)
+
+
+_NOT_ZERO = re.compile(rb"[^\0]")
 
 
 def parse_request(body: bytes, header_length: str | None) -> tuple[InferRequest, list[Tensor]]:
     if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
-            raise bad_request(f"Inference-Header-Content-Length {header_length!r} must be a byte count within the "
-                              f"body ({len(body)} bytes)")
+        # ASCII digits only (str.isdigit also takes '²'), and few enough for int() and any real body.
+        if not (header_length.isascii() and header_length.isdigit() and len(header_length) <= 19
+                and int(header_length) <= len(body)):
+            raise bad_request(f"Inference-Header-Content-Length {clip(header_length)!r} must be a byte count within "
+                              f"the body ({len(body)} bytes)")
         split = int(header_length)
     else:
         split = len(body)
     try:
         raw = json.loads(body[:split])
+    except RecursionError:
+        raise bad_request("inference request header is nested too deeply to parse (JSON arrays and objects nest "
+                          "a few hundred levels at most)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise bad_request(f"inference request header is not valid JSON: {err}") from None
+    except ValueError:  # an integer of more digits than Python converts (sys.get_int_max_str_digits())
+        raise bad_request("inference request header holds a number too long to read (over "
+                          f"{sys.get_int_max_str_digits()} digits)") from None
     try:
         req = InferRequest.model_validate(raw)
     except ValidationError as err:
-        problems = "; ".join(describe(err))
+        problems = describe(err)
+        if len(problems) > 10:
+            problems = [*problems[:10], f"and {len(problems) - 10} more"]
+        problems = "; ".join(problems)
         raise bad_request(f"inference request does not follow the KServe v2 schema: {problems}") from None
     binary = memoryview(body)[split:]
     offset = 0
     tensors = []
     for t in req.inputs:
-        if any(d < 0 for d in t.shape):
-            raise bad_request(f"input {t.name!r}: shape {t.shape} has a negative dimension")
+        _check_shape(t)
         size = t.parameters.get("binary_data_size")
         if size is not None:
-            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise bad_request(f"input {t.name!r}: binary_data_size must be a byte count, got {clip(size)!r}")
+            if offset + size > len(binary):
                 raise bad_request(f"input {t.name!r}: binary_data_size {size!r} runs past the {len(binary)} bytes "
                                   f"of binary data after the JSON header")
             value = _from_binary(t, bytes(binary[offset:offset + size]))
@@ -110,8 +179,34 @@ def parse_request(body: bytes, header_length: str | None) -> tuple[InferRequest,
     return req, tensors
 
 
+def clip(value: Any, width: int = 40) -> Any:
+    """A value from the request, shortened for an error message when its text is long."""
+    text = str(value)
+    return value if len(text) <= width else f"{text[:width]}... ({len(text)} characters)"
+
+
+def _check_shape(t: TensorIn) -> None:
+    """Every dimension, the element count and the byte size fit int64 (what the protocol's shapes are), and an
+    array can have that many dimensions: counts below are exact Python integers, never wrapped."""
+    if len(t.shape) > MAX_DIMS:
+        raise bad_request(f"input {t.name!r}: shape has {len(t.shape)} dimensions, at most {MAX_DIMS} are "
+                          f"supported")
+    for i, d in enumerate(t.shape):
+        if d < 0:
+            raise bad_request(f"input {t.name!r}: dimension {i} of the shape ({clip(d)}) is negative")
+        if d > INT64_MAX:
+            raise bad_request(f"input {t.name!r}: dimension {i} of the shape ({clip(d)}) is beyond int64 (at most "
+                              f"2**63 - 1)")
+    span = math.prod(d for d in t.shape if d)  # what numpy sizes an array by, even one with no elements
+    if span > INT64_MAX:
+        raise bad_request(f"input {t.name!r}: the dimensions of shape {t.shape} multiply to more than int64 can "
+                          f"count")
+    if t.datatype in DTYPES and span * np.dtype(DTYPES[t.datatype]).itemsize > INT64_MAX:
+        raise bad_request(f"input {t.name!r}: shape {t.shape} of {t.datatype} needs more bytes than int64 can count")
+
+
 def _count(shape: list[int]) -> int:
-    return int(np.prod(shape, dtype=np.int64)) if shape else 1
+    return math.prod(shape)  # exact: the shape was checked, so the count fits int64
 
 
 def _from_binary(t: TensorIn, raw: bytes) -> np.ndarray | list[bytes]:
@@ -139,7 +234,7 @@ def _from_binary(t: TensorIn, raw: bytes) -> np.ndarray | list[bytes]:
 
 def _from_json(t: TensorIn) -> np.ndarray | list[bytes]:
     if t.datatype == "BYTES":
-        flat = _flatten(t.data)
+        flat = _flatten(t)
         if len(flat) != _count(t.shape) or not all(isinstance(x, str) for x in flat):
             raise bad_request(f"input {t.name!r}: shape {t.shape} needs {_count(t.shape)} BYTES elements as "
                               f"strings, got {len(flat)}")
@@ -151,17 +246,29 @@ def _from_json(t: TensorIn) -> np.ndarray | list[bytes]:
     dtype = _dtype(t)
     try:
         arr = np.asarray(t.data, dtype=np.float64 if dtype.startswith("<f") else np.int64)
-    except (ValueError, TypeError, OverflowError):
+    except (ValueError, TypeError, OverflowError, RecursionError):
         raise bad_request(f"input {t.name!r}: 'data' must be a (possibly nested) list of numbers") from None
     if arr.size != _count(t.shape):
         raise bad_request(f"input {t.name!r}: shape {t.shape} needs {_count(t.shape)} values, 'data' has {arr.size}")
     return arr.astype(dtype).reshape(t.shape)
 
 
-def _flatten(data: Any) -> list:
-    if isinstance(data, list):
-        return [x for item in data for x in _flatten(item)]
-    return [data]
+def _flatten(t: TensorIn) -> list:
+    """'data' in row-major order, flat or nested along the shape: nesting deeper than the shape has dimensions
+    is refused (without recursion, so any depth the JSON parser accepted is safe here)."""
+    flat: list = []
+    stack = [iter([t.data])]
+    while stack:
+        item = next(stack[-1], stack)
+        if item is stack:
+            stack.pop()
+        elif isinstance(item, list):
+            if len(stack) > max(len(t.shape), 1):
+                raise bad_request(f"input {t.name!r}: 'data' nests deeper than shape {t.shape} has dimensions")
+            stack.append(iter(item))
+        else:
+            flat.append(item)
+    return flat
 
 
 def _dtype(t: TensorIn) -> str:

@@ -36,6 +36,7 @@ class ErrorBody(BaseModel):
 
 ERROR_RESPONSES = {code: {"model": ErrorBody, "description": text} for code, text in {
     400: "malformed request", 401: "missing or wrong bearer token (when auth is on)",
-    404: "unknown model or version", 413: "body, image count or image pixels over the limit",
+    404: "unknown model or version", 408: "the request's body did not arrive in time (the connection closes)",
+    413: "body, image count or image pixels over the limit",
     415: "unsupported media type or undecodable image", 422: "well-formed but invalid parameters or values",
     503: "overloaded or not ready; retry after Retry-After seconds"}.items()}

@@ -58,6 +58,7 @@ def create_app(settings: ServeSettings | None = None, serving: ServingDevice | N
     app.include_router(v1.router)
     app.include_router(v2.router)
     app.include_router(ops.router)
+    v2.document(app)
     # Starlette wraps in reverse order of addition: RequestMetrics is outermost, so 401s and 413s are counted.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, budget_bytes=settings.max_inflight_body_bytes,
                        retry_after_s=settings.retry_after_s)

@@ -8,7 +8,7 @@ base64 strings when sent as JSON). Outputs: `logits` FP32 [N, classes], `class_i
 from __future__ import annotations
 
 import numpy as np
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 import reskd
@@ -132,11 +132,50 @@ async def model_version_ready(request: Request, name: str, version: str, state: 
     return {"name": name, "version": str(model.version), "ready": True}
 
 
+# The infer body is read by hand (JSON or binary tensors, maybe compressed), so FastAPI does not see its models:
+# their schemas go into the document's components here, and document() adds them to the app's OpenAPI.
+_SCHEMAS = {}
+for _model in (kserve.InferRequest, kserve.InferResponse):
+    _schema = _model.model_json_schema(ref_template="#/components/schemas/{model}")
+    _SCHEMAS.update({**_schema.pop("$defs", {}), _model.__name__: _schema})
+# What this server's models take and give (the protocol itself allows any names), and an example that runs.
+_SCHEMAS["InferRequest"]["properties"]["inputs"]["maxItems"] = 1
+_SCHEMAS["InferRequest"]["properties"]["parameters"]["properties"].update({
+    "threshold": {"type": "number", "minimum": 0, "maximum": 1,
+                  "description": "one exit threshold for every non-final stage, for this request"},
+    "max_stage": {"type": "integer", "minimum": 0, "description": "stop at this stage at the latest"}})
+_SCHEMAS["TensorIn"]["properties"]["name"]["enum"] = list(INPUTS)
+_SCHEMAS["OutputRequest"]["properties"]["name"]["enum"] = list(OUTPUTS)
+_SCHEMAS["InferRequest"]["examples"] = [{  # one black 28 x 28 PNG; the model resizes any other size
+    "inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1], "data": [
+        "iVBORw0KGgoAAAANSUhEUgAAABwAAAAcCAAAAABXZoBIAAAAEElEQVR42mNgGAWjYBQQAwADLAAB1wvpfAAAAABJRU5ErkJggg=="]}],
+    "outputs": [{"name": "class_id"}, {"name": "exit_stage"}, {"name": "flops"}]}]
 _INFER_DOC = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": kserve.InferRequest.model_json_schema()},
+    "application/json": {"schema": {"$ref": "#/components/schemas/InferRequest"}},
     "application/octet-stream": {"schema": {"type": "string", "format": "binary", "description":
                                             "JSON header (length in Inference-Header-Content-Length) followed by "
-                                            "binary tensor data"}}}}}
+                                            "binary tensor data"}}}},
+              "responses": {"200": {
+                  "description": "The outputs: JSON, or with binary outputs a JSON header followed by their data",
+                  "headers": {"Inference-Header-Content-Length": {
+                      "description": "length of the JSON header (only when some output is binary)",
+                      "schema": {"type": "integer"}}},
+                  "content": {"application/json": {"schema": {"$ref": "#/components/schemas/InferResponse"}},
+                              "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}}
+
+
+def document(app: FastAPI) -> None:
+    """Adds the infer schemas (InferRequest, TensorIn, OutputRequest, InferResponse, TensorOut) to app's OpenAPI
+    components, where the infer routes' request and response bodies refer to them."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schemas = build().setdefault("components", {}).setdefault("schemas", {})
+            schemas.update(_SCHEMAS)
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 @router.post("/v2/models/{name}/infer", openapi_extra=_INFER_DOC, summary="Infer with the highest version")
@@ -154,10 +193,36 @@ def _parameter(params: dict, key: str, kind: type):
     if value is None:
         return None
     if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise invalid(f"parameter {key!r} must be an integer, got {value!r}")
+        raise invalid(f"parameter {key!r} must be an integer, got {kserve.clip(value)!r}")
     if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        raise invalid(f"parameter {key!r} must be a number, got {value!r}")
-    return kind(value)
+        raise invalid(f"parameter {key!r} must be a number, got {kserve.clip(value)!r}")
+    try:
+        return kind(value)
+    except OverflowError:  # an integer beyond any float
+        raise invalid(f"parameter {key!r} is out of range, got an integer of {len(str(value))} digits") from None
+
+
+def _outputs(req: kserve.InferRequest) -> list[tuple[str, bool]]:
+    """The requested outputs (all when none is named) as (name, binary?). binary_data_output (the request's
+    default) and each output's binary_data must be JSON booleans: a string such as "false" is refused, not read
+    as true."""
+    def flag(params: dict, key: str, default: bool, where: str = "") -> bool:
+        value = params.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise bad_request(f"parameter {key!r}{where} must be a JSON boolean (true or false), got "
+                              f"{kserve.clip(value)!r}")
+        return value
+
+    binary_default = flag(req.parameters, "binary_data_output", False)
+    wanted = req.outputs if req.outputs else [kserve.OutputRequest(name=o) for o in OUTPUTS]
+    outputs = []
+    for o in wanted:
+        if o.name not in OUTPUTS:
+            raise bad_request(f"unknown output {o.name!r} (outputs: {', '.join(OUTPUTS)})")
+        outputs.append((o.name, flag(o.parameters, "binary_data", binary_default, f" of output {o.name!r}")))
+    return outputs
 
 
 async def _infer(request: Request, state: ServerState, name: str, version: str | None) -> Response:
@@ -201,18 +266,12 @@ async def _infer_body(request: Request, state: ServerState, model: ServedModel, 
                                     model.manifest.input, s.max_pixels, s.max_request_pixels)
     threshold = _parameter(req.parameters, "threshold", float)
     max_stage = _parameter(req.parameters, "max_stage", int)
+    wanted = _outputs(req)
     result = await run_cascade(state, model, admission, images, threshold, max_stage)
 
-    binary_default = bool(req.parameters.get("binary_data_output", False))
-    wanted = req.outputs if req.outputs else [kserve.OutputRequest(name=o) for o in OUTPUTS]
     values = {"logits": result.logits, "class_id": result.class_id, "exit_stage": result.exit_stage,
               "flops": result.flops}
-    outputs = []
-    for o in wanted:
-        if o.name not in OUTPUTS:
-            raise bad_request(f"unknown output {o.name!r} (outputs: {', '.join(OUTPUTS)})")
-        binary = bool(o.parameters.get("binary_data", binary_default))
-        outputs.append((o.name, OUTPUTS[o.name], values[o.name], binary))
+    outputs = [(name, OUTPUTS[name], values[name], binary) for name, binary in wanted]
     head = {"model_name": model.name, "model_version": str(model.version)}
     if req.id is not None:
         head["id"] = req.id
