@@ -140,7 +140,8 @@ class ModelStore:
                     max_batch_sizes=s.stage_max_batch_size or [s.max_batch_size],
                     max_queue_delays_s=[d / 1000 for d in (s.stage_max_queue_delay_ms or [s.max_queue_delay_ms])],
                     max_queue_images=s.max_queue_images, pipeline_depth=self.serving.workers,
-                    max_wait_s=s.max_queue_wait_ms / 1000, observer=metrics)
+                    max_wait_s=s.max_queue_wait_ms / 1000,
+                    min_admitted=s.decode_workers + self.serving.workers, observer=metrics)
                 model = ServedModel(name, version, path, runtime, scheduler, metrics)
                 self._models.setdefault(name, {})[version] = model
                 log.info("loaded %s version %d: %d stage(s) on %s (%s engine%s), scheduler %s", name, version,

@@ -244,7 +244,7 @@ class StageQueue:
 class CascadeScheduler:
     def __init__(self, runtime: CascadeRuntime, runner: Engine, executor: Executor, *, model: str,
                  version: int, policy: Policy, max_batch_sizes: list[int], max_queue_delays_s: list[float],
-                 max_queue_images: int, pipeline_depth: int, max_wait_s: float = 0.0,
+                 max_queue_images: int, pipeline_depth: int, max_wait_s: float = 0.0, min_admitted: int = 0,
                  observer: SchedulerObserver | None = None):
         self.runtime = runtime
         self.runner = runner
@@ -273,6 +273,7 @@ class CascadeScheduler:
         self.mean_request_images = 1.0
         self.workload = Workload()
         self.max_wait_s = max_wait_s
+        self.min_admitted = min_admitted
 
     # --- admission -------------------------------------------------------------------------------------------
     @property
@@ -281,14 +282,17 @@ class CascadeScheduler:
 
     def admit(self) -> Admission:
         """Admission before any work: called before the request's body is read. Raises QueueFull when stage 0's
-        queue, with the room reserved for requests admitted before this one, is full. The Admission holds this
-        request's reservation until it is submitted or given up (use it as a context manager)."""
+        queue, with the room reserved for requests admitted before this one, is full, or when the workload ahead
+        would take longer than max_wait_s — unless fewer than min_admitted requests are in the system (the server's
+        decoding and inference workers: with fewer, some would idle and the rate itself would fall). The Admission
+        holds this request's reservation until it is submitted or given up (use it as a context manager)."""
         q = self.queues[0]
         if q.size + self.pending * self.mean_request_images >= q.bound:
             raise QueueFull(f"model {self.model} version {self.version} has {q.size} images queued and "
                             f"{self.pending} request(s) being read (limit {q.bound} images); retry shortly")
         wait = self.workload.expected_wait()
-        if self.max_wait_s and wait is not None and wait > self.max_wait_s:
+        if self.max_wait_s and self.workload.requests >= self.min_admitted and wait is not None \
+                and wait > self.max_wait_s:
             raise QueueFull(f"model {self.model} version {self.version} is overloaded: the "
                             f"{self.workload.images:.0f} images queued or being read ahead would take about "
                             f"{1000 * wait:.0f} ms (limit {1000 * self.max_wait_s:g} ms, RESKD_MAX_QUEUE_WAIT_MS); "

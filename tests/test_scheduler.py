@@ -200,7 +200,15 @@ def test_admission_refuses_when_the_expected_wait_is_over_the_limit(rt):
                 sched.admit()
             third.__exit__()
         assert sched.workload.images == 0 and sched.pending == 0
-        assert sched.admit() is not None  # room again
+        with sched.admit():  # room again
+            pass
+        # Below min_admitted requests in the system, the wait does not count: every worker gets work.
+        sched.min_admitted = 4
+        held = [sched.admit() for _ in range(4)]  # 80 ms ahead of the 4th
+        with pytest.raises(QueueFull, match="RESKD_MAX_QUEUE_WAIT_MS"):
+            sched.admit()
+        for admission in held:
+            admission.__exit__()
 
     asyncio.run(go())
 
