@@ -320,6 +320,16 @@ def test_decoding_takes_requests_in_turn_so_a_large_one_cannot_starve_a_small_on
     assert order.index("small") <= 3, order
 
 
+def test_a_turn_is_a_requests_next_images_up_to_the_pixel_budget_and_at_least_one():
+    from reskd.service.decoding import _Job
+
+    job = _Job(None, list("abcdefg"), [784, 784, 784, 5_000_000, 784, 784, 784], 2000, None)
+    turns = []
+    while job.next < len(job.items):
+        turns.append(job.take(job.turn))
+    assert turns == [(0, 2), (2, 3), (3, 4), (4, 6), (6, 7)]  # a large image is a turn of its own
+
+
 def test_one_bad_image_stops_its_request_without_decoding_the_rest():
     from reskd.service.decoding import DecodePool
 
