@@ -1,9 +1,10 @@
 """Encoded images -> one float32 batch, in worker threads (never on the event loop). The conversion itself is
 reskd.preprocess, the same code batch scoring uses.
 
-Fairness: the decoding threads take one image at a time from the requests waiting, in turn (round robin), so a
-request of 256 large images holds at most one thread at a time while a one-image request arrives: that one waits
-for at most the images already being decoded, not for the whole queue. Before any pixel is decoded, the request's
+Fairness: the decoding threads take a turn at a time from the requests waiting, in turn (round robin), a turn being
+a request's next images up to DECODE_TURN_PIXELS (at least one image): a request of 256 large images holds one
+thread for one image at a time, so a one-image request arriving behind it waits for at most the turns already
+running, not for the whole queue. Before any pixel is decoded, the request's
 image headers are read and their sizes summed against the per-request budget (RESKD_MAX_REQUEST_PIXELS): a request
 that would decode more gets 413 at once. Memory: `reskd serve` keeps large image buffers mmap()ed
 (`release_large_allocations`) and a thread's heap is trimmed after an image over DECODED_TRIM_PIXELS, so a burst of
@@ -33,10 +34,10 @@ T = TypeVar("T")
 
 
 class _Job:
-    """One request's items, handed to the threads one at a time."""
+    """One request's items, handed to the threads a turn at a time."""
 
-    def __init__(self, fn: Callable, items: list, future: asyncio.Future):
-        self.fn, self.items, self.future = fn, items, future
+    def __init__(self, fn: Callable, items: list, weights: list[int], turn: int, future: asyncio.Future):
+        self.fn, self.items, self.weights, self.turn, self.future = fn, items, weights, turn, future
         self.results: list[Any] = [None] * len(items)
         self.next = 0  # the next item to hand out
         self.running = 0
@@ -44,6 +45,16 @@ class _Job:
     @property
     def exhausted(self) -> bool:
         return self.next >= len(self.items) or self.future.done()
+
+    def take(self, budget: int) -> tuple[int, int]:
+        """The next turn: consecutive items up to `budget` in weight, at least one. -> (start, stop)."""
+        start = stop = self.next
+        spent = 0
+        while stop < len(self.items) and (stop == start or spent + self.weights[stop] <= budget):
+            spent += self.weights[stop]
+            stop += 1
+        self.next = stop
+        return start, stop
 
 
 class DecodePool:
@@ -54,13 +65,14 @@ class DecodePool:
         self.free = workers
         self.ring: collections.deque[_Job] = collections.deque()
 
-    async def map(self, fn: Callable, items: list) -> list:
-        """[fn(item) for item in items] in the threads, in turn with other requests'. The first exception raised
-        by fn fails the call at once (items not started are not run). Cancelling the call stops handing out its
-        items."""
+    async def map(self, fn: Callable, items: list, weights: list[int] | None = None, turn: int = 1) -> list:
+        """[fn(item) for item in items] in the threads, in turn with other requests': each turn runs this call's
+        next items up to `turn` in weight (at least one item; weight 1 each by default), then every other waiting
+        call has its turn. The first exception raised by fn fails the call at once (items not started are not
+        run). Cancelling the call stops handing out its items."""
         if not items:
             return []
-        job = _Job(fn, items, asyncio.get_running_loop().create_future())
+        job = _Job(fn, items, weights or [1] * len(items), turn, asyncio.get_running_loop().create_future())
         self.ring.append(job)
         self._pump()
         try:
@@ -82,16 +94,16 @@ class DecodePool:
             job = self.ring.popleft()
             if job.exhausted:
                 continue
-            i = job.next
-            job.next += 1
+            start, stop = job.take(job.turn)
             job.running += 1
             if not job.exhausted:
-                self.ring.append(job)  # its next item waits for every other request's turn
+                self.ring.append(job)  # its next turn waits for every other request's
             self.free -= 1
-            loop.run_in_executor(self.executor, job.fn, job.items[i]).add_done_callback(
-                lambda f, job=job, i=i: self._finished(job, i, f))
+            chunk, fn = job.items[start:stop], job.fn
+            loop.run_in_executor(self.executor, lambda: [fn(item) for item in chunk]).add_done_callback(
+                lambda f, job=job, start=start: self._finished(job, start, f))
 
-    def _finished(self, job: _Job, i: int, f: asyncio.Future) -> None:
+    def _finished(self, job: _Job, start: int, f: asyncio.Future) -> None:
         self.free += 1
         job.running -= 1
         if f.cancelled():  # the pool is shutting down
@@ -102,7 +114,8 @@ class DecodePool:
             if error is not None:
                 job.future.set_exception(error)
             else:
-                job.results[i] = f.result()
+                results = f.result()
+                job.results[start:start + len(results)] = results
                 if job.running == 0 and job.next >= len(job.items):
                     job.future.set_result(job.results)
         self._pump()
@@ -126,6 +139,10 @@ def _survey(blobs: list[bytes]) -> list[int]:
     return [image_pixels(b) for b in blobs]
 
 
+# A request's turn on a decoding thread: its next images up to this many pixels (at least one image). Small images
+# go many to a turn (a 256-image request of 28 x 28 images is one task, not 256 round trips through the event loop);
+# a large image is a turn of its own. About 10-20 ms of decoding: what another request may wait behind one turn.
+DECODE_TURN_PIXELS = 1_000_000
 # Images above this many pixels are freed back to the system after decoding (a 28x28 image is 784 pixels).
 DECODED_TRIM_PIXELS = 4_000_000
 _libc = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
@@ -171,7 +188,8 @@ async def decode_batch(pool: DecodePool, blobs: list[bytes], names: list[str], s
                         f"images per request")
     try:
         results = await pool.map(lambda item: _preprocess(item, spec, max_pixels),
-                                 [(i, blob, n) for i, (blob, n) in enumerate(zip(blobs, pixels))])
+                                 [(i, blob, n) for i, (blob, n) in enumerate(zip(blobs, pixels))],
+                                 weights=[max(n, 1) for n in pixels], turn=DECODE_TURN_PIXELS)
     except _ImageFailed as failed:
         name, err = names[failed.index], failed.error
         if isinstance(err, ImageTooLarge):
