@@ -129,7 +129,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         listings = {n: write_bodies(Path(tmp), pngs, n, 60) for n in {LOADS[k][0] for k in loads}}
         for scheduler in args.schedulers.split(","):
-            with ServerProcess(scheduler=scheduler, log_level="warning") as server:
+            # Throughput at a fixed concurrency: the wait-based admission is off (a refusal would count as a fast
+            # answer); bench/overload.py measures the server with it.
+            with ServerProcess(scheduler=scheduler, log_level="warning", max_queue_wait_ms=0) as server:
                 for model in (CASCADE, TEACHER):
                     url = f"{server.url}/v1/models/{model}/classify{query if model == CASCADE else ''}"
                     for load in loads:
