@@ -57,6 +57,10 @@ class _Job:
         return start, stop
 
 
+def _run_turn(fn: Callable, items: list) -> list:
+    return [fn(item) for item in items]
+
+
 class DecodePool:
     """Worker threads shared by every request, each request's items served in turn (see the module's doc)."""
 
@@ -99,8 +103,7 @@ class DecodePool:
             if not job.exhausted:
                 self.ring.append(job)  # its next turn waits for every other request's
             self.free -= 1
-            chunk, fn = job.items[start:stop], job.fn
-            loop.run_in_executor(self.executor, lambda: [fn(item) for item in chunk]).add_done_callback(
+            loop.run_in_executor(self.executor, _run_turn, job.fn, job.items[start:stop]).add_done_callback(
                 lambda f, job=job, start=start: self._finished(job, start, f))
 
     def _finished(self, job: _Job, start: int, f: asyncio.Future) -> None:

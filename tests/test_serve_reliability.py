@@ -320,6 +320,30 @@ def test_decoding_takes_requests_in_turn_so_a_large_one_cannot_starve_a_small_on
     assert order.index("small") <= 3, order
 
 
+def test_every_item_is_run_once_and_its_result_lands_in_its_place():
+    """Turns handed out together run their own items: each item once, each result at its index."""
+    from reskd.service.decoding import DecodePool
+
+    calls: list[int] = []
+
+    def work(i: int) -> int:
+        calls.append(i)
+        time.sleep(0.002)
+        return i * 10
+
+    async def scenario():
+        pool = DecodePool(2)
+        await pool.map(time.sleep, [0.01, 0.01])  # both threads started and idle, as in a running server
+        results = await asyncio.gather(*(pool.map(work, list(range(k, k + 12)), weights=[1] * 12, turn=3)
+                                         for k in (0, 100, 200)))
+        pool.shutdown()
+        return results
+
+    results = asyncio.run(scenario())
+    assert results == [[i * 10 for i in range(k, k + 12)] for k in (0, 100, 200)]
+    assert sorted(calls) == [i for k in (0, 100, 200) for i in range(k, k + 12)]
+
+
 def test_a_turn_is_a_requests_next_images_up_to_the_pixel_budget_and_at_least_one():
     from reskd.service.decoding import _Job
 
