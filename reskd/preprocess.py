@@ -1,14 +1,16 @@
 """Image bytes -> the float32 tensor a model expects, per the manifest's `input` section. The one place where
 images are prepared: HTTP requests and batch scoring both come through here.
 
-Steps: decode (format sniffed from the bytes; first frame of animations), refuse decompression bombs, reduce a
-much larger image with a box filter (`shrink`), bring any mode to the manifest's colour (16-bit scaled, not clipped; palette and alpha composited onto black, the
+Steps: read the header (format sniffed from the bytes) and refuse decompression bombs (`open_image`), decode the
+first frame (`load_image`), reduce a much larger image with a box filter (`shrink`), bring any mode to the
+manifest's colour (16-bit scaled, not clipped; palette and alpha composited onto black, the
 background of the training images; CMYK converted), resize to height x width per `resize`, scale to [0, 1],
 then (x - mean) / std per channel.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 
@@ -28,27 +30,44 @@ class ImageTooLarge(ImageError):
     """Decoding would exceed the pixel limit (a decompression bomb, or simply too large)."""
 
 
-def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """The image's header read, nothing decoded yet: its size is checked against max_pixels (and Pillow's
+    decompression-bomb guard), so a bomb is refused before any pixel is decoded."""
     if not data:
         raise ImageError("empty image: the body or part has no bytes")
+    with _read_errors():
+        img = Image.open(io.BytesIO(data))
+    w, h = img.size
+    if w * h > max_pixels:
+        raise ImageTooLarge(f"image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}")
+    return img
+
+
+def load_image(img: Image.Image) -> Image.Image:
+    """Decode an image from open_image (its first frame)."""
+    with _read_errors():
+        img.seek(0)
+        img.load()
+    return img
+
+
+def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    return load_image(open_image(data, max_pixels))
+
+
+@contextlib.contextmanager
+def _read_errors():
+    """Pillow's errors while reading an image, as ImageError (ImageTooLarge for a decompression bomb)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            w, h = img.size
-            if w * h > max_pixels:
-                raise ImageTooLarge(f"image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}")
-            img.seek(0)
-            img.load()
-    except ImageError:
-        raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        if isinstance(err, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
-            raise ImageTooLarge(f"image rejected as a decompression bomb: {err}") from None
+            yield
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageTooLarge(f"image rejected as a decompression bomb: {err}") from None
+    except UnidentifiedImageError:
         raise ImageError("cannot identify an image in the bytes (PNG, JPEG, WebP, BMP and GIF are read)") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageError(f"image data is corrupt or truncated: {err}") from None
-    return img
 
 
 def to_mode(img: Image.Image, color: str) -> Image.Image:
@@ -116,7 +135,12 @@ def image_to_pixels(img: Image.Image, spec: InputSpec) -> np.ndarray:
 def decode_pixels(data: bytes, spec: InputSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Encoded image bytes -> uint8 [C, H, W] at the manifest's size and colour, not yet normalised (a quarter of
     the float32 bytes: batch scoring ships these between processes and normalises whole batches)."""
-    img = decode(data, max_pixels)
+    return opened_to_pixels(open_image(data, max_pixels), spec)
+
+
+def opened_to_pixels(img: Image.Image, spec: InputSpec) -> np.ndarray:
+    """An image from open_image -> uint8 [C, H, W], as decode_pixels."""
+    img = load_image(img)
     try:
         return image_to_pixels(img, spec)
     except (OSError, ValueError) as err:

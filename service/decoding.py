@@ -4,9 +4,9 @@ reskd.preprocess, the same code batch scoring uses.
 Fairness: the decoding threads take a turn at a time from the requests waiting, in turn (round robin), a turn being
 a request's next images up to DECODE_TURN_PIXELS (at least one image): a request of 256 large images holds one
 thread for one image at a time, so a one-image request arriving behind it waits for at most the turns already
-running, not for the whole queue. Before any pixel is decoded, the request's
-image headers are read and their sizes summed against the per-request budget (RESKD_MAX_REQUEST_PIXELS): a request
-that would decode more gets 413 at once. Memory: `reskd serve` keeps large image buffers mmap()ed
+running, not for the whole queue. Before any pixel is decoded, the request's image headers are read (once: the
+opened images are then decoded) and their sizes summed against the per-request budget (RESKD_MAX_REQUEST_PIXELS):
+a request that would decode more gets 413 at once. Memory: `reskd serve` keeps large image buffers mmap()ed
 (`release_large_allocations`) and a thread's heap is trimmed after an image over DECODED_TRIM_PIXELS, so a burst of
 large images does not leave the process holding its peak; reskd.preprocess.shrink converts a large image at twice
 the model's input size, not at its own.
@@ -18,7 +18,6 @@ import asyncio
 import collections
 import ctypes
 import ctypes.util
-import io
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
@@ -26,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from reskd.manifest import InputSpec
-from reskd.preprocess import ImageError, ImageTooLarge, preprocess
+from reskd.preprocess import ImageError, ImageTooLarge, normalise, open_image, opened_to_pixels
 
 from .errors import too_large, unsupported
 
@@ -127,19 +126,15 @@ class DecodePool:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
-def image_pixels(blob: bytes) -> int:
-    """Width x height from the image's header, without decoding it; 0 when the bytes are no readable image (the
-    decoding step then says why)."""
-    try:
-        with Image.open(io.BytesIO(blob)) as img:
-            w, h = img.size
-            return w * h
-    except Exception:  # noqa: BLE001 - any failure here is reported by preprocess, with its message
-        return 0
-
-
-def _survey(blobs: list[bytes]) -> list[int]:
-    return [image_pixels(b) for b in blobs]
+def _open(blobs: list[bytes], max_pixels: int) -> list[Image.Image | ImageError]:
+    """Each image's header read (nothing decoded): the opened image, or why it cannot be read."""
+    opened = []
+    for blob in blobs:
+        try:
+            opened.append(open_image(blob, max_pixels))
+        except ImageError as err:
+            opened.append(err)
+    return opened
 
 
 # A request's turn on a decoding thread: its next images up to this many pixels (at least one image). Small images
@@ -162,40 +157,37 @@ def release_large_allocations() -> None:
         mallopt(M_MMAP_THRESHOLD, 1 << 20)
 
 
-class _ImageFailed(Exception):
-    def __init__(self, index: int, error: ImageError):
-        self.index, self.error = index, error
-
-
-def _preprocess(item: tuple[int, bytes, int], spec: InputSpec, max_pixels: int) -> np.ndarray:
-    index, blob, pixels = item
+def _to_input(item: tuple[str, Image.Image], spec: InputSpec) -> np.ndarray:
+    """An opened image (named for messages) -> float32 [C, H, W], as reskd.preprocess.preprocess."""
+    name, img = item
+    pixels = img.width * img.height
     try:
-        return preprocess(blob, spec, max_pixels)
+        return normalise(opened_to_pixels(img, spec), spec)
     except ImageError as err:
-        raise _ImageFailed(index, err) from None
+        raise _refuse(name, err) from None
     finally:
         if pixels > DECODED_TRIM_PIXELS and _malloc_trim is not None:
             _malloc_trim(0)  # what the large decode freed in this thread's arena goes back to the system
 
 
+def _refuse(name: str, err: ImageError):
+    return too_large(f"{name}: {err}") if isinstance(err, ImageTooLarge) else unsupported(f"{name}: {err}")
+
+
 async def decode_batch(pool: DecodePool, blobs: list[bytes], names: list[str], spec: InputSpec,
                        max_pixels: int, max_request_pixels: int) -> np.ndarray:
-    """-> float32 [N, C, H, W]. 413 when the images' header sizes add up to more than max_request_pixels (before
-    any decoding); the first bad image fails the request: 413 for a decompression bomb or an image over the pixel
-    limit, 415 for bytes that are not a readable image; the message names the image."""
-    (pixels,) = await pool.map(_survey, [blobs])
-    total = sum(pixels)
+    """-> float32 [N, C, H, W]. Every image's header is read first (one turn): 413 when their sizes add up to more
+    than max_request_pixels, then the first image that cannot be read fails the request, before anything is
+    decoded; a failure while decoding fails it too. 413 for a decompression bomb or an image over the pixel limit,
+    415 for bytes that are not a readable image; the message names the image."""
+    opened = await pool.run(lambda: _open(blobs, max_pixels))
+    total = sum(img.width * img.height for img in opened if not isinstance(img, ImageError))
     if total > max_request_pixels:
         raise too_large(f"the request's {len(blobs)} image(s) hold {total:,} pixels together, over the limit of "
                         f"{max_request_pixels:,} per request (RESKD_MAX_REQUEST_PIXELS); send fewer or smaller "
                         f"images per request")
-    try:
-        results = await pool.map(lambda item: _preprocess(item, spec, max_pixels),
-                                 [(i, blob, n) for i, (blob, n) in enumerate(zip(blobs, pixels))],
-                                 weights=[max(n, 1) for n in pixels], turn=DECODE_TURN_PIXELS)
-    except _ImageFailed as failed:
-        name, err = names[failed.index], failed.error
-        if isinstance(err, ImageTooLarge):
-            raise too_large(f"{name}: {err}") from None
-        raise unsupported(f"{name}: {err}") from None
-    return np.stack(results)
+    for name, img in zip(names, opened):
+        if isinstance(img, ImageError):
+            raise _refuse(name, img)
+    return np.stack(await pool.map(lambda item: _to_input(item, spec), list(zip(names, opened)),
+                                   weights=[img.width * img.height for img in opened], turn=DECODE_TURN_PIXELS))
