@@ -21,10 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 from typing import Callable
 
-log = logging.getLogger("reskd.service")
+from .errors import send_error
 
 # Connections beyond the limit that still get a 503 (then closed); beyond this margin they are closed at once.
 REFUSAL_MARGIN = 64
@@ -122,7 +121,7 @@ class ConnectionGuard:
                 if cycle is not conn._seen_cycle:  # a request that began since the last look (e.g. pipelined)
                     conn._seen_cycle, conn._headers_at = cycle, now
                 if cycle.more_body and not cycle.response_started and now - conn._headers_at > self.body_timeout_s:
-                    cycle.scope["reskd.timed_out"] = True  # counted as 408 by the request metrics
+                    cycle.scope["reskd.timed_out"] = True  # the route's disconnect is then answered (counted) 408
                     self._close(conn, "body_timeout", raw_response(
                         408, "Request Timeout", f"the request body did not arrive within {self.body_timeout_s:g} s "
                         f"of its headers (RESKD_BODY_TIMEOUT_S)"))
@@ -179,13 +178,9 @@ class _Guarded:
 
 def _refusal(retry_after_s: int, limit: int):
     """The ASGI app a connection over the limit gets: 503 with Retry-After, connection closed after."""
-    body = json.dumps({"error": f"the server has {limit} connections open, all running requests "
-                                f"(RESKD_MAX_CONNECTIONS); retry shortly"}).encode()
+    message = f"the server has {limit} connections open, all running requests (RESKD_MAX_CONNECTIONS); retry shortly"
 
     async def refuse(scope, receive, send) -> None:
-        await send({"type": "http.response.start", "status": 503, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            (b"retry-after", str(retry_after_s).encode()), (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, 503, message, {"Retry-After": str(retry_after_s), "Connection": "close"})
 
     return refuse

@@ -4,24 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import too_large, unavailable
+from .errors import send_error, too_large, unavailable
 from .metrics import Metrics
 
 # Always open, even with auth on: probes, scrapes and the API documentation.
 OPEN_PATHS = ("/v2/health/", "/metrics", "/docs", "/redoc", "/openapi.json")
-
-
-async def _send_json(send: Send, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-    body = json.dumps({"error": message}).encode()
-    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": body})
 
 
 class BodyLimit:
@@ -51,12 +42,12 @@ class BodyLimit:
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None:
             if not length.isdigit():
-                return await _send_json(send, 400, "Content-Length is not a number")
+                return await send_error(send, 400, "Content-Length is not a number")
             if int(length) > limit:
-                return await _send_json(send, 413, message)
+                return await send_error(send, 413, message)
         reserved = int(length) if length is not None else 0
         if reserved and self.held + reserved > self.budget_bytes:
-            return await _send_json(send, 503, self._over_budget(), {"Retry-After": str(self.retry_after_s)})
+            return await send_error(send, 503, self._over_budget(), {"Retry-After": str(self.retry_after_s)})
         self.held += reserved
         seen = 0
 
@@ -95,7 +86,7 @@ class BearerAuth:
         scheme, _, given = header.partition(b" ")
         if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.token):
             what = "missing" if not header else "invalid"
-            return await _send_json(send, 401, f"{what} credentials: send 'Authorization: Bearer <token>' with the "
+            return await send_error(send, 401, f"{what} credentials: send 'Authorization: Bearer <token>' with the "
                                                f"server's RESKD_AUTH_TOKEN", {"WWW-Authenticate": "Bearer"})
         await self.app(scope, receive, send)
 
@@ -134,12 +125,10 @@ class RequestMetrics:
             if started:
                 raise
             status = 503
-            await _send_json(send, 503, "the server shut down before this request finished; retry (on another "
+            await send_error(send, 503, "the server shut down before this request finished; retry (on another "
                                         "replica)", {"Retry-After": str(self.state.settings.retry_after_s),
                                                      "Connection": "close"})
         finally:
-            if scope.get("reskd.timed_out"):
-                status = 408
             route = scope.get("route")
             endpoint = getattr(route, "path", "") if route is not None else ""
             model, version = scope.get("reskd.model", ("", ""))

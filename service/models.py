@@ -8,9 +8,6 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from reskd.cascade import CascadeResult
 from reskd.device import Device
 from reskd.engine import EngineSpec
 from reskd.manifest import Manifest, ManifestError, ModelRepository
@@ -48,9 +45,6 @@ class ServedModel:
     @property
     def device(self) -> str:
         return "cuda" if self.runtime.on_cuda else "cpu"
-
-    async def classify(self, images: np.ndarray, threshold: float | None, max_stage: int | None) -> CascadeResult:
-        return await self.scheduler.submit(images, threshold, max_stage)
 
 
 def thread_budget(settings: ServeSettings, cuda: bool) -> tuple[int, int]:

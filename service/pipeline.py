@@ -30,7 +30,8 @@ T = TypeVar("T")
 
 
 def admit(state: ServerState, model: ServedModel) -> Admission:
-    """503 + Retry-After when the model's queue is full; the Admission is a context manager."""
+    """503 + Retry-After when the model's queue is full or its expected wait over the limit (CascadeScheduler.admit);
+    the Admission is a context manager."""
     try:
         return model.scheduler.admit()
     except QueueFull as err:

@@ -276,10 +276,6 @@ class CascadeScheduler:
         self.min_admitted = min_admitted
 
     # --- admission -------------------------------------------------------------------------------------------
-    @property
-    def queued_images(self) -> int:
-        return sum(q.size for q in self.queues)
-
     def admit(self) -> Admission:
         """Admission before any work: called before the request's body is read. Raises QueueFull when stage 0's
         queue, with the room reserved for requests admitted before this one, is full, or when the workload ahead

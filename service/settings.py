@@ -92,8 +92,9 @@ class ServeSettings(BaseSettings):
     @model_validator(mode="after")
     def _one_body_fits_the_budget(self):
         if self.max_inflight_body_bytes < self.max_body_bytes:
-            raise ValueError(f"max_inflight_body_bytes ({self.max_inflight_body_bytes:,}) must be at least "
-                             f"max_body_bytes ({self.max_body_bytes:,}): a body under the limit could never be read")
+            raise ValueError(f"RESKD_MAX_INFLIGHT_BODY_BYTES ({self.max_inflight_body_bytes:,}) must be at least "
+                             f"RESKD_MAX_BODY_BYTES ({self.max_body_bytes:,}): a body under the limit could never be "
+                             f"read")
         return self
 
     @field_validator("port", mode="before")

@@ -239,6 +239,12 @@ def test_a_broken_repository_fails_at_start_with_a_message(tmp_path):
     assert out.returncode == 2, out.stderr
     assert "RESKD_SCHEDULER: Input should be 'auto', 'stage', 'request' or 'none'" in out.stderr
     assert "RESKD_MAX_IMAGES: Input should be greater than 0" in out.stderr
+    out = serve_exit(MODELS, RESKD_MAX_BODY_BYTES="2000000", RESKD_MAX_INFLIGHT_BODY_BYTES="1000000",
+                     RESKD_BODY_TIMEOUT_S="0")
+    assert out.returncode == 2, out.stderr
+    assert "RESKD_BODY_TIMEOUT_S: Input should be greater than 0" in out.stderr, out.stderr
+    out = serve_exit(MODELS, RESKD_MAX_BODY_BYTES="2000000", RESKD_MAX_INFLIGHT_BODY_BYTES="1000000")
+    assert out.returncode == 2 and "must be at least RESKD_MAX_BODY_BYTES" in out.stderr, out.stderr
     # A bound engine's buffers are allocated once: its largest bucket must hold any batch the scheduler forms.
     out = serve_exit(MODELS, RESKD_STAGE_RUNNER="bound", RESKD_SCHEDULER="request", RESKD_BATCH_BUCKETS="[1, 4]")
     assert out.returncode == 2 and "largest batch bucket (4)" in out.stderr and "max_images" in out.stderr, \
