@@ -166,6 +166,7 @@ def _to_input(item: tuple[str, Image.Image], spec: InputSpec) -> np.ndarray:
     except ImageError as err:
         raise _refuse(name, err) from None
     finally:
+        img.close()  # its decoded pixels, now converted: the request's list of opened images keeps the object
         if pixels > DECODED_TRIM_PIXELS and _malloc_trim is not None:
             _malloc_trim(0)  # what the large decode freed in this thread's arena goes back to the system
 
