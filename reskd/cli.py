@@ -137,7 +137,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from reskd.validation import describe
 
     overrides = {k: v for k, v in {"repo": args.repo, "host": args.host, "port": args.port,
-                                   "device": args.device}.items() if v is not None}
+                                   "device": args.device, "model_control": args.model_control}.items() if v is not None}
     try:
         settings = ServeSettings(**overrides)
     except ValidationError as err:
@@ -256,6 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="default 8000")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"],
                    help="auto: the CUDA EP when onnxruntime offers it, else CPU (default auto)")
+    p.add_argument("--model-control", choices=["none", "poll", "explicit"],
+                   help="none: load the repository once at start; poll: pick up new, changed and removed versions "
+                        "every RESKD_REPOSITORY_POLL_S seconds and on SIGHUP; explicit: on POST "
+                        "/v2/repository/models/NAME/load|unload (default none)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("score", help="score image files offline (local processes or Ray Data); JSONL/CSV/Parquet",

@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match, Route
 from starlette.types import Send
 
 from reskd.validation import describe
@@ -84,7 +85,12 @@ def install(app: FastAPI) -> None:
         if err.status_code == 404:
             return error_response(404, f"no route {request.method} {request.url.path} (see /docs for the API)")
         if err.status_code == 405:
-            return error_response(405, f"{request.method} is not allowed on {request.url.path}", err.headers)
+            # Every method the path takes, not only the first matching route's (GET and POST
+            # /v2/repository/index are two routes).
+            allowed = sorted({m for r in request.app.routes if isinstance(r, Route)
+                              and r.matches(request.scope)[0] != Match.NONE for m in r.methods or ()})
+            return error_response(405, f"{request.method} is not allowed on {request.url.path} (allowed: "
+                                       f"{', '.join(allowed)})", {**err.headers, "Allow": ", ".join(allowed)})
         return error_response(err.status_code, str(err.detail), err.headers)
 
     @app.exception_handler(ClientDisconnect)

@@ -72,6 +72,13 @@ class Metrics:
                                       "each stage under the calibrated thresholds", [*M, "stage"], registry=r)
         self.dropped_images = Counter("reskd_dropped_images_total", "images not classified because their client "
                                       "went away first (the request counts as code 499)", M, registry=r)
+        # Model control (service/control.py): every load of a version, and the versions refused as they are now in
+        # the repository (1 until the version is fixed, removed or loads).
+        self.model_loads = Counter("reskd_model_loads_total", "model versions loaded, refused (verification or "
+                                   "warm-up failed; the version served before goes on) or unloaded",
+                                   [*M, "result"], registry=r)
+        self.model_refused = Gauge("reskd_model_refused", "1 while a version in the repository is refused (the "
+                                   "reason is in the log and GET/POST /v2/repository/index)", M, registry=r)
         # Process-wide, without model labels: a server whose loading failed has no model series, and connections
         # belong to no model.
         self.ready = Gauge("reskd_ready", "1 when GET /v2/health/ready answers 200 (every model loaded and "
@@ -84,6 +91,28 @@ class Metrics:
 
     def for_model(self, model: str, version: int, manifest: Manifest) -> ModelMetrics:
         return ModelMetrics(self, model, version, manifest)
+
+    def served(self, versions: list[tuple[str, int, int]]) -> None:
+        """reskd_model_info for exactly these (model, version, stages): what is served now."""
+        self.model_info.clear()
+        for model, version, stages in versions:
+            self.model_info.labels(model, str(version), str(stages)).set(1)
+
+    def version_gone(self, model: str, version: int, stages: int) -> None:
+        """A version no longer served: its calibration references go (alerts compare only what is served); its
+        counters stay, as counters do."""
+        v = str(version)
+        for gauge in (self.calibrated_compute, self.inflight):
+            try:
+                gauge.remove(model, v)
+            except KeyError:
+                pass
+        for gauge in (self.calibrated_exits, self.queue_depth):
+            for stage in range(stages):
+                try:
+                    gauge.remove(model, v, str(stage))
+                except KeyError:
+                    pass
 
     def exposition(self) -> bytes:
         return prometheus_client.generate_latest(self.registry)
@@ -99,7 +128,6 @@ class ModelMetrics:
         self.stage_flops = np.asarray(manifest.stage_flops, dtype=np.int64)
         self.teacher_flops = int(manifest.teacher.flops)
         self.cascade_flops = int(self.stage_flops.sum())
-        m.model_info.labels(model, v, str(len(stages))).set(1)
         self.inflight = m.inflight.labels(model, v)
         self._images = m.images.labels(model, v)
         self._flops = m.flops.labels(model, v)

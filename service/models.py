@@ -7,6 +7,7 @@ import os
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from reskd.device import Device
 from reskd.engine import EngineSpec
@@ -21,7 +22,7 @@ from .settings import ServeSettings
 log = logging.getLogger("reskd.service")
 
 
-@dataclass
+@dataclass(eq=False)
 class ServedModel:
     name: str
     version: int
@@ -29,6 +30,8 @@ class ServedModel:
     runtime: CascadeRuntime
     scheduler: CascadeScheduler
     metrics: ModelMetrics
+    # What the version's folder held when it was loaded (service/control.py): a change means a new load.
+    fingerprint: Any = None
 
     @property
     def manifest(self) -> Manifest:
@@ -98,6 +101,10 @@ def engine_spec(s: ServeSettings, device: Device) -> EngineSpec:
 
 
 class ModelStore:
+    """The routing table: which ServedModel answers each model name and version. Only the event loop changes or
+    reads it, and a request resolves its model once, so swapping an entry is atomic: requests that resolved the old
+    one finish on it (service/control.py drains it), later ones get the new one."""
+
     def __init__(self, settings: ServeSettings, metrics: Metrics, executor: Executor, serving: ServingDevice):
         self.settings = settings
         self.metrics = metrics
@@ -105,43 +112,63 @@ class ModelStore:
         self.serving = serving
         self.repo = ModelRepository(settings.repo)
         self._models: dict[str, dict[int, ServedModel]] = {}
-        self.loaded = False
+        # Why a model, or one version (name, version), is not served: named in its 404s (set by the control).
+        self.absent: dict[tuple[str, int | None], str] = {}
 
-    def load(self) -> None:
-        """Open a session per stage for every version (files verified by sha256 first). Raises ManifestError
-        naming the file for a version that cannot load. Version folders without a manifest are logged, not
-        served."""
-        names = self.repo.models()
-        if not names:
-            raise ManifestError(f"model repository {self.repo.root} holds no model versions")
-        for folder in self.repo.unfinished_versions():
-            log.warning("%s is not served: it has no manifest.json (a version being copied in, or left empty)",
-                        folder)
+    def open(self, name: str, version: int) -> CascadeRuntime:
+        """Verify one version and open it: manifest fields, the sha256 of every file, a session per stage (ONNX
+        files that onnxruntime cannot load, e.g. truncated with a matching sha256, fail here). Raises ManifestError
+        naming the version and the problem. Safe off the event loop."""
+        path = self.repo.root / name / str(version)
+        try:
+            runtime = CascadeRuntime(path, device=self.serving.device, engine=self.engine_spec)
+        except ManifestError:
+            raise
+        except Exception as err:  # onnxruntime refusing a file whose sha256 matches (e.g. truncated)
+            raise ManifestError(f"{name} version {version} ({path}) cannot be loaded: {err}") from err
+        self._check_device(runtime)
+        return runtime
+
+    def make(self, name: str, version: int, runtime: CascadeRuntime, fingerprint=None) -> ServedModel:
+        """A version's metrics series and scheduler around an opened runtime (started by the caller, on the loop)."""
         s = self.settings
-        for name in names:
-            for version in self.repo.versions(name):
-                path = self.repo.resolve(name, version)
-                try:
-                    runtime = CascadeRuntime(path, device=self.serving.device, engine=self.engine_spec)
-                except ManifestError:
-                    raise
-                except Exception as err:  # onnxruntime refusing a file whose sha256 matches (e.g. truncated)
-                    raise ManifestError(f"{name} version {version} ({path}) cannot be loaded: {err}") from err
-                self._check_device(runtime)
-                metrics = self.metrics.for_model(name, version, runtime.manifest)
-                scheduler = CascadeScheduler(
-                    runtime, runtime.engine, self.executor, model=name, version=version, policy=self.policy,
-                    max_batch_sizes=s.stage_max_batch_size or [s.max_batch_size],
-                    max_queue_delays_s=[d / 1000 for d in (s.stage_max_queue_delay_ms or [s.max_queue_delay_ms])],
-                    max_queue_images=s.max_queue_images, pipeline_depth=self.serving.workers,
-                    max_wait_s=s.max_queue_wait_ms / 1000,
-                    min_admitted=s.decode_workers + self.serving.workers, observer=metrics)
-                model = ServedModel(name, version, path, runtime, scheduler, metrics)
-                self._models.setdefault(name, {})[version] = model
-                log.info("loaded %s version %d: %d stage(s) on %s (%s engine%s), scheduler %s", name, version,
-                         runtime.num_stages, model.device, runtime.engine.kind,
-                         ", CUDA graphs" if runtime.engine_spec.graphs else "", self.policy)
-        self.loaded = True
+        metrics = self.metrics.for_model(name, version, runtime.manifest)
+        scheduler = CascadeScheduler(
+            runtime, runtime.engine, self.executor, model=name, version=version, policy=self.policy,
+            max_batch_sizes=s.stage_max_batch_size or [s.max_batch_size],
+            max_queue_delays_s=[d / 1000 for d in (s.stage_max_queue_delay_ms or [s.max_queue_delay_ms])],
+            max_queue_images=s.max_queue_images, pipeline_depth=self.serving.workers,
+            max_wait_s=s.max_queue_wait_ms / 1000,
+            min_admitted=s.decode_workers + self.serving.workers, observer=metrics)
+        model = ServedModel(name, version, runtime.path, runtime, scheduler, metrics, fingerprint)
+        log.info("loaded %s version %d: %d stage(s) on %s (%s engine%s), scheduler %s", name, version,
+                 runtime.num_stages, model.device, runtime.engine.kind,
+                 ", CUDA graphs" if runtime.engine_spec.graphs else "", self.policy)
+        return model
+
+    def put(self, model: ServedModel) -> ServedModel | None:
+        """Serve `model` from now on; -> the one it replaces (same name and version), if any."""
+        versions = self._models.setdefault(model.name, {})
+        old = versions.get(model.version)
+        versions[model.version] = model
+        self.absent.pop((model.name, None), None)
+        self.absent.pop((model.name, model.version), None)
+        self._publish()
+        return old
+
+    def remove(self, name: str, version: int, why: str) -> ServedModel | None:
+        """Stop routing to a version; -> it (to be drained), or None if it was not served."""
+        versions = self._models.get(name, {})
+        old = versions.pop(version, None)
+        if not versions:
+            self._models.pop(name, None)
+        if old is not None:
+            self.absent[(name, version)] = why
+            self._publish()
+        return old
+
+    def _publish(self) -> None:
+        self.metrics.served([(m.name, m.version, m.runtime.num_stages) for m in self.all()])
 
     @property
     def policy(self) -> Policy:
@@ -171,6 +198,9 @@ class ModelStore:
     def get(self, name: str, version: str | int | None = None) -> ServedModel:
         versions = self._models.get(name)
         if not versions:
+            why = self.absent.get((name, None))
+            if why:
+                raise not_found(f"model {name!r} is not served: {why}")
             raise not_found(f"no model {name!r} (served: {', '.join(self.names()) or 'none'})")
         if version is None or version == "":
             return versions[max(versions)]
@@ -179,5 +209,8 @@ class ModelStore:
         except (TypeError, ValueError):
             v = None
         if v not in versions:
+            why = self.absent.get((name, v))
+            if why:
+                raise not_found(f"model {name!r} version {v} is not served: {why} (versions: {sorted(versions)})")
             raise not_found(f"model {name!r} has no version {version!r} (versions: {sorted(versions)})")
         return versions[v]

@@ -274,6 +274,13 @@ class CascadeScheduler:
         self.workload = Workload()
         self.max_wait_s = max_wait_s
         self.min_admitted = min_admitted
+        self.closed: str | None = None  # why the scheduler stopped (stop()): it admits nothing after
+
+    @property
+    def idle(self) -> bool:
+        """Nothing admitted and unanswered, no batch running: stopping now fails no request (an unload drains
+        until then)."""
+        return self.workload.requests == 0 and self.pending == 0 and self._in_flight == 0
 
     # --- admission -------------------------------------------------------------------------------------------
     def admit(self) -> Admission:
@@ -283,6 +290,8 @@ class CascadeScheduler:
         decoding and inference workers: with fewer, some would idle and the rate itself would fall). The Admission
         holds this request's reservation until it is submitted or given up (use it as a context manager)."""
         q = self.queues[0]
+        if self.closed:
+            raise QueueFull(f"model {self.model} version {self.version} {self.closed}; retry")
         if q.size + self.pending * self.mean_request_images >= q.bound:
             raise QueueFull(f"model {self.model} version {self.version} has {q.size} images queued and "
                             f"{self.pending} request(s) being read (limit {q.bound} images); retry shortly")
@@ -347,7 +356,10 @@ class CascadeScheduler:
         self._task = asyncio.get_running_loop().create_task(self._dispatch(),
                                                             name=f"scheduler {self.model}/{self.version}")
 
-    async def stop(self) -> None:
+    async def stop(self, reason: str = "stopped: the server is shutting down") -> None:
+        """Stop dispatching; requests still queued fail with QueueFull (503) saying `reason` (what happened to this
+        version), and nothing is admitted after."""
+        self.closed = reason
         tasks = [t for t in (self._task, *self._running) if t is not None]
         for t in tasks:
             t.cancel()
@@ -355,7 +367,8 @@ class CascadeScheduler:
         for q in self.queues:
             for rows in q.items:
                 if not rows.request.abandoned:
-                    rows.request.future.set_exception(QueueFull("the server is shutting down"))
+                    rows.request.future.set_exception(QueueFull(f"model {self.model} version {self.version} "
+                                                                f"{reason}; retry"))
             q.items.clear()
             q.size = 0
 
@@ -408,6 +421,12 @@ class CascadeScheduler:
                 survivors, exited = await loop.run_in_executor(self.executor, self._step, stage, batch)
             else:
                 survivors, exited = await loop.run_in_executor(self.executor, self._chain, batch)
+        except asyncio.CancelledError:  # stop(): this batch's requests are answered, not left waiting forever
+            for rows in batch:
+                if not rows.request.abandoned:
+                    rows.request.future.set_exception(QueueFull(f"model {self.model} version {self.version} "
+                                                                f"{self.closed or 'stopped'}; retry"))
+            raise
         except Exception as err:  # only this batch's requests fail; the scheduler and other requests go on
             failure = err if isinstance(err, InferenceFailed) else InferenceFailed(
                 f"inference failed on a batch of {self.model} version {self.version} ({type(err).__name__}); the "

@@ -13,8 +13,9 @@ import logging
 import logging.config
 import resource
 import signal
+import threading
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 
 import uvicorn
 from fastapi import FastAPI
@@ -127,6 +128,23 @@ class Server(uvicorn.Server):
         else:
             self.should_exit = True
 
+    @contextmanager
+    def capture_signals(self):
+        """uvicorn's SIGINT/SIGTERM handling, and SIGHUP: a repository scan under RESKD_MODEL_CONTROL=poll, logged
+        and ignored otherwise (it used to kill the process)."""
+        if threading.current_thread() is not threading.main_thread():
+            with super().capture_signals():
+                yield
+            return
+        loop = asyncio.get_running_loop()
+        previous = signal.signal(signal.SIGHUP, lambda sig, frame: loop.call_soon_threadsafe(
+            self.state.control.rescan))
+        try:
+            with super().capture_signals():
+                yield
+        finally:
+            signal.signal(signal.SIGHUP, previous)
+
     async def on_tick(self, counter: int) -> bool:
         if self.drain_until is not None and time.monotonic() >= self.drain_until:
             log.info("drain window over: closing the listener; in-flight requests get %g s (RESKD_SHUTDOWN_TIMEOUT_S)",
@@ -149,8 +167,8 @@ def serve(settings: ServeSettings) -> int:
     state: ServerState = app.state.reskd
     # Every manifest, sha256 and ONNX file is checked and every session created before the port opens; warm-up
     # runs after, with liveness answering meanwhile.
-    state.store.load()
-    if settings.default_model not in state.store.names():
+    state.control.open_all()
+    if settings.default_model not in {m.name for m in state.control.opened}:
         log.warning("default model %r is not in %s: POST /v1/classify will answer 404", settings.default_model,
                     settings.repo)
     guard = connection_guard(settings, state.metrics, connection_budget(settings.max_connections))

@@ -86,6 +86,15 @@ class ServeSettings(BaseSettings):
     drain_s: float = Field(5.0, ge=0)
     shutdown_timeout_s: float = Field(20.0, ge=0)
 
+    # Model control, as Triton's --model-control-mode (service/control.py). "none": every version in the repository
+    # is loaded at start, a broken one stops the server (status 2), later changes need a restart. "poll": the
+    # repository is scanned every repository_poll_s seconds and on SIGHUP; new and changed versions are verified
+    # and warmed, then take traffic; removed ones are drained and unloaded; a broken one is refused and whatever
+    # served before goes on. "explicit": the same, on request: POST /v2/repository/models/{name}/load|unload.
+    # Under poll and explicit a version that fails at start is refused, not fatal.
+    model_control: Literal["none", "poll", "explicit"] = "none"
+    repository_poll_s: float = Field(15.0, gt=0, description="poll: seconds between repository scans")
+
     # Bearer-token auth on inference and model endpoints; health, /metrics and docs stay open. Unset: off.
     auth_token: SecretStr | None = None
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from fastapi import Request
 
+from .control import ModelControl
 from .decoding import DecodePool
 from .errors import unavailable
 from .metrics import Metrics
@@ -27,6 +27,7 @@ class ServerState:
         self.inference = ThreadPoolExecutor(serving.workers, thread_name_prefix="reskd-infer")
         self.decoding = DecodePool(settings.decode_workers)
         self.store = ModelStore(settings, self.metrics, self.inference, serving)
+        self.control = ModelControl(settings, self.store, self.metrics, self.inference)
         self.ready = False
         self.failed = False
         self.draining = False  # shutting down: readiness answers 503, responses close their connections
@@ -34,19 +35,15 @@ class ServerState:
         self.on_failure: Callable[[], None] = lambda: None
 
     async def start(self) -> None:
-        """Load every model (unless `reskd serve` did before the port opened), warm each up in the inference
-        thread, then start the batch queues; ready after."""
+        """Open every version (unless `reskd serve` did before the port opened), warm each up in the inference
+        thread and start serving it (service/control.py); ready after."""
         try:
-            if not self.store.loaded:
-                self.store.load()
-            loop = asyncio.get_running_loop()
-            for model in self.store.all():
-                await loop.run_in_executor(self.inference, model.runtime.engine.warm_up,
-                                           self.settings.warmup_batch_sizes)
-                model.scheduler.start()
+            if not self.control.opened_all:
+                self.control.open_all()
+            await self.control.start()
             self.ready = True
             self.metrics.ready.set(1)
-            log.info("ready: %s", ", ".join(f"{m.name}/{m.version}" for m in self.store.all()))
+            log.info("ready: %s", ", ".join(f"{m.name}/{m.version}" for m in self.store.all()) or "no model yet")
         except Exception:
             self.failed = True
             log.exception("loading the models failed; the server stops")
@@ -58,6 +55,7 @@ class ServerState:
         self.metrics.ready.set(0)
 
     async def stop(self) -> None:
+        await self.control.stop()
         for model in self.store.all():
             await model.scheduler.stop()
         self.inference.shutdown(wait=True, cancel_futures=True)

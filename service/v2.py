@@ -7,11 +7,15 @@ base64 strings when sent as JSON). Outputs: `logits` FP32 [N, classes], `class_i
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import reskd
+from reskd.validation import describe
 
 from . import kserve
 from .decoding import decode_batch
@@ -280,3 +284,91 @@ async def _infer_body(request: Request, state: ServerState, model: ServedModel, 
         return Response(content, media_type="application/json")
     return Response(content, media_type="application/octet-stream",
                     headers={"Inference-Header-Content-Length": str(header_length)})
+
+
+# --- model repository (Triton's model repository extension; service/control.py) ------------------------------
+class RepositoryIndexRequest(BaseModel):
+    ready: bool = Field(False, description="only versions ready to serve")
+
+
+class RepositoryIndexEntry(BaseModel):
+    name: str
+    version: str
+    state: Literal["READY", "LOADING", "UNAVAILABLE", "UNLOADING"]
+    reason: str = Field(description="why the version is not READY: refused (the verification or warm-up "
+                                    "failure), not loaded (yet), unloaded, being loaded, or draining")
+
+
+class LoadRequest(BaseModel):
+    parameters: dict[str, Any] = Field({}, json_schema_extra={"maxProperties": 0},
+                                       description="none accepted: reskd loads versions from the repository (no "
+                                                   "config or file overrides)")
+
+
+class UnloadParameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    unload_dependents: bool = Field(False, description="accepted for Triton's clients; reskd models have no "
+                                                       "dependents")
+
+
+class UnloadRequest(BaseModel):
+    parameters: UnloadParameters = UnloadParameters()
+
+
+for _model in (LoadRequest, UnloadRequest):  # bodies read by hand (optional, maybe empty): documented here
+    _schema = _model.model_json_schema(ref_template="#/components/schemas/{model}")
+    _SCHEMAS.update({**_schema.pop("$defs", {}), _model.__name__: _schema})
+
+
+async def _json_object(request: Request, model: type[BaseModel]):
+    """An optional JSON object body (tritonclient sends an empty one for the index) as `model`; 400 otherwise."""
+    raw = await request.body()
+    if not raw.strip():
+        return model()
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as err:
+        raise bad_request(f"invalid request body: {'; '.join(describe(err))}") from None
+
+
+_EMPTY_OK = {200: {"description": "done (empty body, as Triton answers)", "content": {}}}
+
+
+@router.post("/v2/repository/index", response_model=list[RepositoryIndexEntry],
+             summary="Every version in the model repository, served or not, with its state")
+async def repository_index(request: Request, state: ServerState = Depends(get_state)):
+    body = await _json_object(request, RepositoryIndexRequest)
+    return state.control.index(ready_only=body.ready)
+
+
+@router.get("/v2/repository/index", response_model=list[RepositoryIndexEntry],
+            summary="The repository index (GET form; POST is Triton's)")
+async def repository_index_get(ready: bool = False, state: ServerState = Depends(get_state)):
+    return state.control.index(ready_only=ready)
+
+
+@router.post("/v2/repository/models/{name}/load", response_class=Response, responses=_EMPTY_OK,
+             openapi_extra={"requestBody": {"required": False, "content": {"application/json": {
+                 "schema": {"$ref": "#/components/schemas/LoadRequest"}}}}},
+             summary="Load the model's versions as the repository holds them now (RESKD_MODEL_CONTROL=explicit): "
+                     "new and changed versions are verified and warmed before they take traffic")
+async def repository_load(request: Request, name: str, state: ServerState = Depends(get_state)):
+    body = await _json_object(request, LoadRequest)
+    if body.parameters:
+        raise bad_request(f"load parameters are not supported (got {', '.join(sorted(body.parameters))}): put the "
+                          f"version folder, manifest.json last, into the model repository, then load")
+    state.require_ready()
+    await state.control.load(name)
+    return Response(status_code=200)
+
+
+@router.post("/v2/repository/models/{name}/unload", response_class=Response, responses=_EMPTY_OK,
+             openapi_extra={"requestBody": {"required": False, "content": {"application/json": {
+                 "schema": {"$ref": "#/components/schemas/UnloadRequest"}}}}},
+             summary="Stop serving the model (RESKD_MODEL_CONTROL=explicit): new requests get 404; requests "
+                     "already admitted finish first")
+async def repository_unload(request: Request, name: str, state: ServerState = Depends(get_state)):
+    await _json_object(request, UnloadRequest)
+    state.require_ready()
+    await state.control.unload(name)
+    return Response(status_code=200)

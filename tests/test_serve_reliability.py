@@ -544,8 +544,8 @@ def test_a_warm_up_failure_after_the_port_opened_stops_the_server_with_status_2(
     app = create_app(ServeSettings(device="cpu", intra_op_threads=1))
     state = app.state.reskd
     server = Server(uvicorn.Config(app), state)
-    state.store.load()
-    model = state.store.get("fashion-mnist")
+    state.control.open_all()
+    model = next(m for m in state.control.opened if m.name == "fashion-mnist")
 
     def broken(batch_sizes):
         raise RuntimeError("a stage cannot run")

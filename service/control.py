@@ -1,0 +1,373 @@
+"""Model control: which versions of the repository are served, and changing that under traffic (Triton's model
+control modes, RESKD_MODEL_CONTROL).
+
+- none: every version is loaded at start; one that cannot load stops the server (status 2). Nothing changes after.
+- poll: the repository is scanned every RESKD_REPOSITORY_POLL_S seconds and on SIGHUP.
+- explicit: Triton's repository API: POST /v2/repository/models/{name}/load (scan that model's folder) and
+  .../unload (stop serving it).
+Under poll and explicit a version that cannot load, at start or later, is refused (the reason in the log, the
+index and reskd_model_refused) while everything else is served.
+
+A scan compares each version folder with what was loaded from it (its fingerprint: the manifest's bytes and every
+file's size and mtime). A new or changed version is verified (manifest fields, sha256 of every file, a session per
+stage), warmed up and checked (every stage gives finite logits of the right shape) before it takes traffic; then
+it replaces the routing entry in one step on the event loop. Requests resolve their version once, so those already
+on the old one finish on it: the old one is drained (until it holds no request, at most RESKD_SHUTDOWN_TIMEOUT_S)
+and then stopped. A version whose folder is gone is drained and unloaded the same way. A refused version is not
+tried again until its folder changes (poll) or it is loaded explicitly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from reskd.manifest import MANIFEST, ManifestError
+from reskd.runtime import CascadeRuntime
+
+from .errors import ApiError, bad_request, not_found
+from .metrics import Metrics
+from .models import ModelStore, ServedModel
+from .settings import ServeSettings
+
+log = logging.getLogger("reskd.service")
+
+Fingerprint = tuple[str, tuple[tuple[str, int, int], ...]]
+POLL_INTERVAL_IDLE_S = 0.01  # how often a drain looks whether its version still holds requests
+
+
+def fingerprint(folder: Path) -> Fingerprint:
+    """What a version folder holds: the manifest's sha256, every file's name, size and mtime. Raises OSError while
+    the folder is being changed (a file gone between listing and reading)."""
+    manifest = hashlib.sha256((folder / MANIFEST).read_bytes()).hexdigest()
+    files = []
+    for p in sorted(folder.iterdir()):
+        if p.is_file():
+            st = p.stat()
+            files.append((p.name, st.st_size, st.st_mtime_ns))
+    return manifest, tuple(files)
+
+
+class Refused(Exception):
+    """A version that failed verification, loading, warm-up or its output check: the message says why."""
+
+
+def warm_and_check(runtime: CascadeRuntime, batch_sizes: list[int]) -> None:
+    """Warm a version up (its engine's warm-up) and check each stage's output: logits [2, classes], finite, for
+    zero images. Raises Refused naming the stage. Runs in the inference thread, like the version's batches."""
+    try:
+        runtime.engine.warm_up(batch_sizes)
+    except Exception as err:
+        raise Refused(f"warm-up failed: {type(err).__name__}: {err}") from err
+    images = np.zeros((2, *runtime.input_shape), np.float32)
+    for stage, spec in enumerate(runtime.manifest.stages):
+        try:
+            logits = runtime.stage_logits(stage, images)
+        except Exception as err:
+            raise Refused(f"stage {stage} ({spec.file}) failed on a test batch: {type(err).__name__}: {err}") from err
+        if logits.shape != (2, runtime.num_classes):
+            raise Refused(f"stage {stage} ({spec.file}) gives logits of shape {list(logits.shape)} for 2 images; the "
+                          f"manifest's {runtime.num_classes} labels need [2, {runtime.num_classes}]")
+        if not np.isfinite(logits).all():
+            raise Refused(f"stage {stage} ({spec.file}) gives NaN or infinite logits for zero images")
+
+
+@dataclass
+class Refusal:
+    fingerprint: Fingerprint | None
+    reason: str
+
+
+class ModelControl:
+    def __init__(self, settings: ServeSettings, store: ModelStore, metrics: Metrics, inference: Executor):
+        self.settings = settings
+        self.mode = settings.model_control
+        self.store = store
+        self.metrics = metrics
+        self.inference = inference
+        self.refused: dict[tuple[str, int], Refusal] = {}
+        self.unloaded: set[str] = set()  # explicit: models unloaded through the API (the index says so)
+        self.draining: dict[ServedModel, asyncio.Task] = {}
+        self.loading: set[tuple[str, int]] = set()
+        self._lock = asyncio.Lock()  # one change of the routing table at a time
+        self._rescan = asyncio.Event()
+        self._poller: asyncio.Task | None = None
+        self._warned: set[Path] = set()
+        self.opened: list[ServedModel] = []  # by open_all, served by start
+        self.opened_all = False
+
+    @property
+    def strict(self) -> bool:
+        """none: a version that cannot load stops the server, as before model control existed."""
+        return self.mode == "none"
+
+    # --- start ---------------------------------------------------------------------------------------------
+    def open_all(self) -> None:
+        """Before the port opens: verify and open every version (not yet warmed, not yet served). Raises
+        ManifestError for the first version that cannot load under `none`; refuses it otherwise."""
+        self.opened_all = True
+        names = self.store.repo.models()
+        if not names and self.strict:
+            raise ManifestError(f"model repository {self.store.repo.root} holds no model versions")
+        if not names:
+            log.warning("model repository %s holds no model versions yet (RESKD_MODEL_CONTROL=%s: they are served "
+                        "once they appear)", self.store.repo.root, self.mode)
+        self._warn_unfinished()
+        for name in names:
+            for version in self.store.repo.versions(name):
+                try:
+                    fp = fingerprint(self.store.repo.root / name / str(version))
+                    runtime = self.store.open(name, version)
+                except (ManifestError, RuntimeError, OSError) as err:
+                    if self.strict:
+                        raise
+                    self._refuse(name, version, None, str(err))
+                    continue
+                self.opened.append(self.store.make(name, version, runtime, fp))
+
+    async def start(self) -> None:
+        """Warm up and check every version open_all opened, then serve it; under poll, start scanning. Raises
+        Refused under `none` for a version that fails."""
+        loop = asyncio.get_running_loop()
+        opened, self.opened = self.opened, []
+        for model in opened:
+            try:
+                await loop.run_in_executor(self.inference, warm_and_check, model.runtime,
+                                           self.settings.warmup_batch_sizes)
+            except Refused as err:
+                if self.strict:
+                    raise Refused(f"{model.name} version {model.version}: {err}") from err
+                self._refuse(model.name, model.version, model.fingerprint, str(err))
+                self.metrics.version_gone(model.name, model.version, model.runtime.num_stages)
+                continue
+            model.scheduler.start()
+            self.store.put(model)
+            self.metrics.model_loads.labels(model.name, str(model.version), "loaded").inc()
+        if self.mode == "poll":
+            self._poller = loop.create_task(self._poll(), name="repository poll")
+
+    def rescan(self) -> None:
+        """SIGHUP: scan now (poll); otherwise only logged."""
+        if self.mode == "poll":
+            log.info("SIGHUP: scanning the model repository")
+            self._rescan.set()
+        else:
+            log.info("SIGHUP ignored: RESKD_MODEL_CONTROL=%s (poll scans the repository on SIGHUP)", self.mode)
+
+    async def stop(self) -> None:
+        """Shutdown: no more scans; versions still draining are stopped (the served ones are stopped by the
+        caller)."""
+        if self._poller is not None:
+            self._poller.cancel()
+            await asyncio.gather(self._poller, return_exceptions=True)
+        for model, task in list(self.draining.items()):
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await model.scheduler.stop()
+
+    # --- scans ---------------------------------------------------------------------------------------------
+    async def _poll(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._rescan.wait(), self.settings.repository_poll_s)
+            except TimeoutError:
+                pass
+            self._rescan.clear()
+            try:
+                await self.scan()
+            except Exception:  # the next scan tries again; serving goes on
+                log.exception("scanning the model repository failed")
+
+    async def scan(self, names: list[str] | None = None, force: bool = False) -> dict[int, str]:
+        """Bring the served versions of `names` (default: every model on disk or served) in line with the
+        repository: load new and changed versions, drain and unload removed ones. force: try refused versions
+        again even if unchanged. -> {version: reason} for the versions refused by this scan (one model's
+        versions when names has one name)."""
+        async with self._lock:
+            if names is None:
+                self._warn_unfinished()
+                names = sorted(set(self.store.repo.models()) | set(self.store.names()))
+            refused = {}
+            for name in names:
+                refused.update(await self._scan_model(name, force))
+            return refused
+
+    async def _scan_model(self, name: str, force: bool) -> dict[int, str]:
+        folder = self.store.repo.root / name
+        on_disk = {}
+        for version in self.store.repo.versions(name):
+            try:
+                on_disk[version] = fingerprint(folder / str(version))
+            except OSError as err:  # changing right now: the next scan sees it settled
+                log.info("%s version %d is changing (%s); trying again at the next scan", name, version, err)
+        served = {v: self.store.get(name, v) for v in self.store.versions(name)}
+        for version in sorted(set(served) - set(on_disk)):
+            self._retire(self.store.remove(name, version, "its folder was removed from the repository"),
+                         "was removed from the repository", unloaded=True)
+        for key in [k for k in self.refused if k[0] == name and k[1] not in on_disk]:
+            self._clear_refusal(*key)
+        refused = {}
+        for version, fp in sorted(on_disk.items()):
+            current = served.get(version)
+            if current is not None and current.fingerprint == fp:
+                continue
+            known = self.refused.get((name, version))
+            if known is not None and known.fingerprint == fp and not force:
+                refused[version] = known.reason
+                continue
+            self.loading.add((name, version))
+            try:
+                model = await self._load(name, version, fp)
+            except Refused as err:
+                self._refuse(name, version, fp, str(err), replaced=current)
+                refused[version] = str(err)
+                continue
+            finally:
+                self.loading.discard((name, version))
+            old = self.store.put(model)
+            self.unloaded.discard(name)
+            self._clear_refusal(name, version)
+            self.metrics.model_loads.labels(name, str(version), "loaded").inc()
+            log.info("%s version %d %s: serving it", name, version, "changed" if old else "is new")
+            if old is not None:
+                self._retire(old, "was replaced by a new load of the same version", unloaded=False)
+        return refused
+
+    async def _load(self, name: str, version: int, fp: Fingerprint) -> ServedModel:
+        loop = asyncio.get_running_loop()
+        start = time.perf_counter()
+        try:
+            runtime = await asyncio.to_thread(self.store.open, name, version)
+        except (ManifestError, RuntimeError) as err:
+            raise Refused(str(err)) from err
+        except Exception as err:
+            raise Refused(f"{name} version {version} cannot be loaded: {type(err).__name__}: {err}") from err
+        try:
+            await loop.run_in_executor(self.inference, warm_and_check, runtime, self.settings.warmup_batch_sizes)
+        except Refused as err:
+            raise Refused(f"{name} version {version}: {err}") from err
+        model = self.store.make(name, version, runtime, fp)
+        model.scheduler.start()
+        log.info("%s version %d verified and warmed in %.2f s", name, version, time.perf_counter() - start)
+        return model
+
+    # --- the repository API (explicit) ---------------------------------------------------------------------
+    def _explicit_only(self, what: str) -> None:
+        if self.mode != "explicit":
+            raise bad_request(f"{what} needs RESKD_MODEL_CONTROL=explicit (this server runs with {self.mode!r}"
+                              + (": it picks up repository changes itself" if self.mode == "poll" else "") + ")")
+
+    async def load(self, name: str) -> None:
+        """POST .../load: scan the model's folder now (new, changed and removed versions; refused ones tried
+        again). Raises 404 for a model the repository does not hold, 400 naming each version refused (the others
+        are served)."""
+        self._explicit_only("loading a model")
+        if not self.store.repo.versions(name):
+            raise not_found(f"no model {name!r} in the model repository (models: "
+                            f"{', '.join(self.store.repo.models()) or 'none'}); copy its version folder there first")
+        refused = await self.scan([name], force=True)
+        if refused:
+            detail = "; ".join(f"version {v}: {why}" for v, why in sorted(refused.items()))
+            served = self.store.versions(name)
+            raise ApiError(400, f"failed to load {name!r}: {detail} (serving: "
+                                f"{', '.join(map(str, served)) or 'no version'})")
+
+    async def unload(self, name: str) -> None:
+        """POST .../unload: stop routing to every version of the model at once (new requests get 404), then wait
+        for their admitted requests to finish. Unloading a model that is not loaded does nothing; one the
+        repository does not hold either is a 404."""
+        self._explicit_only("unloading a model")
+        async with self._lock:
+            versions = self.store.versions(name)
+            if not versions and not self.store.repo.versions(name):
+                raise not_found(f"no model {name!r} (served: {', '.join(self.store.names()) or 'none'})")
+            why = f"unloaded through the repository API; POST /v2/repository/models/{name}/load serves it again"
+            tasks = [self._retire(self.store.remove(name, v, why), "was unloaded", unloaded=True) for v in versions]
+            self.store.absent[(name, None)] = why
+            self.unloaded.add(name)
+        await asyncio.gather(*tasks)
+
+    def index(self, ready_only: bool = False) -> list[dict]:
+        """Triton's repository index: each version on disk, served, refused or draining, with its state."""
+        entries: dict[tuple[str, int], tuple[str, str]] = {}
+        repo = self.store.repo
+        for name in repo.models():
+            for v in repo.versions(name):
+                if name in self.unloaded:
+                    entries[(name, v)] = ("UNAVAILABLE", "unloaded")
+                elif self.mode == "poll":
+                    entries[(name, v)] = ("UNAVAILABLE", "not loaded yet: the next repository scan loads it")
+                else:
+                    entries[(name, v)] = ("UNAVAILABLE", "not loaded")
+        for (name, v), refusal in self.refused.items():
+            entries[(name, v)] = ("UNAVAILABLE", refusal.reason)
+        for key in self.loading:
+            entries[key] = ("LOADING", "being verified and warmed up")
+        for model in self.draining:
+            entries[(model.name, model.version)] = ("UNLOADING", "draining the requests it holds")
+        for model in self.store.all():
+            entries[(model.name, model.version)] = ("READY", "")
+        rows = [{"name": n, "version": str(v), "state": st, "reason": why}
+                for (n, v), (st, why) in sorted(entries.items())]
+        return [r for r in rows if r["state"] == "READY"] if ready_only else rows
+
+    # --- refusals and drains -------------------------------------------------------------------------------
+    def _refuse(self, name: str, version: int, fp: Fingerprint | None, reason: str,
+                replaced: ServedModel | None = None) -> None:
+        self.refused[(name, version)] = Refusal(fp, reason)
+        self.metrics.model_loads.labels(name, str(version), "refused").inc()
+        self.metrics.model_refused.labels(name, str(version)).set(1)
+        if replaced is not None:
+            log.error("refused %s version %d as it is now (%s); the version loaded before keeps serving", name,
+                      version, reason)
+        else:
+            log.error("refused %s version %d: %s", name, version, reason)
+            self.store.absent.setdefault((name, version), f"it was refused: {reason}")
+
+    def _clear_refusal(self, name: str, version: int) -> None:
+        if self.refused.pop((name, version), None) is not None:
+            try:
+                self.metrics.model_refused.remove(name, str(version))
+            except KeyError:
+                pass
+
+    def _retire(self, model: ServedModel | None, what: str, unloaded: bool) -> asyncio.Task | None:
+        """Drain a version no longer routed to, then stop it (in the background; -> the task). what: what
+        happened to it, for the log and for requests that outlive the drain."""
+        if model is None:
+            return None
+        task = asyncio.get_running_loop().create_task(self._drain(model, what, unloaded),
+                                                      name=f"drain {model.name}/{model.version}")
+        self.draining[model] = task
+        return task
+
+    async def _drain(self, model: ServedModel, what: str, unloaded: bool) -> None:
+        deadline = time.monotonic() + self.settings.shutdown_timeout_s
+        try:
+            while not model.scheduler.idle and time.monotonic() < deadline:
+                await asyncio.sleep(POLL_INTERVAL_IDLE_S)
+            if not model.scheduler.idle:
+                log.warning("%s version %d still held requests after %g s (RESKD_SHUTDOWN_TIMEOUT_S): they get 503",
+                            model.name, model.version, self.settings.shutdown_timeout_s)
+            await model.scheduler.stop(what)
+        finally:
+            self.draining.pop(model, None)
+        if unloaded:
+            self.metrics.model_loads.labels(model.name, str(model.version), "unloaded").inc()
+        if (model.name, model.version) not in {(m.name, m.version) for m in self.store.all()}:
+            self.metrics.version_gone(model.name, model.version, model.runtime.num_stages)
+        log.info("%s version %d %s: drained and stopped", model.name, model.version, what)
+
+    def _warn_unfinished(self) -> None:
+        for folder in self.store.repo.unfinished_versions():
+            if folder not in self._warned:
+                self._warned.add(folder)
+                log.warning("%s is not served: it has no manifest.json (a version being copied in, or left empty; "
+                            "copy the manifest last)", folder)

@@ -1,0 +1,343 @@
+"""Model control under live traffic, against a real `reskd serve` on loopback (RESKD_MODEL_CONTROL=poll and
+explicit, tritonclient for the repository API): new and changed versions take over without a failed or mixed
+request, broken versions are refused while the old one answers, unloading drains. Each version in these tests
+behaves distinctly (its labels carry a prefix, its thresholds send every image to stage 0 or to the last stage),
+so every response shows which version computed it."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from PIL import Image
+from tritonclient.utils import InferenceServerException
+
+from server_process import MODELS, ServerProcess, metric, scrape
+
+NAME = "fashion-mnist"
+CLASSIFY = f"/v1/models/{NAME}/classify"
+SOURCE = MODELS / NAME / "1"
+TOKEN = "s3cret"
+
+
+def noise_pngs(n: int, seed: int = 0) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(buf, "PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+IMAGES = noise_pngs(8)
+
+
+def write_version(repo: Path, version: int, *, prefix: str, thresholds: float, break_it: str | None = None) -> Path:
+    """REPO/fashion-mnist/VERSION from the bundled version 1: labels prefixed with `prefix`, every threshold set to
+    `thresholds` (0: every image exits at stage 0; 1: practically every image runs every stage). The files go
+    first and the manifest last (renamed into place), as a rollout should. break_it: "sha256" (a wrong hash),
+    "truncated" (half the student's ONNX, with its real hash), "manifest" (a required field missing)."""
+    folder = repo / NAME / str(version)
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = json.loads((SOURCE / "manifest.json").read_text())
+    for stage in manifest["stages"]:
+        shutil.copyfile(SOURCE / stage["file"], folder / stage["file"])
+    manifest["version"] = version
+    manifest["labels"] = [f"{prefix}{label}" for label in manifest["labels"]]
+    manifest["exit"]["thresholds"] = [thresholds] * len(manifest["exit"]["thresholds"])
+    if break_it == "sha256":
+        manifest["stages"][1]["sha256"] = "0" * 64
+    elif break_it == "truncated":
+        student = folder / manifest["stages"][0]["file"]
+        data = student.read_bytes()
+        student.write_bytes(data[: len(data) // 2])
+        manifest["stages"][0]["sha256"] = hashlib.sha256(data[: len(data) // 2]).hexdigest()
+    elif break_it == "manifest":
+        del manifest["teacher"]
+    tmp = folder / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest))
+    os.replace(tmp, folder / "manifest.json")
+    return folder
+
+
+@pytest.fixture
+def repo(tmp_path) -> Path:
+    """A repository with one model: version 1 sending every image through every stage, labels as bundled."""
+    write_version(tmp_path, 1, prefix="", thresholds=1.0)
+    return tmp_path
+
+
+class Traffic:
+    """Clients classifying IMAGES in a loop, each in its own thread, until stopped: every request and what it got,
+    in each client's order."""
+
+    def __init__(self, url: str, clients: int = 3, headers: dict | None = None, images: list[bytes] = IMAGES):
+        self.url, self.headers, self.images = url, headers or {}, images
+        self.results: list[list[tuple[int, dict]]] = [[] for _ in range(clients)]
+        self.errors: list[BaseException] = []
+        self.sent = [0] * clients
+        self._stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, i: int) -> None:
+        files = [("file", (f"{k}.png", b, "image/png")) for k, b in enumerate(self.images)]
+        with httpx.Client(base_url=self.url, timeout=30, headers=self.headers) as client:
+            while not self._stop.is_set():
+                self.sent[i] += 1
+                try:
+                    r = client.post(CLASSIFY, files=files)
+                except BaseException as err:  # a request without an answer: the test fails on it
+                    self.errors.append(err)
+                    continue
+                self.results[i].append((r.status_code, r.json()))
+
+    def count(self) -> int:
+        return sum(map(len, self.results))
+
+    def wait_for(self, predicate, timeout: float = 30) -> None:
+        """Until some response satisfies predicate(status, body)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(predicate(*r) for rs in self.results for r in list(rs)):
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"no such response within {timeout} s; last: {self.results[0][-1:]}")
+
+    def stop(self) -> list[tuple[int, dict]]:
+        self._stop.set()
+        for t in self.threads:
+            t.join(60)
+        assert not self.errors, f"requests without an answer: {self.errors[:3]}"
+        assert sum(self.sent) == self.count(), "a request was answered more or less than once"
+        return [r for rs in self.results for r in rs]
+
+
+def behaviour(body: dict) -> tuple[str, tuple[int, ...], tuple[str, ...]]:
+    """What a response shows of the version that computed it: the label prefix, the exit stages, the labels."""
+    preds = body["predictions"]
+    labels = tuple(p["label"] for p in preds)
+    prefixes = {label.split(":")[0] + ":" if ":" in label else "" for label in labels}
+    assert len(prefixes) == 1, f"one response mixes versions: {labels}"
+    return prefixes.pop(), tuple(p["exit_stage"] for p in preds), labels
+
+
+def reference(client: httpx.Client, version: int) -> tuple[str, tuple[int, ...], tuple[str, ...]]:
+    files = [("file", (f"{k}.png", b, "image/png")) for k, b in enumerate(IMAGES)]
+    r = client.post(f"/v1/models/{NAME}/versions/{version}/classify", files=files)
+    assert r.status_code == 200, r.text
+    return behaviour(r.json())
+
+
+def check_switch(traffic: Traffic, expected: dict[str, tuple[int, tuple]]) -> None:
+    """expected: label prefix -> (version number, what that version computes), in rollout order. Every request
+    got 200 once; every response is exactly what the version it names computes (nothing mixed); each client saw
+    the versions in rollout order (never an old one after a newer one); every version answered."""
+    order = list(expected)
+    responses = traffic.stop()
+    assert len(responses) >= 100, f"only {len(responses)} requests: not much of a load"
+    assert {status for status, _ in responses} == {200}, [b for s, b in responses if s != 200][:3]
+    for client in traffic.results:
+        seen = []
+        for _, body in client:
+            got = behaviour(body)
+            version, computed = expected[got[0]]
+            assert body["version"] == version and got == computed, f"a response no version computes: {got}"
+            seen.append(order.index(got[0]))
+        assert seen == sorted(seen), f"a client got an older version after a newer one: {seen}"
+    assert {behaviour(b)[0] for _, b in responses} == set(order), "not every version answered"
+
+
+def test_poll_serves_new_and_changed_versions_under_load_without_a_failed_or_mixed_request(repo):
+    with ServerProcess(repo=repo, model_control="poll", repository_poll_s=0.2) as s, s.client() as c:
+        v1 = reference(c, 1)
+        assert v1[0] == "" and set(v1[1]) == {2}
+        traffic = Traffic(s.url)
+        traffic.wait_for(lambda status, body: status == 200)
+        time.sleep(0.5)
+        write_version(repo, 2, prefix="v2:", thresholds=0.0)  # a new version
+        traffic.wait_for(lambda status, body: status == 200 and body["version"] == 2)
+        time.sleep(0.5)
+        write_version(repo, 2, prefix="v2b:", thresholds=0.0)  # the same version changed in place
+        traffic.wait_for(lambda status, body: status == 200 and body["predictions"][0]["label"].startswith("v2b:"))
+        time.sleep(0.5)
+        v2b = reference(c, 2)
+        assert v2b[0] == "v2b:" and set(v2b[1]) == {0}
+        v2 = ("v2:", v2b[1], tuple(label.replace("v2b:", "v2:") for label in v2b[2]))
+        check_switch(traffic, {"": (1, v1), "v2:": (2, v2), "v2b:": (2, v2b)})
+
+        meta = c.get(f"/v2/models/{NAME}").json()
+        assert meta["versions"] == ["1", "2"] and meta["version"] == "2" and meta["labels"][0].startswith("v2b:")
+        samples = scrape(c)
+        assert metric(samples, "reskd_model_info", model=NAME, version="2") == 1
+        assert metric(samples, "reskd_model_loads_total", model=NAME, version="2", result="loaded") == 2
+        assert metric(samples, "reskd_model_refused", model=NAME) == 0
+
+        shutil.rmtree(repo / NAME / "2")  # roll back: version 1 is the highest again
+        deadline = time.monotonic() + 20
+        while c.get(f"/v2/models/{NAME}").json()["version"] != "1":
+            assert time.monotonic() < deadline, "version 2 still served after its folder was removed"
+            time.sleep(0.1)
+        assert reference(c, 1) == v1
+        r = c.post(f"/v1/models/{NAME}/versions/2/classify", files=[("file", ("a.png", IMAGES[0]))])
+        assert r.status_code == 404 and "removed from the repository" in r.json()["error"]
+        assert metric(scrape(c), "reskd_model_info", model=NAME, version="2") == 0
+
+
+def test_sighup_scans_the_repository_at_once_under_poll_and_no_longer_kills_the_server(repo):
+    with ServerProcess(repo=repo, model_control="poll", repository_poll_s=3600) as s, s.client() as c:
+        write_version(repo, 2, prefix="v2:", thresholds=0.0)
+        time.sleep(0.3)
+        assert c.get(f"/v2/models/{NAME}").json()["versions"] == ["1"]
+        s.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while c.get(f"/v2/models/{NAME}").json()["versions"] != ["1", "2"]:
+            assert time.monotonic() < deadline, s.output()
+            time.sleep(0.05)
+        assert "SIGHUP: scanning the model repository" in s.output()
+    write_version(repo, 3, prefix="v3:", thresholds=0.0)
+    with ServerProcess(repo=repo) as s, s.client() as c:  # none: SIGHUP is logged and ignored
+        assert c.get(f"/v2/models/{NAME}").json()["versions"] == ["1", "2", "3"]
+        shutil.rmtree(repo / NAME / "3")
+        s.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert s.proc.poll() is None, s.output()
+        assert c.get(f"/v2/models/{NAME}").json()["versions"] == ["1", "2", "3"]
+        assert "SIGHUP ignored: RESKD_MODEL_CONTROL=none" in s.output()
+        r = c.post(f"/v2/repository/models/{NAME}/load")
+        assert r.status_code == 400 and "RESKD_MODEL_CONTROL=explicit" in r.json()["error"]
+
+
+def test_broken_versions_are_refused_with_their_reason_while_the_old_version_answers(repo):
+    with ServerProcess(repo=repo, model_control="poll", repository_poll_s=0.2) as s, s.client() as c:
+        v1 = reference(c, 1)
+        traffic = Traffic(s.url)
+        traffic.wait_for(lambda status, body: status == 200)
+        write_version(repo, 2, prefix="v2:", thresholds=0.0, break_it="sha256")
+        write_version(repo, 3, prefix="v3:", thresholds=0.0, break_it="truncated")
+        write_version(repo, 4, prefix="v4:", thresholds=0.0, break_it="manifest")
+        deadline = time.monotonic() + 30
+        while True:
+            index = {e["version"]: e for e in c.post("/v2/repository/index").json()}
+            if all(index.get(v, {}).get("state") == "UNAVAILABLE" and not index[v]["reason"].startswith("not loaded")
+                   for v in "234"):
+                break
+            assert time.monotonic() < deadline, (index, s.output())
+            time.sleep(0.1)
+        time.sleep(1.0)  # later scans: the refusals stand, nothing is retried until the folders change
+        responses = traffic.stop()
+        assert len(responses) >= 100 and {st for st, _ in responses} == {200}
+        assert {behaviour(b) for _, b in responses} == {v1}
+
+        assert index["1"]["state"] == "READY"
+        assert all(index[v]["state"] == "UNAVAILABLE" for v in "234")
+        assert "stages.1.sha256" in index["2"]["reason"]
+        assert "cannot be loaded" in index["3"]["reason"]
+        assert "teacher" in index["4"]["reason"] and "required" in index["4"]["reason"].lower()
+        samples = scrape(c)
+        for v in "234":
+            assert metric(samples, "reskd_model_refused", model=NAME, version=v) == 1
+            assert metric(samples, "reskd_model_loads_total", model=NAME, version=v, result="refused") == 1
+        log = s.output()
+        assert all(f"refused {NAME} version {v}" in log for v in "234")
+        r = c.post(f"/v1/models/{NAME}/versions/3/classify", files=[("file", ("a.png", IMAGES[0]))])
+        assert r.status_code == 404 and "refused" in r.json()["error"]
+        assert c.get(f"/v2/models/{NAME}").json()["versions"] == ["1"]
+
+        write_version(repo, 3, prefix="v3:", thresholds=0.0)  # fixed: served at the next scan
+        deadline = time.monotonic() + 20
+        while c.get(f"/v2/models/{NAME}").json()["versions"] != ["1", "3"]:
+            assert time.monotonic() < deadline, s.output()
+            time.sleep(0.1)
+        samples = scrape(c)
+        assert metric(samples, "reskd_model_refused", model=NAME, version="3") == 0
+        assert metric(samples, "reskd_model_refused", model=NAME, version="2") == 1
+
+
+def triton_client(url: str) -> triton.InferenceServerClient:
+    return triton.InferenceServerClient(url.removeprefix("http://"))
+
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def test_explicit_load_through_tritonclient_under_load(repo):
+    write_version(repo, 2, prefix="v2:", thresholds=0.0)
+    with ServerProcess(repo=repo, model_control="explicit", auth_token=TOKEN) as s, \
+            s.client(headers=AUTH) as c:
+        tc = triton_client(s.url)
+        index = tc.get_model_repository_index(headers=AUTH)
+        assert [(e["version"], e["state"]) for e in index] == [("1", "READY"), ("2", "READY")]
+        # A new version on disk is not served until it is loaded.
+        write_version(repo, 3, prefix="v3:", thresholds=0.0)
+        v1, v2 = reference(c, 1), reference(c, 2)
+        index = {e["version"]: e for e in tc.get_model_repository_index(headers=AUTH)}
+        assert index["3"]["state"] == "UNAVAILABLE" and index["3"]["reason"] == "not loaded"
+        with pytest.raises(InferenceServerException, match="credentials"):
+            tc.load_model(NAME)
+
+        traffic = Traffic(s.url, headers=AUTH)
+        traffic.wait_for(lambda status, body: status == 200)
+        time.sleep(0.5)
+        assert {b["version"] for rs in traffic.results for _, b in rs} == {2}
+        tc.load_model(NAME, headers=AUTH)  # answers once version 3 is verified, warmed and serving
+        assert tc.is_model_ready(NAME, "3", headers=AUTH)
+        traffic.wait_for(lambda status, body: status == 200 and body["version"] == 3)
+        time.sleep(0.5)
+        v3 = reference(c, 3)
+        check_switch(traffic, {"v2:": (2, v2), "v3:": (3, v3)})
+        assert v1 != v2 and v2[1] == v3[1]
+
+        # A broken version: the load fails naming it; everything served before still is.
+        write_version(repo, 4, prefix="v4:", thresholds=0.0, break_it="sha256")
+        with pytest.raises(InferenceServerException, match="version 4.*sha256") as err:
+            tc.load_model(NAME, headers=AUTH)
+        assert "serving: 1, 2, 3" in str(err.value)
+        assert c.get(f"/v2/models/{NAME}").json()["versions"] == ["1", "2", "3"]
+        r = c.post(f"/v2/repository/models/{NAME}/load", json={"parameters": {"config": "{}"}})
+        assert r.status_code == 400 and "not supported" in r.json()["error"]
+        r = c.post("/v2/repository/models/no-such-model/load")
+        assert r.status_code == 404 and "no-such-model" in r.json()["error"]
+
+
+def test_unload_under_load_finishes_admitted_requests_then_answers_404(repo):
+    with ServerProcess(repo=repo, model_control="explicit") as s, s.client() as c:
+        tc = triton_client(s.url)
+        traffic = Traffic(s.url, clients=4, images=noise_pngs(64, seed=1))  # several requests in flight at once
+        traffic.wait_for(lambda status, body: status == 200)
+        time.sleep(1.0)
+        tc.unload_model(NAME)
+        assert not tc.is_model_ready(NAME)
+        time.sleep(0.5)
+        responses = traffic.stop()
+        codes = [[st for st, _ in client] for client in traffic.results]
+        for client in codes:  # each client: answers, then 404s; nothing else
+            assert client == sorted(client, key=lambda st: st == 404) and set(client) <= {200, 404}, client
+        assert sum(st == 200 for st, _ in responses) >= 10 and any(st == 404 for st, _ in responses)
+        missing = next(b for st, b in responses if st == 404)
+        assert f"'{NAME}'" in missing["error"] and "unloaded" in missing["error"]
+        index = tc.get_model_repository_index()
+        assert [(e["version"], e["state"], e["reason"]) for e in index] == [("1", "UNAVAILABLE", "unloaded")]
+        assert tc.get_model_repository_index() and not [e for e in c.post(
+            "/v2/repository/index", json={"ready": True}).json()]
+        samples = scrape(c)
+        assert metric(samples, "reskd_model_info", model=NAME) == 0
+        assert metric(samples, "reskd_model_loads_total", model=NAME, version="1", result="unloaded") == 1
+        assert "drained and stopped" in s.output()
+
+        tc.load_model(NAME)  # and back
+        r = c.post(CLASSIFY, files=[("file", ("a.png", IMAGES[0]))])
+        assert r.status_code == 200 and r.json()["version"] == 1
