@@ -332,6 +332,8 @@ class ModelControl:
             self.store.absent.setdefault((name, version), f"it was refused: {reason}")
 
     def _clear_refusal(self, name: str, version: int) -> None:
+        if self.store.absent.get((name, version), "").startswith("it was refused"):
+            del self.store.absent[(name, version)]
         if self.refused.pop((name, version), None) is not None:
             try:
                 self.metrics.model_refused.remove(name, str(version))
