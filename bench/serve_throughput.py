@@ -6,9 +6,12 @@ for the teacher, and LitServe serving the same teacher ONNX with its own dynamic
 
 Loads: single-image requests at concurrency 1, 16 and 64, and 32-image requests at concurrency 16; every body a
 multipart POST (`file` parts, as a browser or curl -F sends), cycling through distinct real Fashion-MNIST test
-images so the cascade's images exit where they really would. A fresh server per scheduler (default settings:
-max batch 64, delay 2 ms); wrk -t2 (-t1 at concurrency 1) on the same machine. --threshold sends more images to
-later stages (one threshold for every exit), where per-stage re-batching has survivors to merge.
+images so the cascade's images exit where they really would; and `v2 256 binary c8`: KServe v2 / Triton infer
+requests of 256 normalised test images each (FP32 `images` in the binary tensor extension, binary outputs), at
+concurrency 8, beside the same cascade and teacher run in this process at batch 256 (no HTTP: the ceiling). A
+fresh server per scheduler (default settings: max batch 64, delay 2 ms); wrk -t2 (-t1 at concurrency 1) on the
+same machine. --threshold sends more images to later stages (one threshold for every exit; v1 only), where
+per-stage re-batching has survivors to merge.
 """
 
 from __future__ import annotations
@@ -24,15 +27,18 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 
-from common import CASCADE, ROOT, TEACHER, machine, test_set
+from common import CASCADE, MODELS, ROOT, TEACHER, machine, test_set
 
 sys.path.insert(0, str(ROOT / "tests"))
 from server_process import ServerProcess, free_port, metric, scrape  # noqa: E402
 
 BOUNDARY = "reskd-bench-boundary"
 CONTENT_TYPE = f"multipart/form-data; boundary={BOUNDARY}"
-LOADS = {"single c1": (1, 1), "single c16": (1, 16), "single c64": (1, 64), "32-image c16": (32, 16)}
+LOADS = {"single c1": (1, 1), "single c16": (1, 16), "single c64": (1, 64), "32-image c16": (32, 16),
+         "v2 256 binary c8": (256, 8)}
+V2_LOADS = {"v2 256 binary c8"}  # POST /v2/models/{name}/infer, FP32 `images` in Triton's binary tensor extension
 
 
 def multipart(blobs: list[bytes]) -> bytes:
@@ -53,11 +59,32 @@ def write_bodies(folder: Path, pngs: list[bytes], per_request: int, count: int) 
     return listing
 
 
-def run_wrk(url: str, listing: Path, concurrency: int, duration: int, images: int) -> dict:
+def write_v2_bodies(folder: Path, images: np.ndarray, per_request: int, count: int) -> tuple[Path, int]:
+    """Triton binary-tensor bodies of `per_request` normalised images each, asking for binary outputs; -> (listing,
+    JSON header length, the same for every body)."""
+    header = json.dumps({"inputs": [{"name": "images", "datatype": "FP32", "shape": [per_request, *images.shape[1:]],
+                                     "parameters": {"binary_data_size": per_request * int(np.prod(images.shape[1:]))
+                                                    * 4}}],
+                         "outputs": [{"name": n, "parameters": {"binary_data": True}}
+                                     for n in ("class_id", "exit_stage", "flops")]}).encode()
+    paths = []
+    for i in range(count):
+        start = (i * per_request) % (len(images) - per_request)
+        p = folder / f"v2-{per_request}-{i}.bin"
+        p.write_bytes(header + np.ascontiguousarray(images[start:start + per_request], np.float32).tobytes())
+        paths.append(str(p))
+    listing = folder / f"v2-bodies-{per_request}.txt"
+    listing.write_text("\n".join(paths) + "\n")
+    return listing, len(header)
+
+
+def run_wrk(url: str, listing: Path, concurrency: int, duration: int, images: int, content_type: str = CONTENT_TYPE,
+            extra_header: str = "") -> dict:
     threads = 1 if concurrency == 1 else 2
     out = subprocess.run(["wrk", f"-t{threads}", f"-c{concurrency}", f"-d{duration}s", "-s",
                           str(ROOT / "bench/wrk/post_images.lua"), url], capture_output=True, text=True,
-                         env=dict(os.environ, IMAGE_LIST=str(listing), CONTENT_TYPE=CONTENT_TYPE),
+                         env=dict(os.environ, IMAGE_LIST=str(listing), CONTENT_TYPE=content_type,
+                                  EXTRA_HEADER=extra_header),
                          timeout=duration + 60)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
     if out.returncode or not lines:
@@ -111,6 +138,22 @@ def litserve_run(listings: dict, duration: int) -> dict:
             proc.kill()
 
 
+def inprocess_rate(images: np.ndarray, batch: int, seconds: float) -> dict:
+    """images/s of the adaptive cascade and of the teacher through the runtime at `batch`, as bench/
+    inprocess_throughput.py measures them (one shared pool of a thread per core, best of 3)."""
+    from inprocess_throughput import rate
+
+    from reskd.device import Device
+    from reskd.runtime import CascadeRuntime
+
+    device = Device.resolve("cpu", shared_pool=True)
+    out = {}
+    for model in (CASCADE, TEACHER):
+        rt = CascadeRuntime(MODELS / model / "1", device=device)
+        out[model] = rate(rt.run, images, batch, seconds)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--duration", type=int, default=8)
@@ -118,8 +161,11 @@ def main() -> None:
     ap.add_argument("--loads", default=",".join(LOADS))
     ap.add_argument("--threshold", type=float)
     ap.add_argument("--litserve", action="store_true", help="also LitServe serving the teacher (pip install litserve)")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="a server setting (RESKD_NAME) for the servers started here; repeatable")
     ap.add_argument("--json")
     args = ap.parse_args()
+    settings = dict(item.split("=", 1) for item in args.set)
     if not shutil.which("wrk"):
         sys.exit("wrk is not installed (apt-get install wrk)")
     loads = args.loads.split(",")
@@ -127,16 +173,26 @@ def main() -> None:
     results = {"machine": machine(), "duration_s": args.duration, "threshold": args.threshold, "reskd": {}}
     pngs = encode_pngs(2000)
     with tempfile.TemporaryDirectory() as tmp:
-        listings = {n: write_bodies(Path(tmp), pngs, n, 60) for n in {LOADS[k][0] for k in loads}}
+        listings = {n: write_bodies(Path(tmp), pngs, n, 60) for n in {LOADS[k][0] for k in loads if k not in V2_LOADS}}
+        normalised = test_set()[1][:2000]
+        v2 = {k: write_v2_bodies(Path(tmp), normalised, LOADS[k][0], 20) for k in loads if k in V2_LOADS}
         for scheduler in args.schedulers.split(","):
             # Throughput at a fixed concurrency: the wait-based admission is off (a refusal would count as a fast
             # answer); bench/overload.py measures the server with it.
-            with ServerProcess(scheduler=scheduler, log_level="warning", max_queue_wait_ms=0) as server:
+            # The v2 load keeps 8 x 256 images in flight: the queue bound is raised over that.
+            with ServerProcess(**{"scheduler": scheduler, "log_level": "warning", "max_queue_wait_ms": 0,
+                                  "max_queue_images": 4096, **settings}) as server:
                 for model in (CASCADE, TEACHER):
                     url = f"{server.url}/v1/models/{model}/classify{query if model == CASCADE else ''}"
                     for load in loads:
                         images, conc = LOADS[load]
-                        r = run_wrk(url, listings[images], conc, args.duration, images)
+                        if load in V2_LOADS:
+                            listing, header_length = v2[load]
+                            r = run_wrk(f"{server.url}/v2/models/{model}/infer", listing, conc, args.duration,
+                                        images, "application/octet-stream",
+                                        f"Inference-Header-Content-Length: {header_length}")
+                        else:
+                            r = run_wrk(url, listings[images], conc, args.duration, images)
                         results["reskd"].setdefault(scheduler, {}).setdefault(model, {})[load] = r
                         print(json.dumps({"scheduler": scheduler, "model": model, "load": load, **r}), flush=True)
                 with server.client() as c:
@@ -147,6 +203,9 @@ def main() -> None:
                     / max(1.0, metric(m, "reskd_batch_size_count", stage=s, **labels)) for s in ("0", "1", "2")}
                 results["reskd"][scheduler]["exits"] = [metric(m, "reskd_exits_total", stage=s, **labels)
                                                         for s in ("0", "1", "2")]
+        if v2:  # the same cascade in this process, no HTTP: what the served figure is a share of
+            results["inprocess_256"] = inprocess_rate(normalised, 256, args.duration)
+            print(json.dumps({"inprocess_256": results["inprocess_256"]}), flush=True)
         if args.litserve and 1 in listings:
             results["litserve_teacher"] = litserve_run(listings, args.duration)
             print(json.dumps({"litserve_teacher": results["litserve_teacher"]}), flush=True)
@@ -175,6 +234,14 @@ def report(results: dict, loads: list[str]) -> None:
                 if other in results["reskd"]:
                     line += f"; stage / {other} (cascade) {c / results['reskd'][other][CASCADE][load]['images_per_s']:5.2f}x"
             print(line)
+    if "inprocess_256" in results and stage:
+        inproc = results["inprocess_256"]
+        for load in loads:
+            if load in V2_LOADS:
+                served = stage[CASCADE][load]["images_per_s"]
+                print(f"  {load:<13} served cascade / in-process cascade at batch 256 {served / inproc[CASCADE]:5.2f}x "
+                      f"({served:.0f} vs {inproc[CASCADE]:.0f} images/s; in-process cascade / teacher "
+                      f"{inproc[CASCADE] / inproc[TEACHER]:.2f}x)")
     if "litserve_teacher" in results and stage and "single c64" in stage[TEACHER]:
         lit = results["litserve_teacher"]["single c64"]["requests_per_s"]
         ours = stage[TEACHER]["single c64"]["requests_per_s"]

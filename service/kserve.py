@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from reskd.validation import describe
@@ -288,9 +289,9 @@ def encode_response(head: dict, outputs: list[tuple[str, str, np.ndarray, bool]]
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
-            entry["data"] = arr.reshape(-1).tolist()
+            entry["data"] = arr.reshape(-1)  # orjson writes numpy arrays natively (shortest round-trip floats)
         entries.append(entry)
-    header = json.dumps({**head, "outputs": entries}).encode()
+    header = orjson.dumps({**head, "outputs": entries}, option=orjson.OPT_SERIALIZE_NUMPY)
     if not blobs:
         return header, None
     return header + b"".join(blobs), len(header)

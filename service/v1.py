@@ -4,17 +4,18 @@ raw image body; the format is sniffed from the bytes), one prediction with its c
 from __future__ import annotations
 
 import numpy as np
+import orjson
 from fastapi import APIRouter, Depends, Query, Request
-from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException
+from fastapi.responses import Response
 
 from reskd.cascade import CascadeResult
 
+from . import multipart
 from .decoding import decode_batch
 from .errors import bad_request, too_large, unsupported
 from .models import ServedModel
 from .pipeline import admit, run_cascade, until_disconnected
-from .schemas import ERROR_RESPONSES, ClassifyResponse, Prediction, TopClass
+from .schemas import ERROR_RESPONSES, ClassifyResponse
 from .state import ServerState, get_state
 
 router = APIRouter(tags=["classify"])
@@ -32,31 +33,26 @@ RAW_TYPES = ("image/", "application/octet-stream", "application/x-www-form-urlen
 
 async def read_images(request: Request, max_images: int) -> tuple[list[bytes], list[str], list[str | None]]:
     """-> (blobs, names for error messages, filenames)."""
-    ctype = request.headers.get("content-type", "").lower()
-    if ctype.startswith("multipart/form-data"):
+    ctype = request.headers.get("content-type", "")
+    if ctype.lower().startswith("multipart/form-data"):
+        body = await request.body()
         try:
-            form = await request.form(max_files=max_images + 1, max_fields=100)
-        except MultiPartException as err:
-            raise bad_request(f"malformed multipart body: {err.message}") from None
-        try:
-            parts = form.getlist("file")
-            if not parts:
-                got = ", ".join(sorted(set(form.keys()))) or "no parts"
-                raise bad_request(f"multipart body has no 'file' part (got: {got}); send each image as a "
-                                  f"'file' part, e.g. curl -F file=@image.png")
-            if len(parts) > max_images:
-                raise too_large(f"more than {max_images} images in one request (RESKD_MAX_IMAGES); split it")
-            blobs, names, filenames = [], [], []
-            for i, part in enumerate(parts):
-                if not isinstance(part, UploadFile):
-                    raise bad_request(f"part {i} ('file') is a text field, not a file upload; use "
-                                      f"curl -F file=@image.png")
-                blobs.append(await part.read())
-                names.append(f"image {i} ({part.filename!r})" if part.filename else f"image {i}")
-                filenames.append(part.filename)
-            return blobs, names, filenames
-        finally:
-            await form.close()
+            parts = multipart.parse(body, ctype, max_parts=max_images + 100)
+        except multipart.MultipartError as err:
+            raise bad_request(f"malformed multipart body: {err}") from None
+        files = [p for p in parts if p.name == "file"]
+        if not files:
+            got = ", ".join(sorted({p.name for p in parts})) or "no parts"
+            raise bad_request(f"multipart body has no 'file' part (got: {got}); send each image as a 'file' part, "
+                              f"e.g. curl -F file=@image.png")
+        if len(files) > max_images:
+            raise too_large(f"more than {max_images} images in one request (RESKD_MAX_IMAGES); split it")
+        for i, part in enumerate(files):
+            if part.filename is None:
+                raise bad_request(f"part {i} ('file') is a text field, not a file upload; use curl -F file=@image.png")
+        return ([p.data for p in files], [f"image {i} ({p.filename!r})" if p.filename else f"image {i}"
+                                          for i, p in enumerate(files)], [p.filename or None for p in files])
+    ctype = ctype.lower()
     if ctype and not ctype.startswith(RAW_TYPES):
         raise unsupported(f"content type {ctype.split(';')[0]!r} is not accepted: send multipart/form-data with "
                           f"'file' parts, or the image bytes with an image/* or application/octet-stream type")
@@ -66,27 +62,32 @@ async def read_images(request: Request, max_images: int) -> tuple[list[bytes], l
     return [body], ["image 0"], [None]
 
 
-def predictions(model: ServedModel, result: CascadeResult, top_k: int,
-                filenames: list[str | None]) -> list[Prediction]:
+def response_body(model: ServedModel, result: CascadeResult, top_k: int, filenames: list[str | None]) -> bytes:
+    """The ClassifyResponse as JSON bytes, built from the result's arrays in one pass of plain lists and dicts and
+    encoded by orjson: the pydantic models, FastAPI's validation of them and the stdlib encoder cost about 23 us an
+    image on the event loop (docs/serving.md, "HTTP overhead"). The fields and their types are the ClassifyResponse
+    schema's; tests/test_serve_fuzz.py checks every response against it."""
     labels = model.manifest.labels
     k = min(top_k, len(labels))
     logits = result.logits.astype(np.float64)
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
     order = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
-    out = []
-    for i in range(len(result)):
-        cls, flops = int(result.class_id[i]), int(result.flops[i])
-        out.append(Prediction(
-            filename=filenames[i], label=labels[cls], class_id=cls, confidence=float(result.confidence[i]),
-            top_k=[TopClass(label=labels[j], class_id=int(j), probability=float(probs[i, j])) for j in order[i]],
-            exit_stage=int(result.exit_stage[i]), stages_run=int(result.exit_stage[i]) + 1, flops=flops,
-            flops_saved_vs_teacher=model.teacher_flops - flops, flops_saved_vs_cascade=model.cascade_flops - flops))
-    return out
+    top = zip(order.tolist(), np.take_along_axis(probs, order, -1).tolist())
+    teacher, cascade = model.teacher_flops, model.cascade_flops
+    predictions = [
+        {"filename": name, "label": labels[cls], "class_id": cls, "confidence": confidence,
+         "top_k": [{"label": labels[j], "class_id": j, "probability": p} for j, p in zip(ids, ps)],
+         "exit_stage": stage, "stages_run": stage + 1, "flops": flops, "flops_saved_vs_teacher": teacher - flops,
+         "flops_saved_vs_cascade": cascade - flops}
+        for name, cls, confidence, (ids, ps), stage, flops in zip(
+            filenames, result.class_id.tolist(), result.confidence.tolist(), top, result.exit_stage.tolist(),
+            result.flops.tolist())]
+    return orjson.dumps({"model": model.name, "version": model.version, "predictions": predictions})
 
 
 async def _classify(request: Request, state: ServerState, name: str, version: str | None, top_k: int,
-                    threshold: float | None, max_stage: int | None) -> ClassifyResponse:
+                    threshold: float | None, max_stage: int | None) -> Response:
     model = state.model(request, name, version)
     s = state.settings
     with admit(state, model) as admission:
@@ -98,8 +99,7 @@ async def _classify(request: Request, state: ServerState, name: str, version: st
             return await run_cascade(state, model, admission, images, threshold, max_stage)
 
         result = await until_disconnected(request, classify())
-    return ClassifyResponse(model=model.name, version=model.version,
-                            predictions=predictions(model, result, top_k, filenames))
+    return Response(response_body(model, result, top_k, filenames), media_type="application/json")
 
 
 TopK = Query(1, ge=1, description="how many classes to list per image (capped at the number of classes)")

@@ -5,6 +5,13 @@
 local bodies = {}
 local counter = 0
 local content_type = os.getenv("CONTENT_TYPE") or "image/png"
+-- EXTRA_HEADER "Name: value": one more request header, e.g. Triton's Inference-Header-Content-Length.
+local headers = {["Content-Type"] = content_type}
+local extra = os.getenv("EXTRA_HEADER")
+if extra and extra ~= "" then
+  local name, value = extra:match("^([^:]+):%s*(.*)$")
+  headers[name] = value
+end
 
 function init(args)
   for path in io.lines(os.getenv("IMAGE_LIST")) do
@@ -17,7 +24,7 @@ end
 
 function request()
   counter = counter % #bodies + 1
-  return wrk.format("POST", nil, {["Content-Type"] = content_type}, bodies[counter])
+  return wrk.format("POST", nil, headers, bodies[counter])
 end
 
 function done(summary, latency, requests)
