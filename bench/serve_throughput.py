@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -97,6 +98,12 @@ def run_wrk(url: str, listing: Path, concurrency: int, duration: int, images: in
     return r
 
 
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used, all its threads (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def encode_pngs(n: int) -> list[bytes]:
     import io
 
@@ -111,11 +118,11 @@ def encode_pngs(n: int) -> list[bytes]:
     return out
 
 
-def litserve_run(listings: dict, duration: int) -> dict:
+def litserve_run(listings: dict, duration: int, python: str = sys.executable, options: tuple = ()) -> dict:
     port = free_port()
     log = tempfile.TemporaryFile("w+")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "bench/litserve_teacher.py"), "--port", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([python, str(ROOT / "bench/litserve_teacher.py"), "--port", str(port), *options],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 90
         while True:
@@ -130,12 +137,17 @@ def litserve_run(listings: dict, duration: int) -> dict:
             time.sleep(0.3)
         images, conc = LOADS["single c64"]
         return {"single c64": run_wrk(f"http://127.0.0.1:{port}/predict", listings[images], conc, duration, images)}
-    finally:
-        proc.terminate()
+    finally:  # LitServe's inference workers are processes of its own: the whole session goes
+        os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(20)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
+        time.sleep(1)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # workers that outlived their parent
+        except ProcessLookupError:
+            pass
 
 
 def inprocess_rate(images: np.ndarray, batch: int, seconds: float) -> dict:
@@ -161,6 +173,10 @@ def main() -> None:
     ap.add_argument("--loads", default=",".join(LOADS))
     ap.add_argument("--threshold", type=float)
     ap.add_argument("--litserve", action="store_true", help="also LitServe serving the teacher (pip install litserve)")
+    ap.add_argument("--litserve-python", default=sys.executable,
+                    help="the Python whose environment has litserve (and reskd[serve]); default this one")
+    ap.add_argument("--litserve-options", default="", help="bench/litserve_teacher.py options, e.g. "
+                                                           "'--max-batch-size 16 --batch-timeout 0.001'")
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                     help="a server setting (RESKD_NAME) for the servers started here; repeatable")
     ap.add_argument("--json")
@@ -186,6 +202,7 @@ def main() -> None:
                     url = f"{server.url}/v1/models/{model}/classify{query if model == CASCADE else ''}"
                     for load in loads:
                         images, conc = LOADS[load]
+                        cpu_before = process_cpu_s(server.proc.pid)
                         if load in V2_LOADS:
                             listing, header_length = v2[load]
                             r = run_wrk(f"{server.url}/v2/models/{model}/infer", listing, conc, args.duration,
@@ -193,6 +210,9 @@ def main() -> None:
                                         f"Inference-Header-Content-Length: {header_length}")
                         else:
                             r = run_wrk(url, listings[images], conc, args.duration, images)
+                        # The server's CPU (every thread) per request: what bounds a load the model does not.
+                        r["server_cpu_ms_per_request"] = 1000 * (process_cpu_s(server.proc.pid) - cpu_before) \
+                            / max(r["requests"], 1)
                         results["reskd"].setdefault(scheduler, {}).setdefault(model, {})[load] = r
                         print(json.dumps({"scheduler": scheduler, "model": model, "load": load, **r}), flush=True)
                 with server.client() as c:
@@ -207,7 +227,8 @@ def main() -> None:
             results["inprocess_256"] = inprocess_rate(normalised, 256, args.duration)
             print(json.dumps({"inprocess_256": results["inprocess_256"]}), flush=True)
         if args.litserve and 1 in listings:
-            results["litserve_teacher"] = litserve_run(listings, args.duration)
+            results["litserve_teacher"] = litserve_run(listings, args.duration, args.litserve_python,
+                                                       tuple(args.litserve_options.split()))
             print(json.dumps({"litserve_teacher": results["litserve_teacher"]}), flush=True)
     report(results, loads)
     if args.json:
@@ -217,13 +238,15 @@ def main() -> None:
 def report(results: dict, loads: list[str]) -> None:
     print(f"\nmachine: {results['machine']}; wrk on loopback, {results['duration_s']} s per run; "
           f"threshold {results['threshold'] or 'calibrated'}")
-    print(f"{'scheduler':<9} {'model':<22} {'load':<13} {'req/s':>8} {'img/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
+    print(f"{'scheduler':<9} {'model':<22} {'load':<13} {'req/s':>8} {'img/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
+          f"{'server CPU ms/req':>18}")
     for scheduler, per_model in results["reskd"].items():
         for model in (CASCADE, TEACHER):
             for load in loads:
                 r = per_model[model][load]
                 print(f"{scheduler:<9} {model:<22} {load:<13} {r['requests_per_s']:>8.0f} {r['images_per_s']:>8.0f} "
-                      f"{r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f}{'  ' + r['note'] if 'note' in r else ''}")
+                      f"{r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {r.get('server_cpu_ms_per_request', 0):>18.2f}"
+                      f"{'  ' + r['note'] if 'note' in r else ''}")
     print("\nratios (images/s):")
     stage = results["reskd"].get("stage")
     for load in loads:

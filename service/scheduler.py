@@ -113,6 +113,7 @@ class Workload:
         self._busy_since: float | None = None
         self._busy_before = 0.0
         self._answers: collections.deque[tuple[float, int]] = collections.deque(maxlen=self.WINDOW)
+        self._answered = 0  # the sum of the images in _answers
 
     def _clock(self, now: float) -> float:
         return self._busy_before + (now - self._busy_since if self._busy_since is not None else 0.0)
@@ -129,7 +130,10 @@ class Workload:
     def leave(self, images: float, answered: int) -> None:
         now = self.clock()
         if answered:
+            if len(self._answers) == self.WINDOW:
+                self._answered -= self._answers[0][1]
             self._answers.append((self._clock(now), answered))
+            self._answered += answered
         self.requests -= 1
         self.images -= images
         if self.requests == 0:
@@ -140,7 +144,7 @@ class Workload:
         if len(self._answers) < 4:
             return None
         span = self._answers[-1][0] - self._answers[0][0]
-        return sum(n for _, n in list(self._answers)[1:]) / span if span > 0 else None
+        return (self._answered - self._answers[0][1]) / span if span > 0 else None
 
     def expected_wait(self) -> float | None:
         rate = self.rate()
@@ -295,9 +299,9 @@ class CascadeScheduler:
         if q.size + self.pending * self.mean_request_images >= q.bound:
             raise QueueFull(f"model {self.model} version {self.version} has {q.size} images queued and "
                             f"{self.pending} request(s) being read (limit {q.bound} images); retry shortly")
-        wait = self.workload.expected_wait()
-        if self.max_wait_s and self.workload.requests >= self.min_admitted and wait is not None \
-                and wait > self.max_wait_s:
+        wait = self.workload.expected_wait() if self.max_wait_s and self.workload.requests >= self.min_admitted \
+            else None
+        if wait is not None and wait > self.max_wait_s:
             raise QueueFull(f"model {self.model} version {self.version} is overloaded: the "
                             f"{self.workload.images:.0f} images queued or being read ahead would take about "
                             f"{1000 * wait:.0f} ms (limit {1000 * self.max_wait_s:g} ms, RESKD_MAX_QUEUE_WAIT_MS); "
