@@ -2,7 +2,7 @@
 the same preprocessing (reskd.preprocess) and the same onnxruntime session settings as `reskd serve`, so the
 comparison is between the servers.
 
-    python bench/litserve_teacher.py --port 8010 [--max-batch-size 64] [--batch-timeout 0.002]
+    python bench/litserve_teacher.py --port 8010 [--max-batch-size 64] [--batch-timeout 0.002] [--workers 1]
 
 POST /predict with a multipart `file` part (as `reskd serve`'s /v1) -> {"class_id": ..., "label": ...}.
 """
@@ -49,9 +49,10 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8010)
     ap.add_argument("--max-batch-size", type=int, default=64)
     ap.add_argument("--batch-timeout", type=float, default=0.002)
+    ap.add_argument("--workers", type=int, default=1, help="inference worker processes (workers_per_device)")
     args = ap.parse_args()
     api = TeacherAPI(max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout)
-    ls.LitServer(api, accelerator="cpu", workers_per_device=1).run(host="127.0.0.1", port=args.port, log_level="warning",
+    ls.LitServer(api, accelerator="cpu", workers_per_device=args.workers).run(host="127.0.0.1", port=args.port, log_level="warning",
                                                                    generate_client_file=False)
 
 

@@ -51,8 +51,8 @@ class ServeSettings(BaseSettings):
     retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 503")
 
     # One thread budget: `inference_threads` stage batches run at once (the pipeline depth), each with
-    # `intra_op_threads` onnxruntime threads. 0 = auto: on CPU one batch at a time using every core (stages take
-    # turns, no oversubscription); on CUDA two, so the host work of one overlaps the GPU work of the other.
+    # `intra_op_threads` onnxruntime threads. 0 = auto: two batches at once (one on a single core), each with half
+    # the cores (service/models.py thread_budget says why).
     inference_threads: int = Field(0, ge=0)
     intra_op_threads: int = Field(0, ge=0, description="0: cores / inference_threads")
     decode_workers: int = Field(2, gt=0, description="threads decoding and preprocessing images")

@@ -282,7 +282,7 @@ def test_a_failing_stage_fails_only_its_batch(rt):
 
 def test_one_thread_budget():
     cores = os.cpu_count() or 1
-    assert thread_budget(ServeSettings(), cuda=False) == (1, cores)
+    assert thread_budget(ServeSettings(), cuda=False) == ((2, cores // 2) if cores >= 2 else (1, 1))
     assert thread_budget(ServeSettings(), cuda=True) == (2, max(1, cores // 2))
     assert thread_budget(ServeSettings(inference_threads=2, intra_op_threads=3), cuda=False) == (2, 3)
 

@@ -223,7 +223,8 @@ def test_overload_is_refused_before_the_body_is_read_and_gone_clients_are_droppe
     """Before: the queue check ran after the body was read, parsed and decoded (a 503 cost as much as a 200), and
     requests whose client had gone were still run."""
     infer = "/v2/models/fashion-mnist/infer"
-    with InProcessServer(max_queue_images=4, max_batch_size=4, scheduler="request") as s:
+    # One inference thread: the first batch, held at the gate, keeps the second request queued.
+    with InProcessServer(max_queue_images=4, max_batch_size=4, scheduler="request", inference_threads=1) as s:
         model = s.app.state.reskd.store.get("fashion-mnist")
         gated = model.scheduler.runner = GatedRunner(model.scheduler.runner)
         with httpx.Client(base_url=s.url, timeout=30) as c1, httpx.Client(base_url=s.url, timeout=30) as c2:
