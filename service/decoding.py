@@ -18,7 +18,7 @@ import asyncio
 import collections
 import ctypes
 import ctypes.util
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from typing import Any, Callable, TypeVar
 
 import numpy as np
@@ -33,17 +33,20 @@ T = TypeVar("T")
 
 
 class _Job:
-    """One request's items, handed to the threads a turn at a time."""
+    """One request's items, handed to the threads a turn at a time. Its counters change under the pool's lock."""
 
-    def __init__(self, fn: Callable, items: list, weights: list[int], turn: int, future: asyncio.Future):
+    def __init__(self, fn: Callable, items: list, weights: list[int], turn: int, future: asyncio.Future | None):
         self.fn, self.items, self.weights, self.turn, self.future = fn, items, weights, turn, future
+        self.loop = future.get_loop() if future is not None else None
         self.results: list[Any] = [None] * len(items)
         self.next = 0  # the next item to hand out
         self.running = 0
+        self.finished = 0  # items whose results are in
+        self.stopped = False  # failed, completed or given up: no more turns
 
     @property
     def exhausted(self) -> bool:
-        return self.next >= len(self.items) or self.future.done()
+        return self.stopped or self.next >= len(self.items)
 
     def take(self, budget: int) -> tuple[int, int]:
         """The next turn: consecutive items up to `budget` in weight, at least one. -> (start, stop)."""
@@ -55,18 +58,30 @@ class _Job:
         self.next = stop
         return start, stop
 
-
-def _run_turn(fn: Callable, items: list) -> list:
-    return [fn(item) for item in items]
+    def settle(self, error: BaseException | None) -> None:
+        """On the event loop: the job's outcome, once."""
+        if self.future.done():
+            return
+        if error is not None:
+            self.future.set_exception(error)
+        else:
+            self.future.set_result(self.results)
 
 
 class DecodePool:
-    """Worker threads shared by every request, each request's items served in turn (see the module's doc)."""
+    """Worker threads shared by every request, each request's items served in turn (see the module's doc). The
+    threads take their next turn from the ring themselves: the event loop hears from the pool once per request
+    (its results or its first error), not once per turn. (A pump on the loop that handed out each turn starved the
+    threads while the loop was busy: single-image requests at concurrency 64 were served at 58% of the rate.)"""
 
     def __init__(self, workers: int):
-        self.executor = ThreadPoolExecutor(workers, thread_name_prefix="reskd-decode")
-        self.free = workers
         self.ring: collections.deque[_Job] = collections.deque()
+        self.lock = threading.Condition()
+        self.closed = False
+        self.threads = [threading.Thread(target=self._work, name=f"reskd-decode_{i}", daemon=True)
+                        for i in range(workers)]
+        for t in self.threads:
+            t.start()
 
     async def map(self, fn: Callable, items: list, weights: list[int] | None = None, turn: int = 1) -> list:
         """[fn(item) for item in items] in the threads, in turn with other requests': each turn runs this call's
@@ -76,54 +91,71 @@ class DecodePool:
         if not items:
             return []
         job = _Job(fn, items, weights or [1] * len(items), turn, asyncio.get_running_loop().create_future())
-        self.ring.append(job)
-        self._pump()
+        with self.lock:
+            if self.closed:
+                raise RuntimeError("the decoding pool is shut down")
+            self.ring.append(job)
+            self.lock.notify()
         try:
             return await job.future
         finally:
-            if not job.future.done():
-                job.future.cancel()
-            if job in self.ring:
-                self.ring.remove(job)
+            with self.lock:
+                job.stopped = True
+                if job in self.ring:
+                    self.ring.remove(job)
 
     async def run(self, fn: Callable[[], T]) -> T:
         """fn() in a thread, in turn with the requests' images."""
         (result,) = await self.map(lambda _: fn(), [None])
         return result
 
-    def _pump(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self.free and self.ring:
-            job = self.ring.popleft()
-            if job.exhausted:
-                continue
-            start, stop = job.take(job.turn)
-            job.running += 1
-            if not job.exhausted:
-                self.ring.append(job)  # its next turn waits for every other request's
-            self.free -= 1
-            loop.run_in_executor(self.executor, _run_turn, job.fn, job.items[start:stop]).add_done_callback(
-                lambda f, job=job, start=start: self._finished(job, start, f))
-
-    def _finished(self, job: _Job, start: int, f: asyncio.Future) -> None:
-        self.free += 1
-        job.running -= 1
-        if f.cancelled():  # the pool is shutting down
-            job.future.cancel()
-            return
-        error = f.exception()  # retrieved even when the job failed already (asyncio would log it otherwise)
-        if not job.future.done():
-            if error is not None:
-                job.future.set_exception(error)
-            else:
-                results = f.result()
-                job.results[start:start + len(results)] = results
-                if job.running == 0 and job.next >= len(job.items):
-                    job.future.set_result(job.results)
-        self._pump()
+    def _work(self) -> None:
+        while True:
+            with self.lock:
+                while not self.ring and not self.closed:
+                    self.lock.wait()
+                if self.closed:
+                    return
+                job = self.ring.popleft()
+                if job.exhausted:
+                    continue
+                start, stop = job.take(job.turn)
+                job.running += 1
+                if not job.exhausted:
+                    self.ring.append(job)  # its next turn waits for every other request's
+                    self.lock.notify()
+            try:
+                results, error = [job.fn(item) for item in job.items[start:stop]], None
+            except BaseException as err:  # the request's first error fails it; its other items are not started
+                results, error = None, err
+            with self.lock:
+                job.running -= 1
+                if error is None:
+                    job.results[start:stop] = results
+                    job.finished += stop - start
+                # Settled once: at its first error, or when its last item is in; not once failed or given up.
+                if job.stopped or error is None and job.finished < len(job.items):
+                    continue
+                job.stopped = True
+            try:
+                job.loop.call_soon_threadsafe(job.settle, error)
+            except RuntimeError:  # the loop is closed: nobody waits for the result
+                pass
 
     def shutdown(self) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        """Stop the threads after their current turn; calls still waiting are cancelled."""
+        with self.lock:
+            self.closed = True
+            waiting = list(self.ring)
+            self.ring.clear()
+            self.lock.notify_all()
+        for job in waiting:
+            if not job.stopped:
+                job.stopped = True
+                try:
+                    job.loop.call_soon_threadsafe(job.future.cancel)
+                except RuntimeError:
+                    pass
 
 
 def _open(blobs: list[bytes], max_pixels: int) -> list[Image.Image | ImageError]:
