@@ -331,7 +331,12 @@ async def _json_object(request: Request, model: type[BaseModel]):
         raise bad_request(f"invalid request body: {'; '.join(describe(err))}") from None
 
 
-_EMPTY_OK = {200: {"description": "done (empty body, as Triton answers)", "content": {}}}
+def _control_route(action: str, body: type[BaseModel], summary: str):
+    """POST /v2/repository/models/{name}/<action>: an optional JSON body (`body`), an empty 200 when done."""
+    return router.post(f"/v2/repository/models/{{name}}/{action}", response_class=Response, summary=summary,
+                       responses={200: {"description": "done (empty body, as Triton answers)", "content": {}}},
+                       openapi_extra={"requestBody": {"required": False, "content": {"application/json": {
+                           "schema": {"$ref": f"#/components/schemas/{body.__name__}"}}}}})
 
 
 @router.post("/v2/repository/index", response_model=list[RepositoryIndexEntry],
@@ -347,11 +352,9 @@ async def repository_index_get(ready: bool = False, state: ServerState = Depends
     return state.control.index(ready_only=ready)
 
 
-@router.post("/v2/repository/models/{name}/load", response_class=Response, responses=_EMPTY_OK,
-             openapi_extra={"requestBody": {"required": False, "content": {"application/json": {
-                 "schema": {"$ref": "#/components/schemas/LoadRequest"}}}}},
-             summary="Load the model's versions as the repository holds them now (RESKD_MODEL_CONTROL=explicit): "
-                     "new and changed versions are verified and warmed before they take traffic")
+@_control_route("load", LoadRequest, "Load the model's versions as the repository holds them now "
+                "(RESKD_MODEL_CONTROL=explicit): new and changed versions are verified and warmed before they take "
+                "traffic")
 async def repository_load(request: Request, name: str, state: ServerState = Depends(get_state)):
     body = await _json_object(request, LoadRequest)
     if body.parameters:
@@ -362,11 +365,8 @@ async def repository_load(request: Request, name: str, state: ServerState = Depe
     return Response(status_code=200)
 
 
-@router.post("/v2/repository/models/{name}/unload", response_class=Response, responses=_EMPTY_OK,
-             openapi_extra={"requestBody": {"required": False, "content": {"application/json": {
-                 "schema": {"$ref": "#/components/schemas/UnloadRequest"}}}}},
-             summary="Stop serving the model (RESKD_MODEL_CONTROL=explicit): new requests get 404; requests "
-                     "already admitted finish first")
+@_control_route("unload", UnloadRequest, "Stop serving the model (RESKD_MODEL_CONTROL=explicit): new requests get "
+                "404; requests already admitted finish first")
 async def repository_unload(request: Request, name: str, state: ServerState = Depends(get_state)):
     await _json_object(request, UnloadRequest)
     state.require_ready()
