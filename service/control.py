@@ -85,6 +85,15 @@ class Refusal:
     reason: str
 
 
+@dataclass
+class Opened:
+    """A version verified and opened (a session per stage), not yet warmed up or served."""
+    name: str
+    version: int
+    runtime: CascadeRuntime
+    fingerprint: Fingerprint
+
+
 class ModelControl:
     def __init__(self, settings: ServeSettings, store: ModelStore, metrics: Metrics, inference: Executor):
         self.settings = settings
@@ -100,7 +109,7 @@ class ModelControl:
         self._rescan = asyncio.Event()
         self._poller: asyncio.Task | None = None
         self._warned: set[Path] = set()
-        self.opened: list[ServedModel] = []  # by open_all, served by start
+        self.opened: list[Opened] = []  # by open_all, served by start
         self.opened_all = False
 
     @property
@@ -130,28 +139,21 @@ class ModelControl:
                         raise
                     self._refuse(name, version, None, str(err))
                     continue
-                self.opened.append(self.store.make(name, version, runtime, fp))
+                self.opened.append(Opened(name, version, runtime, fp))
 
     async def start(self) -> None:
         """Warm up and check every version open_all opened, then serve it; under poll, start scanning. Raises
         Refused under `none` for a version that fails."""
-        loop = asyncio.get_running_loop()
         opened, self.opened = self.opened, []
-        for model in opened:
+        for o in opened:
             try:
-                await loop.run_in_executor(self.inference, warm_and_check, model.runtime,
-                                           self.settings.warmup_batch_sizes)
+                self._serve(await self._activate(o))
             except Refused as err:
                 if self.strict:
-                    raise Refused(f"{model.name} version {model.version}: {err}") from err
-                self._refuse(model.name, model.version, model.fingerprint, str(err))
-                self.metrics.version_gone(model.name, model.version, model.runtime.num_stages)
-                continue
-            model.scheduler.start()
-            self.store.put(model)
-            self.metrics.model_loads.labels(model.name, str(model.version), "loaded").inc()
+                    raise
+                self._refuse(o.name, o.version, o.fingerprint, str(err))
         if self.mode == "poll":
-            self._poller = loop.create_task(self._poll(), name="repository poll")
+            self._poller = asyncio.get_running_loop().create_task(self._poll(), name="repository poll")
 
     def rescan(self) -> None:
         """SIGHUP: scan now (poll); otherwise only logged."""
@@ -231,17 +233,14 @@ class ModelControl:
                 continue
             finally:
                 self.loading.discard((name, version))
-            old = self.store.put(model)
-            self.unloaded.discard(name)
-            self._clear_refusal(name, version)
-            self.metrics.model_loads.labels(name, str(version), "loaded").inc()
+            old = self._serve(model)
             log.info("%s version %d %s: serving it", name, version, "changed" if old else "is new")
             if old is not None:
                 self._retire(old, "was replaced by a new load of the same version", unloaded=False)
         return refused
 
     async def _load(self, name: str, version: int, fp: Fingerprint) -> ServedModel:
-        loop = asyncio.get_running_loop()
+        """Verify, open, warm up and check a version off the event loop; -> it, running but not yet served."""
         start = time.perf_counter()
         try:
             runtime = await asyncio.to_thread(self.store.open, name, version)
@@ -249,14 +248,29 @@ class ModelControl:
             raise Refused(str(err)) from err
         except Exception as err:
             raise Refused(f"{name} version {version} cannot be loaded: {type(err).__name__}: {err}") from err
-        try:
-            await loop.run_in_executor(self.inference, warm_and_check, runtime, self.settings.warmup_batch_sizes)
-        except Refused as err:
-            raise Refused(f"{name} version {version}: {err}") from err
-        model = self.store.make(name, version, runtime, fp)
-        model.scheduler.start()
+        model = await self._activate(Opened(name, version, runtime, fp))
         log.info("%s version %d verified and warmed in %.2f s", name, version, time.perf_counter() - start)
         return model
+
+    async def _activate(self, o: Opened) -> ServedModel:
+        """Warm an opened version up and check it in the inference thread, then give it its metrics and a started
+        scheduler. Raises Refused naming the version."""
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.inference, warm_and_check, o.runtime,
+                                                             self.settings.warmup_batch_sizes)
+        except Refused as err:
+            raise Refused(f"{o.name} version {o.version}: {err}") from err
+        model = self.store.make(o.name, o.version, o.runtime, o.fingerprint)
+        model.scheduler.start()
+        return model
+
+    def _serve(self, model: ServedModel) -> ServedModel | None:
+        """Route to `model` from now on; -> the version it replaces (to be drained), if any."""
+        old = self.store.put(model)
+        self.unloaded.discard(model.name)
+        self._clear_refusal(model.name, model.version)
+        self.metrics.model_loads.labels(model.name, str(model.version), "loaded").inc()
+        return old
 
     # --- the repository API (explicit) ---------------------------------------------------------------------
     def _explicit_only(self, what: str) -> None:

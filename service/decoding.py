@@ -40,7 +40,6 @@ class _Job:
         self.loop = future.get_loop() if future is not None else None
         self.results: list[Any] = [None] * len(items)
         self.next = 0  # the next item to hand out
-        self.running = 0
         self.finished = 0  # items whose results are in
         self.stopped = False  # failed, completed or given up: no more turns
 
@@ -120,7 +119,6 @@ class DecodePool:
                 if job.exhausted:
                     continue
                 start, stop = job.take(job.turn)
-                job.running += 1
                 if not job.exhausted:
                     self.ring.append(job)  # its next turn waits for every other request's
                     self.lock.notify()
@@ -129,7 +127,6 @@ class DecodePool:
             except BaseException as err:  # the request's first error fails it; its other items are not started
                 results, error = None, err
             with self.lock:
-                job.running -= 1
                 if error is None:
                     job.results[start:stop] = results
                     job.finished += stop - start

@@ -280,6 +280,10 @@ class CascadeScheduler:
         self.min_admitted = min_admitted
         self.closed: str | None = None  # why the scheduler stopped (stop()): it admits nothing after
 
+    def _stopped(self) -> QueueFull:
+        """What a request gets from a stopped scheduler (503): which version, and why it stopped."""
+        return QueueFull(f"model {self.model} version {self.version} {self.closed or 'stopped'}; retry")
+
     @property
     def idle(self) -> bool:
         """Nothing admitted and unanswered, no batch running: stopping now fails no request (an unload drains
@@ -295,7 +299,7 @@ class CascadeScheduler:
         holds this request's reservation until it is submitted or given up (use it as a context manager)."""
         q = self.queues[0]
         if self.closed:
-            raise QueueFull(f"model {self.model} version {self.version} {self.closed}; retry")
+            raise self._stopped()
         if q.size + self.pending * self.mean_request_images >= q.bound:
             raise QueueFull(f"model {self.model} version {self.version} has {q.size} images queued and "
                             f"{self.pending} request(s) being read (limit {q.bound} images); retry shortly")
@@ -364,15 +368,14 @@ class CascadeScheduler:
         """Stop dispatching; requests still queued fail with QueueFull (503) saying `reason` (what happened to this
         version), and nothing is admitted after."""
         self.closed = reason
-        tasks = [t for t in (self._task, *self._running) if t is not None]
+        tasks = [t for t in (self._task, *self._running) if t is not None]  # _run answers its batch when cancelled
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         for q in self.queues:
             for rows in q.items:
                 if not rows.request.abandoned:
-                    rows.request.future.set_exception(QueueFull(f"model {self.model} version {self.version} "
-                                                                f"{reason}; retry"))
+                    rows.request.future.set_exception(self._stopped())
             q.items.clear()
             q.size = 0
 
@@ -428,8 +431,7 @@ class CascadeScheduler:
         except asyncio.CancelledError:  # stop(): this batch's requests are answered, not left waiting forever
             for rows in batch:
                 if not rows.request.abandoned:
-                    rows.request.future.set_exception(QueueFull(f"model {self.model} version {self.version} "
-                                                                f"{self.closed or 'stopped'}; retry"))
+                    rows.request.future.set_exception(self._stopped())
             raise
         except Exception as err:  # only this batch's requests fail; the scheduler and other requests go on
             failure = err if isinstance(err, InferenceFailed) else InferenceFailed(
