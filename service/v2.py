@@ -12,7 +12,7 @@ from typing import Any, Literal
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 import reskd
 from reskd.validation import describe
@@ -139,9 +139,16 @@ async def model_version_ready(request: Request, name: str, version: str, state: 
 # The infer body is read by hand (JSON or binary tensors, maybe compressed), so FastAPI does not see its models:
 # their schemas go into the document's components here, and document() adds them to the app's OpenAPI.
 _SCHEMAS = {}
-for _model in (kserve.InferRequest, kserve.InferResponse):
-    _schema = _model.model_json_schema(ref_template="#/components/schemas/{model}")
-    _SCHEMAS.update({**_schema.pop("$defs", {}), _model.__name__: _schema})
+
+
+def _document(*models: type[BaseModel]) -> None:
+    """The models' JSON schemas (and those they refer to) into _SCHEMAS, referred to as components."""
+    for model in models:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        _SCHEMAS.update({**schema.pop("$defs", {}), model.__name__: schema})
+
+
+_document(kserve.InferRequest, kserve.InferResponse)
 # What this server's models take and give (the protocol itself allows any names), and an example that runs.
 _SCHEMAS["InferRequest"]["properties"]["inputs"]["maxItems"] = 1
 _SCHEMAS["InferRequest"]["properties"]["parameters"]["properties"].update({
@@ -287,8 +294,9 @@ async def _infer_body(request: Request, state: ServerState, model: ServedModel, 
 
 
 # --- model repository (Triton's model repository extension; service/control.py) ------------------------------
+# Flags must be JSON booleans, as the infer request's are (a string such as "yes" is refused, not read as true).
 class RepositoryIndexRequest(BaseModel):
-    ready: bool = Field(False, description="only versions ready to serve")
+    ready: StrictBool = Field(False, description="only versions ready to serve")
 
 
 class RepositoryIndexEntry(BaseModel):
@@ -307,7 +315,7 @@ class LoadRequest(BaseModel):
 
 class UnloadParameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    unload_dependents: bool = Field(False, description="accepted for Triton's clients; reskd models have no "
+    unload_dependents: StrictBool = Field(False, description="accepted for Triton's clients; reskd models have no "
                                                        "dependents")
 
 
@@ -315,9 +323,7 @@ class UnloadRequest(BaseModel):
     parameters: UnloadParameters = UnloadParameters()
 
 
-for _model in (LoadRequest, UnloadRequest):  # bodies read by hand (optional, maybe empty): documented here
-    _schema = _model.model_json_schema(ref_template="#/components/schemas/{model}")
-    _SCHEMAS.update({**_schema.pop("$defs", {}), _model.__name__: _schema})
+_document(LoadRequest, UnloadRequest)  # bodies read by hand (optional, maybe empty)
 
 
 async def _json_object(request: Request, model: type[BaseModel]):

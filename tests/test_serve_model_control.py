@@ -214,6 +214,16 @@ def test_explicit_load_through_tritonclient_under_load(repo):
         assert r.status_code == 400 and "not supported" in r.json()["error"]
         r = c.post("/v2/repository/models/no-such-model/load")
         assert r.status_code == 404 and "no-such-model" in r.json()["error"]
+        # Bodies that are not what the API takes: 400 saying what is wrong, and nothing changes.
+        for path, body, says in [(f"/v2/repository/models/{NAME}/load", b"{not json", "invalid request body"),
+                                 (f"/v2/repository/models/{NAME}/unload", b'{"parameters": {"force": true}}',
+                                  "parameters.force"),
+                                 (f"/v2/repository/models/{NAME}/unload",
+                                  b'{"parameters": {"unload_dependents": "yes"}}', "unload_dependents"),
+                                 ("/v2/repository/index", b'{"ready": "yes"}', "ready")]:
+            r = c.post(path, content=body, headers={"content-type": "application/json"})
+            assert r.status_code == 400 and says in r.json()["error"], (path, r.text)
+        assert c.get(f"/v2/models/{NAME}").json()["versions"] == ["1", "2", "3"]
 
 
 def test_unload_under_load_finishes_admitted_requests_then_answers_404(repo):
