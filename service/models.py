@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 
 from reskd.device import Device
 from reskd.engine import EngineSpec
+from reskd.machine import available_cores
 from reskd.manifest import Manifest, ManifestError, ModelRepository
 from reskd.runtime import CascadeRuntime
 
@@ -50,13 +50,14 @@ class ServedModel:
         return "cuda" if self.runtime.on_cuda else "cpu"
 
 
-def thread_budget(settings: ServeSettings, cuda: bool) -> tuple[int, int]:
+def thread_budget(settings: ServeSettings, cuda: bool, cores: int | None = None) -> tuple[int, int]:
     """-> (stage batches at once, onnxruntime threads each): one budget of the machine's cores. By default two
     batches at once (one on a single core), each with half the cores: on CUDA the host work of one overlaps the
     GPU work of the other; on CPU two batches keep the cores busy between one batch's Python steps, and on two
     cores each batch runs on its calling thread, with no onnxruntime pool busy-waiting beside the event loop
-    (2 x 1 served 1.5x the v2 images/s of 1 x 2 with the same per-request CPU, docs/serving.md)."""
-    cores = os.cpu_count() or 1
+    (2 x 1 served 1.5x the v2 images/s of 1 x 2 with the same per-request CPU, docs/serving.md).
+    cores: this process's share (a worker's, service/workers.py); default every core available to it."""
+    cores = cores or available_cores()
     workers = settings.inference_threads or (2 if cuda or cores >= 2 else 1)
     intra = settings.intra_op_threads or max(1, cores // workers)
     return workers, intra
@@ -70,11 +71,12 @@ class ServingDevice:
     workers: int
 
     @classmethod
-    def resolve(cls, settings: ServeSettings, shared_pool: bool = False) -> ServingDevice:
+    def resolve(cls, settings: ServeSettings, shared_pool: bool = False, cores: int | None = None) -> ServingDevice:
         """Raises RuntimeError under device=cuda without the CUDA EP. shared_pool: one onnxruntime pool of the
-        budget's threads for every stage of every model (the `reskd serve` process; before any session)."""
+        budget's threads for every stage of every model (the `reskd serve` process; before any session). cores:
+        the process's share of the cores (default all available)."""
         device = Device.resolve(settings.device, cudnn_conv_algo_search=settings.cudnn_conv_algo_search)
-        workers, intra = thread_budget(settings, device.cuda)
+        workers, intra = thread_budget(settings, device.cuda, cores)
         return cls(device.with_threads(intra, shared_pool), workers)
 
 
@@ -158,7 +160,6 @@ class ModelStore:
         versions[model.version] = model
         self.absent.pop((model.name, None), None)
         self.absent.pop((model.name, model.version), None)
-        self._publish()
         return old
 
     def remove(self, name: str, version: int, why: str) -> ServedModel | None:
@@ -169,11 +170,7 @@ class ModelStore:
             self._models.pop(name, None)
         if old is not None:
             self.absent[(name, version)] = why
-            self._publish()
         return old
-
-    def _publish(self) -> None:
-        self.metrics.served([(m.name, m.version, m.runtime.num_stages) for m in self.all()])
 
     @property
     def policy(self) -> Policy:
