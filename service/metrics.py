@@ -4,7 +4,16 @@ carries `model` and `version` but the process-wide reskd_ready and connection se
 rate(reskd_flops_total[5m]) / rate(reskd_teacher_flops_total[5m]).
 
 Metrics owns the registry and the HTTP-level series; ModelMetrics holds one model version's series, resolved once,
-and is what that version's scheduler reports to (its SchedulerObserver).
+and is what that version's scheduler reports to (its SchedulerObserver). What describes the served versions
+(reskd_model_info, the calibration references, reskd_model_refused) is read from the routing table at each scrape
+(ModelStateCollector), so it can never disagree with what is served.
+
+Several worker processes (RESKD_WORKERS, service/workers.py) share one metrics folder (prometheus_client's
+multiprocess mode, PROMETHEUS_MULTIPROC_DIR set by the supervisor): counters and histograms are summed over every
+worker that ever ran (a restarted worker's counts are kept, so rates never see a reset), queue depths, in-flight
+requests and connections over the live ones, reskd_ready is their minimum (1 only when every worker is ready), and
+any worker's /metrics shows the whole server. Model control keeps the workers' routing tables equal, so the
+answering worker's ModelStateCollector speaks for all of them; model-load counts come from worker 0 alone.
 
 Besides what is measured, each version exposes what its calibration on the validation split expects
 (reskd_calibrated_compute_fraction, reskd_calibrated_exit_fraction): the references the alert rules in
@@ -12,9 +21,14 @@ deploy/prometheus compare the served figures against."""
 
 from __future__ import annotations
 
+import os
+from typing import Callable, Iterable
+
 import numpy as np
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from reskd.cascade import CascadeResult
 from reskd.manifest import Manifest
@@ -33,9 +47,12 @@ M = ("model", "version")
 
 
 class Metrics:
-    """One registry per app, so several servers (tests) never share counters."""
+    """One registry per app, so several servers (tests) never share counters. Under a multiprocess folder (a worker
+    of several) the values live in that folder and the exposition reads every worker's."""
 
     def __init__(self) -> None:
+        self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        self.state: ModelStateCollector | None = None
         r = self.registry = CollectorRegistry()
         self.requests = Counter("reskd_requests_total", "HTTP requests answered", [*M, "endpoint", "code"],
                                 registry=r)
@@ -58,32 +75,26 @@ class Metrics:
                                         [*M, "stage"], buckets=LATENCY_BUCKETS, registry=r)
         self.padding_flops = Counter("reskd_padding_flops_total", "FLOPs spent on padding rows (batch buckets)",
                                      [*M, "stage"], registry=r)
-        self.queue_depth = Gauge("reskd_queue_depth", "images waiting for a stage", [*M, "stage"], registry=r)
-        self.inflight = Gauge("reskd_inflight_requests", "requests being served", M, registry=r)
-        self.model_info = Gauge("reskd_model_info", "a served model version (value 1)", [*M, "stages"],
-                                registry=r)
+        self.queue_depth = Gauge("reskd_queue_depth", "images waiting for a stage", [*M, "stage"], registry=r,
+                                 multiprocess_mode="livesum")
+        self.inflight = Gauge("reskd_inflight_requests", "requests being served", M, registry=r,
+                              multiprocess_mode="livesum")
         self.exit_confidence = Histogram("reskd_exit_confidence", "confidence (the manifest's exit measure) of "
                                          "each image at the stage it left", [*M, "stage"],
                                          buckets=CONFIDENCE_BUCKETS, registry=r)
-        self.calibrated_compute = Gauge("reskd_calibrated_compute_fraction", "mean FLOPs per image / teacher FLOPs "
-                                        "under the calibrated thresholds, measured on the validation split", M,
-                                        registry=r)
-        self.calibrated_exits = Gauge("reskd_calibrated_exit_fraction", "share of validation images that left at "
-                                      "each stage under the calibrated thresholds", [*M, "stage"], registry=r)
         self.dropped_images = Counter("reskd_dropped_images_total", "images not classified because their client "
                                       "went away first (the request counts as code 499)", M, registry=r)
-        # Model control (service/control.py): every load of a version, and the versions refused as they are now in
-        # the repository (1 until the version is fixed, removed or loads).
+        # Model control (service/control.py): every load of a version.
         self.model_loads = Counter("reskd_model_loads_total", "model versions loaded, refused (verification or "
                                    "warm-up failed; the version served before goes on) or unloaded",
                                    [*M, "result"], registry=r)
-        self.model_refused = Gauge("reskd_model_refused", "1 while a version in the repository is refused (the "
-                                   "reason is in the log and GET/POST /v2/repository/index)", M, registry=r)
         # Process-wide, without model labels: a server whose loading failed has no model series, and connections
         # belong to no model.
         self.ready = Gauge("reskd_ready", "1 when GET /v2/health/ready answers 200 (every model loaded and "
-                           "warmed, not shutting down), else 0", registry=r)
-        self.connections = Gauge("reskd_open_connections", "HTTP connections open", registry=r)
+                           "warmed, not shutting down; with several workers, on every one), else 0", registry=r,
+                           multiprocess_mode="livemin")
+        self.connections = Gauge("reskd_open_connections", "HTTP connections open", registry=r,
+                                 multiprocess_mode="livesum")
         self.connections_closed = Counter("reskd_connections_closed_total", "connections the server closed or "
                                           "refused, by reason (service/connections.py)", ["reason"], registry=r)
         for reason in REASONS:
@@ -92,30 +103,96 @@ class Metrics:
     def for_model(self, model: str, version: int, manifest: Manifest) -> ModelMetrics:
         return ModelMetrics(self, model, version, manifest)
 
-    def served(self, versions: list[tuple[str, int, int]]) -> None:
-        """reskd_model_info for exactly these (model, version, stages): what is served now."""
-        self.model_info.clear()
-        for model, version, stages in versions:
-            self.model_info.labels(model, str(version), str(stages)).set(1)
+    def describe_models(self, live: Callable[[], Iterable[tuple[str, int, Manifest, bool]]],
+                        refused: Callable[[], Iterable[tuple[str, int]]]) -> None:
+        """Where the series describing the versions come from at each scrape: live() -> (model, version, manifest,
+        routed) for each version served or still draining; refused() -> the refused (model, version)s."""
+        self.state = ModelStateCollector(live, refused)
+        self.registry.register(self.state)
 
     def version_gone(self, model: str, version: int, stages: int) -> None:
-        """A version no longer served: its calibration references go (alerts compare only what is served); its
-        counters stay, as counters do."""
+        """A version no longer served or draining: its gauges go; its counters stay, as counters do. (In a
+        worker the gauges stay in the shared folder; the exposition leaves out versions no longer live.)"""
+        if self.multiprocess_dir:
+            return
         v = str(version)
-        for gauge in (self.calibrated_compute, self.inflight):
+        try:
+            self.inflight.remove(model, v)
+        except KeyError:
+            pass
+        for stage in range(stages):
             try:
-                gauge.remove(model, v)
+                self.queue_depth.remove(model, v, str(stage))
             except KeyError:
                 pass
-        for gauge in (self.calibrated_exits, self.queue_depth):
-            for stage in range(stages):
-                try:
-                    gauge.remove(model, v, str(stage))
-                except KeyError:
-                    pass
 
     def exposition(self) -> bytes:
-        return prometheus_client.generate_latest(self.registry)
+        if not self.multiprocess_dir:
+            return prometheus_client.generate_latest(self.registry)
+        registry = CollectorRegistry()
+        live = self.state.live_keys() if self.state else set()
+        registry.register(_LiveVersionsOnly(MultiProcessCollector(None, self.multiprocess_dir), live))
+        if self.state is not None:
+            registry.register(self.state)
+        return prometheus_client.generate_latest(registry)
+
+
+# Per-version gauges a worker cannot remove from the shared folder: the exposition shows them for live versions only.
+_VERSION_GAUGES = {"reskd_queue_depth", "reskd_inflight_requests"}
+
+
+class _LiveVersionsOnly:
+    def __init__(self, collector: MultiProcessCollector, live: set[tuple[str, str]]):
+        self.collector, self.live = collector, live
+
+    def collect(self):
+        for family in self.collector.collect():
+            if family.name in _VERSION_GAUGES:
+                family.samples = [s for s in family.samples
+                                  if (s.labels.get("model"), s.labels.get("version")) in self.live]
+            yield family
+
+
+class ModelStateCollector:
+    """reskd_model_info, reskd_calibrated_compute_fraction, reskd_calibrated_exit_fraction and
+    reskd_model_refused, computed from the routing table at each scrape."""
+
+    def __init__(self, live: Callable[[], Iterable[tuple[str, int, Manifest, bool]]],
+                 refused: Callable[[], Iterable[tuple[str, int]]]):
+        self.live, self.refused = live, refused
+
+    def live_keys(self) -> set[tuple[str, str]]:
+        return {(name, str(version)) for name, version, _, _ in self.live()}
+
+    def describe(self):
+        return list(self._families())
+
+    def collect(self):
+        info, compute, exits, refused = self._families()
+        for name, version, manifest, routed in self.live():
+            v = str(version)
+            if routed:
+                info.add_metric([name, v, str(len(manifest.stages))], 1)
+            expected = calibrated_expectation(manifest)
+            if expected is not None:
+                compute.add_metric([name, v], expected[0])
+                for stage, fraction in enumerate(expected[1]):
+                    exits.add_metric([name, v, str(stage)], fraction)
+        for name, version in self.refused():
+            refused.add_metric([name, str(version)], 1)
+        return [info, compute, exits, refused]
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, ...]:
+        return (
+            GaugeMetricFamily("reskd_model_info", "a served model version (value 1)", labels=[*M, "stages"]),
+            GaugeMetricFamily("reskd_calibrated_compute_fraction", "mean FLOPs per image / teacher FLOPs under the "
+                              "calibrated thresholds, measured on the validation split", labels=M),
+            GaugeMetricFamily("reskd_calibrated_exit_fraction", "share of validation images that left at each "
+                              "stage under the calibrated thresholds", labels=[*M, "stage"]),
+            GaugeMetricFamily("reskd_model_refused", "1 while a version in the repository is refused (the reason "
+                              "is in the log and GET/POST /v2/repository/index)", labels=M),
+        )
 
 
 class ModelMetrics:
@@ -142,12 +219,6 @@ class ModelMetrics:
         self._queue_depth = [m.queue_depth.labels(model, v, s) for s in stages]
         self._confidence = [m.exit_confidence.labels(model, v, s) for s in stages]
         self._dropped = m.dropped_images.labels(model, v)
-        expected = calibrated_expectation(manifest)
-        if expected is not None:
-            compute, exits = expected
-            m.calibrated_compute.labels(model, v).set(compute)
-            for s, fraction in zip(stages, exits):
-                m.calibrated_exits.labels(model, v, s).set(fraction)
 
     def queue_depth(self, stage: int, images: int) -> None:
         self._queue_depth[stage].set(images)

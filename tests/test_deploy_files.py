@@ -144,10 +144,15 @@ def test_gpu_image_install_step_resolves(tmp_path):
 def served_metric_names() -> dict[str, set[str]]:
     """Every series name /metrics can expose -> its label names (histograms with _bucket/_sum/_count)."""
     names: dict[str, set[str]] = {}
-    for collector in Metrics().registry._collector_to_names:  # every metric object of the registry
+    metrics = Metrics()
+    metrics.describe_models(lambda: [], lambda: [])  # the series read from the routing table at each scrape
+    described = [family for collector in metrics.registry._collector_to_names if not hasattr(collector, "_name")
+                 for family in collector.describe()]
+    metric_objects = [c for c in metrics.registry._collector_to_names if hasattr(c, "_name")]
+    for collector in [*metric_objects, *described]:  # every metric object and described family of the registry
         labels = set(getattr(collector, "_labelnames", ()))
-        kind = getattr(collector, "_type", "")
-        base = collector._name
+        kind = getattr(collector, "_type", getattr(collector, "type", ""))
+        base = getattr(collector, "_name", getattr(collector, "name", None))
         suffixes = {"histogram": ("_bucket", "_sum", "_count"), "counter": ("_total",)}.get(kind, ("",))
         for suffix in suffixes:
             name = base if base.endswith(suffix) else base + suffix
