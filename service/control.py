@@ -15,6 +15,14 @@ it replaces the routing entry in one step on the event loop. Requests resolve th
 on the old one finish on it: the old one is drained (until it holds no request, at most RESKD_SHUTDOWN_TIMEOUT_S)
 and then stopped. A version whose folder is gone is drained and unloaded the same way. A refused version is not
 tried again until its folder changes (poll) or it is loaded explicitly.
+
+A scan runs in two steps: prepare (look at the folders; verify, open and warm what is new or changed, not yet
+routed to) and apply (route to the prepared versions, refuse, drain, in one step on the event loop). With several
+worker processes (service/workers.py) the supervisor runs both: it has every worker prepare, checks that all saw the
+same folders (else it aborts and tries again), refuses everywhere a version any worker refused, and then applies
+the change everywhere at once through a shared generation number: each worker applies it before it routes its next
+request, so no client gets an older version after a newer one from any worker. Polls, SIGHUP and the repository API
+all go through the supervisor then.
 """
 
 from __future__ import annotations
@@ -24,8 +32,9 @@ import hashlib
 import logging
 import time
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -94,16 +103,52 @@ class Opened:
     fingerprint: Fingerprint
 
 
+@dataclass
+class Change:
+    """What a scan found in one model's folder: versions prepared (verified, warmed, scheduler started, not routed
+    to), refused, unchanged but refused before, and gone; and what the folder held."""
+    name: str
+    on_disk: dict[int, Fingerprint]
+    loads: list[ServedModel] = field(default_factory=list)
+    refusals: dict[int, tuple[Fingerprint, str]] = field(default_factory=dict)
+    known_refused: dict[int, str] = field(default_factory=dict)
+    gone: list[int] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        """What the supervisor compares across workers (picklable)."""
+        return {"on_disk": self.on_disk, "loaded": [m.version for m in self.loads],
+                "refused": {**self.known_refused, **{v: why for v, (_, why) in self.refusals.items()}}}
+
+
+class Coordinator(Protocol):
+    """A worker's line to its supervisor (service/workers.py)."""
+
+    async def request(self, kind: str, name: str) -> Any: ...
+
+
 class ModelControl:
-    def __init__(self, settings: ServeSettings, store: ModelStore, metrics: Metrics, inference: Executor):
+    def __init__(self, settings: ServeSettings, store: ModelStore, metrics: Metrics, inference: Executor,
+                 coordinator: Coordinator | None = None, generation=None, leader: bool = True,
+                 unloaded: set[str] | None = None):
+        """coordinator, generation (a shared integer, multiprocessing.Value): set in a worker of several; the
+        supervisor then decides every change. leader: this process counts model loads (worker 0). unloaded: models
+        unloaded through the API before this worker started (a restarted worker), not loaded at start."""
         self.settings = settings
         self.mode = settings.model_control
         self.store = store
         self.metrics = metrics
         self.inference = inference
+        self.coordinator = coordinator
+        self.generation = generation
+        self.leader = leader
+        self.applied = 0  # the generation of the last change applied here
+        self.pending: tuple[int, Any] | None = None  # (generation, what to apply), decided by the supervisor
+        self.prepared: list[Change] = []
+        self.unloading: list[asyncio.Task] = []
         self.refused: dict[tuple[str, int], Refusal] = {}
         self.unloaded: set[str] = set()  # explicit: models unloaded through the API (the index says so)
         self.draining: dict[ServedModel, asyncio.Task] = {}
+        self.draining_stops: set[asyncio.Task] = set()  # prepared versions discarded, being stopped
         self.loading: set[tuple[str, int]] = set()
         self._lock = asyncio.Lock()  # one change of the routing table at a time
         self._rescan = asyncio.Event()
@@ -111,6 +156,9 @@ class ModelControl:
         self._warned: set[Path] = set()
         self.opened: list[Opened] = []  # by open_all, served by start
         self.opened_all = False
+        for name in unloaded or ():
+            self.unloaded.add(name)
+            self.store.absent[(name, None)] = self._unloaded_reason(name)
 
     @property
     def strict(self) -> bool:
@@ -130,6 +178,8 @@ class ModelControl:
                         "once they appear)", self.store.repo.root, self.mode)
         self._warn_unfinished()
         for name in names:
+            if name in self.unloaded:
+                continue
             for version in self.store.repo.versions(name):
                 try:
                     fp = fingerprint(self.store.repo.root / name / str(version))
@@ -152,12 +202,14 @@ class ModelControl:
                 if self.strict:
                     raise
                 self._refuse(o.name, o.version, o.fingerprint, str(err))
-        if self.mode == "poll":
+        if self.mode == "poll" and self.coordinator is None:
             self._poller = asyncio.get_running_loop().create_task(self._poll(), name="repository poll")
 
     def rescan(self) -> None:
         """SIGHUP: scan now (poll); otherwise only logged."""
-        if self.mode == "poll":
+        if self.coordinator is not None:
+            log.info("SIGHUP to a worker ignored: send it to the supervisor (the `reskd serve` process)")
+        elif self.mode == "poll":
             log.info("SIGHUP: scanning the model repository")
             self._rescan.set()
         else:
@@ -169,10 +221,12 @@ class ModelControl:
         if self._poller is not None:
             self._poller.cancel()
             await asyncio.gather(self._poller, return_exceptions=True)
+        self.abort()
         for model, task in list(self.draining.items()):
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             await model.scheduler.stop()
+        await asyncio.gather(*self.draining_stops, return_exceptions=True)
 
     # --- scans ---------------------------------------------------------------------------------------------
     async def _poll(self) -> None:
@@ -193,15 +247,28 @@ class ModelControl:
         again even if unchanged. -> {version: reason} for the versions refused by this scan (one model's
         versions when names has one name)."""
         async with self._lock:
-            if names is None:
-                self._warn_unfinished()
-                names = sorted(set(self.store.repo.models()) | set(self.store.names()))
+            changes = await self._prepare_all(names, force)
             refused = {}
-            for name in names:
-                refused.update(await self._scan_model(name, force))
+            for change in changes:
+                refused.update(self._apply(change))
             return refused
 
-    async def _scan_model(self, name: str, force: bool) -> dict[int, str]:
+    async def _prepare_all(self, names: list[str] | None, force: bool) -> list[Change]:
+        if names is None:
+            self._warn_unfinished()
+            names = sorted(set(self.store.repo.models()) | set(self.store.names()))
+        changes = []
+        try:
+            for name in names:
+                changes.append(await self._prepare(name, force))
+        except BaseException:
+            self._discard(changes)
+            raise
+        return changes
+
+    async def _prepare(self, name: str, force: bool) -> Change:
+        """Look at a model's folder and prepare what changed: new and changed versions verified, opened, warmed and
+        checked (not routed to), the refused ones with their reasons."""
         folder = self.store.repo.root / name
         on_disk = {}
         for version in self.store.repo.versions(name):
@@ -210,34 +277,106 @@ class ModelControl:
             except OSError as err:  # changing right now: the next scan sees it settled
                 log.info("%s version %d is changing (%s); trying again at the next scan", name, version, err)
         served = {v: self.store.get(name, v) for v in self.store.versions(name)}
-        for version in sorted(set(served) - set(on_disk)):
+        change = Change(name, on_disk, gone=sorted(set(served) - set(on_disk)))
+        try:
+            for version, fp in sorted(on_disk.items()):
+                current = served.get(version)
+                if current is not None and current.fingerprint == fp:
+                    continue
+                known = self.refused.get((name, version))
+                if known is not None and known.fingerprint == fp and not force:
+                    change.known_refused[version] = known.reason
+                    continue
+                self.loading.add((name, version))
+                try:
+                    change.loads.append(await self._load(name, version, fp))
+                except Refused as err:
+                    change.refusals[version] = (fp, str(err))
+                finally:
+                    self.loading.discard((name, version))
+        except BaseException:
+            self._discard([change])
+            raise
+        return change
+
+    def _apply(self, change: Change, refuse: dict[int, str] | None = None) -> dict[int, str]:
+        """Route to a change's prepared versions, refuse its refused ones (and those in `refuse`: version ->
+        reason, decided by the supervisor), drain the gone ones; on the event loop, with no await, so requests see
+        the change at once. -> {version: reason} of the versions refused."""
+        name, refuse = change.name, refuse or {}
+        for version in change.gone:
             self._retire(self.store.remove(name, version, "its folder was removed from the repository"),
                          "was removed from the repository", unloaded=True)
-        for key in [k for k in self.refused if k[0] == name and k[1] not in on_disk]:
+        for key in [k for k in self.refused if k[0] == name and k[1] not in change.on_disk]:
             self._clear_refusal(*key)
-        refused = {}
-        for version, fp in sorted(on_disk.items()):
-            current = served.get(version)
-            if current is not None and current.fingerprint == fp:
+        refused = dict(change.known_refused)
+        for version, (fp, reason) in change.refusals.items():
+            self._refuse(name, version, fp, reason, replaced=version in self.store.versions(name))
+            refused[version] = reason
+        for model in change.loads:
+            reason = refuse.get(model.version)
+            if reason is not None:  # another worker refused it: refused everywhere
+                self._discard_model(model)
+                self._refuse(name, model.version, model.fingerprint, reason,
+                             replaced=model.version in self.store.versions(name))
+                refused[model.version] = reason
                 continue
-            known = self.refused.get((name, version))
-            if known is not None and known.fingerprint == fp and not force:
-                refused[version] = known.reason
-                continue
-            self.loading.add((name, version))
-            try:
-                model = await self._load(name, version, fp)
-            except Refused as err:
-                self._refuse(name, version, fp, str(err), replaced=current)
-                refused[version] = str(err)
-                continue
-            finally:
-                self.loading.discard((name, version))
             old = self._serve(model)
-            log.info("%s version %d %s: serving it", name, version, "changed" if old else "is new")
+            log.info("%s version %d %s: serving it", name, model.version, "changed" if old else "is new")
             if old is not None:
                 self._retire(old, "was replaced by a new load of the same version", unloaded=False)
         return refused
+
+    def _discard(self, changes: list[Change]) -> None:
+        for change in changes:
+            for model in change.loads:
+                self._discard_model(model)
+
+    def _discard_model(self, model: ServedModel) -> None:
+        """A prepared version never routed to: stop its scheduler (it holds no request)."""
+        task = asyncio.get_running_loop().create_task(model.scheduler.stop("it was not served"))
+        self.draining_stops.add(task)
+        task.add_done_callback(self.draining_stops.discard)
+
+    # --- a worker of several: the supervisor's side of a change (service/workers.py) -------------------------
+    async def prepare(self, names: list[str] | None, force: bool) -> dict[str, dict]:
+        """Prepare a scan; -> each model's summary. Applied later by decide + the generation, or discarded by
+        abort."""
+        self.abort()
+        async with self._lock:
+            self.prepared = await self._prepare_all(names, force)
+        return {c.name: c.summary() for c in self.prepared}
+
+    def abort(self) -> None:
+        self._discard(self.prepared)
+        self.prepared = []
+
+    def decide(self, generation: int, refuse: dict[str, dict[int, str]]) -> None:
+        """What the prepared scan applies once the shared generation reaches `generation`."""
+        changes, self.prepared = self.prepared, []
+        self.pending = (generation, lambda: [self._apply(c, refuse.get(c.name)) for c in changes])
+
+    def decide_unload(self, generation: int, name: str) -> None:
+        self.pending = (generation, lambda: self.unloading.extend(t for t in self._unload_now(name) if t))
+
+    def sync(self) -> None:
+        """Apply the change the supervisor decided, once its generation is published: called before a request
+        resolves its model, and when the supervisor says so. A no-op in a single process."""
+        if self.pending is not None and self.generation is not None and self.generation.value >= self.pending[0]:
+            (self.applied, apply), self.pending = self.pending, None
+            apply()
+
+    async def finish_unload(self) -> None:
+        tasks, self.unloading = self.unloading, []
+        await asyncio.gather(*tasks)
+
+    def live(self) -> list[tuple[str, int, Any, bool]]:
+        """(model, version, manifest, routed) of every version served or still draining: what its metrics
+        describe."""
+        rows = {(m.name, m.version): (m.name, m.version, m.manifest, True) for m in self.store.all()}
+        for m in self.draining:
+            rows.setdefault((m.name, m.version), (m.name, m.version, m.manifest, False))
+        return list(rows.values())
 
     async def _load(self, name: str, version: int, fp: Fingerprint) -> ServedModel:
         """Verify, open, warm up and check a version off the event loop; -> it, running but not yet served."""
@@ -269,8 +408,12 @@ class ModelControl:
         old = self.store.put(model)
         self.unloaded.discard(model.name)
         self._clear_refusal(model.name, model.version)
-        self.metrics.model_loads.labels(model.name, str(model.version), "loaded").inc()
+        self._count(model.name, model.version, "loaded")
         return old
+
+    def _count(self, name: str, version: int, result: str) -> None:
+        if self.leader:
+            self.metrics.model_loads.labels(name, str(version), result).inc()
 
     # --- the repository API (explicit) ---------------------------------------------------------------------
     def _explicit_only(self, what: str) -> None:
@@ -286,7 +429,10 @@ class ModelControl:
         if not self.store.repo.versions(name):
             raise not_found(f"no model {name!r} in the model repository (models: "
                             f"{', '.join(self.store.repo.models()) or 'none'}); copy its version folder there first")
-        refused = await self.scan([name], force=True)
+        if self.coordinator is not None:
+            refused = await self.coordinator.request("load", name)
+        else:
+            refused = await self.scan([name], force=True)
         if refused:
             detail = "; ".join(f"version {v}: {why}" for v, why in sorted(refused.items()))
             served = self.store.versions(name)
@@ -298,18 +444,31 @@ class ModelControl:
         for their admitted requests to finish. Unloading a model that is not loaded does nothing; one the
         repository does not hold either is a 404."""
         self._explicit_only("unloading a model")
+        if not self.store.versions(name) and not self.store.repo.versions(name):
+            raise not_found(f"no model {name!r} (served: {', '.join(self.store.names()) or 'none'})")
+        if self.coordinator is not None:
+            await self.coordinator.request("unload", name)
+            return
         async with self._lock:
-            versions = self.store.versions(name)
-            if not versions and not self.store.repo.versions(name):
-                raise not_found(f"no model {name!r} (served: {', '.join(self.store.names()) or 'none'})")
-            why = f"unloaded through the repository API; POST /v2/repository/models/{name}/load serves it again"
-            tasks = [self._retire(self.store.remove(name, v, why), "was unloaded", unloaded=True) for v in versions]
-            self.store.absent[(name, None)] = why
-            self.unloaded.add(name)
-        await asyncio.gather(*tasks)
+            tasks = self._unload_now(name)
+        await asyncio.gather(*[t for t in tasks if t])
+
+    @staticmethod
+    def _unloaded_reason(name: str) -> str:
+        return f"unloaded through the repository API; POST /v2/repository/models/{name}/load serves it again"
+
+    def _unload_now(self, name: str) -> list[asyncio.Task | None]:
+        """Stop routing to every version of `name`; -> their drain tasks."""
+        why = self._unloaded_reason(name)
+        tasks = [self._retire(self.store.remove(name, v, why), "was unloaded", unloaded=True)
+                 for v in self.store.versions(name)]
+        self.store.absent[(name, None)] = why
+        self.unloaded.add(name)
+        return tasks
 
     def index(self, ready_only: bool = False) -> list[dict]:
         """Triton's repository index: each version on disk, served, refused or draining, with its state."""
+        self.sync()
         entries: dict[tuple[str, int], tuple[str, str]] = {}
         repo = self.store.repo
         for name in repo.models():
@@ -333,12 +492,10 @@ class ModelControl:
         return [r for r in rows if r["state"] == "READY"] if ready_only else rows
 
     # --- refusals and drains -------------------------------------------------------------------------------
-    def _refuse(self, name: str, version: int, fp: Fingerprint | None, reason: str,
-                replaced: ServedModel | None = None) -> None:
+    def _refuse(self, name: str, version: int, fp: Fingerprint | None, reason: str, replaced: bool = False) -> None:
         self.refused[(name, version)] = Refusal(fp, reason)
-        self.metrics.model_loads.labels(name, str(version), "refused").inc()
-        self.metrics.model_refused.labels(name, str(version)).set(1)
-        if replaced is not None:
+        self._count(name, version, "refused")
+        if replaced:
             log.error("refused %s version %d as it is now (%s); the version loaded before keeps serving", name,
                       version, reason)
         else:
@@ -348,11 +505,7 @@ class ModelControl:
     def _clear_refusal(self, name: str, version: int) -> None:
         if self.store.absent.get((name, version), "").startswith("it was refused"):
             del self.store.absent[(name, version)]
-        if self.refused.pop((name, version), None) is not None:
-            try:
-                self.metrics.model_refused.remove(name, str(version))
-            except KeyError:
-                pass
+        self.refused.pop((name, version), None)
 
     def _retire(self, model: ServedModel | None, what: str, unloaded: bool) -> asyncio.Task | None:
         """Drain a version no longer routed to, then stop it (in the background; -> the task). what: what
@@ -376,7 +529,7 @@ class ModelControl:
         finally:
             self.draining.pop(model, None)
         if unloaded:
-            self.metrics.model_loads.labels(model.name, str(model.version), "unloaded").inc()
+            self._count(model.name, model.version, "unloaded")
         if (model.name, model.version) not in {(m.name, m.version) for m in self.store.all()}:
             self.metrics.version_gone(model.name, model.version, model.runtime.num_stages)
         log.info("%s version %d %s: drained and stopped", model.name, model.version, what)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from fastapi import Request
 
@@ -15,24 +15,37 @@ from .metrics import Metrics
 from .models import ModelStore, ServedModel, ServingDevice
 from .settings import ServeSettings
 
+if TYPE_CHECKING:
+    from .workers import WorkerLink
+
 log = logging.getLogger("reskd.service")
 
 
 class ServerState:
-    def __init__(self, settings: ServeSettings, serving: ServingDevice):
+    def __init__(self, settings: ServeSettings, serving: ServingDevice, worker: WorkerLink | None = None):
+        """worker: this process is one of several workers (service/workers.py): its link to the supervisor."""
         self.settings = settings
+        self.worker = worker
         self.metrics = Metrics()
         # One thread budget for every model: `workers` stage batches at once, each with the device's onnxruntime
         # threads (on CPU by default one batch using every core). Decoding has its own small pool.
         self.inference = ThreadPoolExecutor(serving.workers, thread_name_prefix="reskd-infer")
         self.decoding = DecodePool(settings.decode_workers)
         self.store = ModelStore(settings, self.metrics, self.inference, serving)
-        self.control = ModelControl(settings, self.store, self.metrics, self.inference)
+        if worker is None:
+            self.control = ModelControl(settings, self.store, self.metrics, self.inference)
+        else:
+            self.control = ModelControl(settings, self.store, self.metrics, self.inference, coordinator=worker,
+                                        generation=worker.generation, leader=worker.index == 0,
+                                        unloaded=worker.unloaded)
+        self.metrics.describe_models(self.control.live, lambda: list(self.control.refused))
         self.ready = False
         self.failed = False
         self.draining = False  # shutting down: readiness answers 503, responses close their connections
         # Called when loading or warming up fails after the port opened (`reskd serve` then exits with status 2).
         self.on_failure: Callable[[], None] = lambda: None
+        # Called when the supervisor of this worker is gone (service/workers.py): shut down as on SIGTERM.
+        self.on_lost: Callable[[], None] = lambda: None
 
     async def start(self) -> None:
         """Open every version (unless `reskd serve` did before the port opened), warm each up in the inference
@@ -74,6 +87,7 @@ class ServerState:
 
     def model(self, request: Request, name: str, version: str | None = None) -> ServedModel:
         self.require_ready()
+        self.control.sync()
         model = self.store.get(name, version)
         request.scope["reskd.model"] = (model.name, model.version)
         return model
