@@ -99,9 +99,17 @@ def run_wrk(url: str, listing: Path, concurrency: int, duration: int, images: in
 
 
 def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds a process has used, all its threads (/proc/PID/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds a process and its children (the workers, RESKD_WORKERS) have used, all their
+    threads (/proc/PID/stat)."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:  # gone meanwhile
+            continue
+        if stat.parent.name == str(pid) or fields[1] == str(pid):
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def encode_pngs(n: int) -> list[bytes]:

@@ -137,7 +137,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from reskd.validation import describe
 
     overrides = {k: v for k, v in {"repo": args.repo, "host": args.host, "port": args.port,
-                                   "device": args.device, "model_control": args.model_control}.items() if v is not None}
+                                   "device": args.device, "model_control": args.model_control,
+                                   "workers": args.workers}.items() if v is not None}
     try:
         settings = ServeSettings(**overrides)
     except ValidationError as err:
@@ -260,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="none: load the repository once at start; poll: pick up new, changed and removed versions "
                         "every RESKD_REPOSITORY_POLL_S seconds and on SIGHUP; explicit: on POST "
                         "/v2/repository/models/NAME/load|unload (default none)")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="server processes sharing the port, each with its share of the cores (or its GPU); 0: one "
+                        "per GPU under CUDA, else one per 4 cores, one below 8 (default RESKD_WORKERS, else 0)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("score", help="score image files offline (local processes or Ray Data); JSONL/CSV/Parquet",

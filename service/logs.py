@@ -7,8 +7,9 @@ from __future__ import annotations
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def log_config(log_format: str, level: str) -> dict:
-    """A logging.config.dictConfig dict; uvicorn.run(log_config=...) applies it before the server starts."""
+def log_config(log_format: str, level: str, worker: int | None = None) -> dict:
+    """A logging.config.dictConfig dict; uvicorn.run(log_config=...) applies it before the server starts. worker:
+    the index of a worker of several (service/workers.py), in every line it writes."""
     if log_format == "json":
         from pythonjsonlogger.core import RESERVED_ATTRS
 
@@ -17,8 +18,11 @@ def log_config(log_format: str, level: str) -> dict:
                      "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
                      # uvicorn adds its message again with terminal colours; a log shipper wants it once, plain.
                      "reserved_attrs": [*RESERVED_ATTRS, "color_message"]}
+        if worker is not None:
+            formatter["static_fields"] = {"worker": worker}
     else:
-        formatter = {"format": TEXT_FORMAT}
+        formatter = {"format": TEXT_FORMAT if worker is None else TEXT_FORMAT.replace(
+            "%(name)s", f"[worker {worker}] %(name)s")}
     handler = {"class": "logging.StreamHandler", "formatter": "default", "stream": "ext://sys.stderr"}
     level = level.upper()
     return {

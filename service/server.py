@@ -13,6 +13,7 @@ import logging
 import logging.config
 import resource
 import signal
+import socket
 import threading
 import time
 from contextlib import asynccontextmanager, contextmanager
@@ -21,6 +22,7 @@ import uvicorn
 from fastapi import FastAPI
 
 import reskd
+from reskd.manifest import ManifestError
 
 from . import errors, ops, v1, v2
 from .connections import REFUSAL_MARGIN, ConnectionGuard
@@ -31,6 +33,7 @@ from .middlewares import BearerAuth, BodyLimit, RequestMetrics
 from .models import ServingDevice, engine_spec
 from .settings import ServeSettings
 from .state import ServerState
+from .workers import Supervisor, WorkerLink, worker_count
 
 log = logging.getLogger("reskd.service")
 
@@ -39,15 +42,24 @@ answered and the compute it used and saved. `/v1` is the simple API (multipart o
 / Triton HTTP protocol, binary tensor extension included."""
 
 
-def create_app(settings: ServeSettings | None = None, serving: ServingDevice | None = None) -> FastAPI:
+def create_app(settings: ServeSettings | None = None, serving: ServingDevice | None = None,
+               worker: WorkerLink | None = None) -> FastAPI:
     """serving: the device and thread budget, resolved by `serve` for the whole process; by default resolved
-    here, with a pool per session (an app inside another process, e.g. a test)."""
+    here, with a pool per session (an app inside another process, e.g. a test). worker: the app of one worker of
+    several (service/workers.py)."""
     settings = settings or ServeSettings()
-    state = ServerState(settings, serving or ServingDevice.resolve(settings))
+    state = ServerState(settings, serving or ServingDevice.resolve(settings), worker)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        loading = asyncio.create_task(state.start())  # live at once, ready after warm-up
+        if worker is not None:
+            worker.attach(asyncio.get_running_loop(), state.control, state.on_lost)
+        if worker is not None and worker.restarted:
+            # A restarted worker: the others answer meanwhile, so it takes connections only once warm.
+            loading = asyncio.create_task(state.start())
+            await asyncio.shield(loading)
+        else:
+            loading = asyncio.create_task(state.start())  # live at once, ready after warm-up
         yield
         loading.cancel()
         await asyncio.gather(loading, return_exceptions=True)
@@ -108,6 +120,7 @@ class Server(uvicorn.Server):
         self.drain_until: float | None = None
         self.exit_status = 0
         state.on_failure = self.fail
+        state.on_lost = lambda: self.handle_exit(signal.SIGTERM, None)
 
     def fail(self) -> None:
         self.exit_status = 2
@@ -155,27 +168,91 @@ class Server(uvicorn.Server):
 
 def serve(settings: ServeSettings) -> int:
     """Run `reskd serve` until signalled; -> the exit status. Raises ManifestError (a model that cannot load, named
-    with its file), ValueError or RuntimeError before the port opens."""
+    with its file), ValueError or RuntimeError before the port opens. Several workers (RESKD_WORKERS): the
+    supervisor (service/workers.py) runs them."""
     config = log_config(settings.log_format, settings.log_level)
     logging.config.dictConfig(config)
+    cuda = settings.device == "cuda" or (settings.device == "auto" and cuda_offered())
+    count = worker_count(settings, cuda)
+    if count > 1:
+        sock = listen_socket(settings)
+        try:
+            return Supervisor(settings, count, cuda).run(sock)
+        finally:
+            sock.close()
     # Raises under --device cuda without the CUDA EP. One onnxruntime thread pool for every stage of every model:
     # the thread budget, with no idle pool spinning; it must exist before the first session.
     serving = ServingDevice.resolve(settings, shared_pool=True)
+    app, state = _open(settings, serving)
+    _warn_default_model(settings, state)
+    return _run(settings, app, state, config)
+
+
+def run_worker(settings: ServeSettings, link: WorkerLink, sock: socket.socket, cores: int, config: dict) -> int:
+    """One worker of several: open every version, tell the supervisor, and serve on its socket once told to."""
+    try:
+        serving = ServingDevice.resolve(settings, shared_pool=True, cores=cores)
+        app, state = _open(settings, serving, link)
+    except (ManifestError, ValueError, RuntimeError) as err:
+        link.send(("opened", False, str(err)))
+        return 2
+    link.send(("opened", True, None))
+    try:
+        go = link.conn.recv()
+    except (EOFError, OSError):
+        return 0
+    if go[0] != "go":
+        return 0
+    if link.index == 0 and not link.restarted:
+        _warn_default_model(settings, state)
+    return _run(settings, app, state, config, sock)
+
+
+def _open(settings: ServeSettings, serving: ServingDevice, link: WorkerLink | None = None) -> tuple[FastAPI, ServerState]:
     engine_spec(settings, serving.device)  # raises ValueError for buckets that cannot hold a batch
     release_large_allocations()
-    app = create_app(settings, serving)
+    app = create_app(settings, serving, link)
     state: ServerState = app.state.reskd
     # Every manifest, sha256 and ONNX file is checked and every session created before the port opens; warm-up
     # runs after, with liveness answering meanwhile.
     state.control.open_all()
+    return app, state
+
+
+def _warn_default_model(settings: ServeSettings, state: ServerState) -> None:
     if settings.default_model not in {m.name for m in state.control.opened}:
         log.warning("default model %r is not in %s: POST /v1/classify will answer 404", settings.default_model,
                     settings.repo)
+
+
+def _run(settings: ServeSettings, app: FastAPI, state: ServerState, config: dict,
+         sock: socket.socket | None = None) -> int:
     guard = connection_guard(settings, state.metrics, connection_budget(settings.max_connections))
     uv = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=config, log_level=settings.log_level,
                         timeout_keep_alive=settings.keep_alive_s, timeout_graceful_shutdown=settings.shutdown_timeout_s)
     uv.load()
     uv.http_protocol_class = guard.protocol(uv.http_protocol_class)
     server = Server(uv, state)
-    server.run()
+    server.run(sockets=[sock] if sock is not None else None)
     return server.exit_status
+
+
+def listen_socket(settings: ServeSettings) -> socket.socket:
+    """The port the workers share: bound here, listened on by the workers once they are ready. Raises
+    RuntimeError when it cannot be bound."""
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((settings.host, settings.port))
+    except OSError as err:
+        sock.close()
+        raise RuntimeError(f"cannot bind {settings.host}:{settings.port}: {(err.strerror or str(err)).lower()}")
+    sock.set_inheritable(True)
+    return sock
+
+
+def cuda_offered() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()

@@ -2,7 +2,9 @@
 explicit, tritonclient for the repository API): new and changed versions take over without a failed or mixed
 request, broken versions are refused while the old one answers, unloading drains. Each version in these tests
 behaves distinctly (its labels carry a prefix, its thresholds send every image to stage 0 or to the last stage),
-so every response shows which version computed it."""
+so every response shows which version computed it. Each test runs with one server process and with two workers
+(RESKD_WORKERS=2, service/workers.py), whose clients open a new connection per request so that their requests
+land on either worker: a change must reach both at once."""
 
 from __future__ import annotations
 
@@ -20,6 +22,16 @@ from model_versions import CLASSIFY, IMAGES, NAME, Traffic, noise_pngs, write_ve
 from server_process import ServerProcess, metric, scrape
 
 TOKEN = "s3cret"
+
+
+@pytest.fixture(params=[1, 2], ids=["1-process", "2-workers"])
+def workers(request) -> int:
+    return request.param
+
+
+def spread(workers: int, headers: dict | None = None) -> dict:
+    """Headers for Traffic: with several workers each request on a new connection, so any worker may answer it."""
+    return {**(headers or {}), **({"Connection": "close"} if workers > 1 else {})}
 
 
 @pytest.fixture
@@ -64,11 +76,12 @@ def check_switch(traffic: Traffic, expected: dict[str, tuple[int, tuple]]) -> No
     assert {behaviour(b)[0] for _, b in responses} == set(order), "not every version answered"
 
 
-def test_poll_serves_new_and_changed_versions_under_load_without_a_failed_or_mixed_request(repo):
-    with ServerProcess(repo=repo, model_control="poll", repository_poll_s=0.2) as s, s.client() as c:
+def test_poll_serves_new_and_changed_versions_under_load_without_a_failed_or_mixed_request(repo, workers):
+    with ServerProcess(repo=repo, workers=workers, model_control="poll", repository_poll_s=0.2) as s, \
+            s.client() as c:
         v1 = reference(c, 1)
         assert v1[0] == "" and set(v1[1]) == {2}
-        traffic = Traffic(s.url)
+        traffic = Traffic(s.url, headers=spread(workers))
         traffic.wait_for(lambda status, body: status == 200)
         time.sleep(0.5)
         write_version(repo, 2, prefix="v2:", thresholds=0.0)  # a new version
@@ -100,8 +113,9 @@ def test_poll_serves_new_and_changed_versions_under_load_without_a_failed_or_mix
         assert metric(scrape(c), "reskd_model_info", model=NAME, version="2") == 0
 
 
-def test_sighup_scans_the_repository_at_once_under_poll_and_no_longer_kills_the_server(repo):
-    with ServerProcess(repo=repo, model_control="poll", repository_poll_s=3600) as s, s.client() as c:
+def test_sighup_scans_the_repository_at_once_under_poll_and_no_longer_kills_the_server(repo, workers):
+    with ServerProcess(repo=repo, workers=workers, model_control="poll", repository_poll_s=3600) as s, \
+            s.client() as c:
         write_version(repo, 2, prefix="v2:", thresholds=0.0)
         time.sleep(0.3)
         assert c.get(f"/v2/models/{NAME}").json()["versions"] == ["1"]
@@ -112,7 +126,7 @@ def test_sighup_scans_the_repository_at_once_under_poll_and_no_longer_kills_the_
             time.sleep(0.05)
         assert "SIGHUP: scanning the model repository" in s.output()
     write_version(repo, 3, prefix="v3:", thresholds=0.0)
-    with ServerProcess(repo=repo) as s, s.client() as c:  # none: SIGHUP is logged and ignored
+    with ServerProcess(repo=repo, workers=workers) as s, s.client() as c:  # none: SIGHUP is logged and ignored
         assert c.get(f"/v2/models/{NAME}").json()["versions"] == ["1", "2", "3"]
         shutil.rmtree(repo / NAME / "3")
         s.proc.send_signal(signal.SIGHUP)
@@ -124,10 +138,11 @@ def test_sighup_scans_the_repository_at_once_under_poll_and_no_longer_kills_the_
         assert r.status_code == 400 and "RESKD_MODEL_CONTROL=explicit" in r.json()["error"]
 
 
-def test_broken_versions_are_refused_with_their_reason_while_the_old_version_answers(repo):
-    with ServerProcess(repo=repo, model_control="poll", repository_poll_s=0.2) as s, s.client() as c:
+def test_broken_versions_are_refused_with_their_reason_while_the_old_version_answers(repo, workers):
+    with ServerProcess(repo=repo, workers=workers, model_control="poll", repository_poll_s=0.2) as s, \
+            s.client() as c:
         v1 = reference(c, 1)
-        traffic = Traffic(s.url)
+        traffic = Traffic(s.url, headers=spread(workers))
         traffic.wait_for(lambda status, body: status == 200)
         write_version(repo, 2, prefix="v2:", thresholds=0.0, break_it="sha256")
         write_version(repo, 3, prefix="v3:", thresholds=0.0, break_it="truncated")
@@ -177,9 +192,9 @@ def triton_client(url: str) -> triton.InferenceServerClient:
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-def test_explicit_load_through_tritonclient_under_load(repo):
+def test_explicit_load_through_tritonclient_under_load(repo, workers):
     write_version(repo, 2, prefix="v2:", thresholds=0.0)
-    with ServerProcess(repo=repo, model_control="explicit", auth_token=TOKEN) as s, \
+    with ServerProcess(repo=repo, workers=workers, model_control="explicit", auth_token=TOKEN) as s, \
             s.client(headers=AUTH) as c:
         tc = triton_client(s.url)
         index = tc.get_model_repository_index(headers=AUTH)
@@ -192,7 +207,7 @@ def test_explicit_load_through_tritonclient_under_load(repo):
         with pytest.raises(InferenceServerException, match="credentials"):
             tc.load_model(NAME)
 
-        traffic = Traffic(s.url, headers=AUTH)
+        traffic = Traffic(s.url, headers=spread(workers, AUTH))
         traffic.wait_for(lambda status, body: status == 200)
         time.sleep(0.5)
         assert {b["version"] for rs in traffic.results for _, b in rs} == {2}
@@ -226,10 +241,11 @@ def test_explicit_load_through_tritonclient_under_load(repo):
         assert c.get(f"/v2/models/{NAME}").json()["versions"] == ["1", "2", "3"]
 
 
-def test_unload_under_load_finishes_admitted_requests_then_answers_404(repo):
-    with ServerProcess(repo=repo, model_control="explicit") as s, s.client() as c:
+def test_unload_under_load_finishes_admitted_requests_then_answers_404(repo, workers):
+    with ServerProcess(repo=repo, workers=workers, model_control="explicit") as s, s.client() as c:
         tc = triton_client(s.url)
-        traffic = Traffic(s.url, clients=4, images=noise_pngs(64, seed=1))  # several requests in flight at once
+        # several requests in flight at once
+        traffic = Traffic(s.url, clients=4, images=noise_pngs(64, seed=1), headers=spread(workers))
         traffic.wait_for(lambda status, body: status == 200)
         time.sleep(1.0)
         tc.unload_model(NAME)

@@ -1,0 +1,138 @@
+"""Several worker processes on one port (RESKD_WORKERS, service/workers.py), against a real `reskd serve` on
+loopback: both workers answer, any worker's /metrics shows the whole server, a killed worker is replaced while the
+other answers and its counts are kept, SIGTERM stops them all with status 0, a worker whose supervisor is gone stops
+itself, and a broken model stops the start with status 2. Model control with two workers runs in
+tests/test_serve_model_control.py (every test there runs with one process and with two workers)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+
+import httpx
+import pytest
+
+from model_versions import CLASSIFY, IMAGES, NAME, write_version
+from server_process import ServerProcess, metric, scrape
+
+ROUTE = "/v1/models/{name}/classify"
+FILES = [("file", ("a.png", IMAGES[0], "image/png")), ("file", ("b.png", IMAGES[1], "image/png"))]
+
+
+def worker_pids(s: ServerProcess) -> list[int]:
+    found = re.search(r"workers serving on \S+ \(pids ([\d, ]+)\)", s.output())
+    assert found, s.output()
+    return [int(p) for p in found.group(1).split(", ")]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by its parent) counts as gone.
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def classify_each_on_a_new_connection(url: str, n: int) -> list[httpx.Response]:
+    out = []
+    for _ in range(n):
+        with httpx.Client(base_url=url, timeout=30) as c:  # a new connection: any worker may accept it
+            out.append(c.post(CLASSIFY, files=FILES))
+    return out
+
+
+def answered_by(output: str) -> set[str]:
+    """The workers whose access log shows a classify request."""
+    return set(re.findall(rf"\[worker (\d)\] uvicorn.access: .*POST {CLASSIFY}", output))
+
+
+def test_two_workers_answer_alike_and_any_workers_metrics_show_the_whole_server():
+    with ServerProcess(workers=2) as s:
+        responses = classify_each_on_a_new_connection(s.url, 40)
+        assert {r.status_code for r in responses} == {200}
+        assert len({r.content for r in responses}) == 1, "the workers answered the same images differently"
+        assert answered_by(s.output()) == {"0", "1"}, "one worker took every connection"
+        with ServerProcess(workers=1) as single, single.client() as c:
+            assert c.post(CLASSIFY, files=FILES).content == responses[0].content
+
+        scrapes = []
+        for _ in range(12):
+            with s.client() as c:  # a new connection each: both workers answer some scrapes
+                scrapes.append(scrape(c))
+        assert len(set(re.findall(r"\[worker (\d)\] uvicorn.access: .*GET /metrics", s.output()))) == 2
+        for samples in scrapes:
+            assert metric(samples, "reskd_images_total", model=NAME) == 80
+            assert metric(samples, "reskd_requests_total", model=NAME, endpoint=ROUTE, code="200") == 40
+            assert metric(samples, "reskd_request_duration_seconds_count", model=NAME, endpoint=ROUTE) == 40
+            assert sum(metric(samples, "reskd_exits_total", model=NAME, stage=str(k)) for k in range(3)) == 80
+            assert metric(samples, "reskd_ready") == 1  # every worker ready
+            # Once per served version, however many workers serve it.
+            assert metric(samples, "reskd_model_info", model=NAME, version="1") == 1
+            assert metric(samples, "reskd_model_loads_total", model=NAME, version="1", result="loaded") == 1
+            assert metric(samples, "reskd_inflight_requests", model=NAME) == 0
+            assert metric(samples, "reskd_calibrated_compute_fraction", model=NAME) > 0
+
+
+def test_a_killed_worker_is_replaced_while_the_other_answers_and_its_counts_are_kept():
+    with ServerProcess(workers=2) as s:
+        assert all(r.status_code == 200 for r in classify_each_on_a_new_connection(s.url, 20))
+        pids = worker_pids(s)
+        os.kill(pids[1], signal.SIGKILL)
+        # While worker 1 is gone and then starting again, worker 0 answers every request (a restarted worker
+        # listens only once warm).
+        deadline = time.monotonic() + 30
+        during = []
+        while "starting worker 1 again" not in s.output() or f"[worker 1] reskd.service: ready" not in \
+                s.output().split("starting worker 1 again", 1)[1]:
+            assert time.monotonic() < deadline, s.output()
+            during += classify_each_on_a_new_connection(s.url, 1)
+        assert during and {r.status_code for r in during} == {200}
+        assert re.search(rf"worker 1 \(pid {pids[1]}\) died \(signal 9\)", s.output())
+        after = classify_each_on_a_new_connection(s.url, 30)
+        assert {r.status_code for r in after} == {200}
+        assert answered_by(s.output().split("starting worker 1 again", 1)[1]) == {"0", "1"}
+        with s.client() as c:
+            samples = scrape(c)
+        # The dead worker's requests still count: counters never go back (rate() sees no reset).
+        total = 20 + len(during) + 30
+        assert metric(samples, "reskd_requests_total", model=NAME, endpoint=ROUTE, code="200") == total
+        assert metric(samples, "reskd_images_total", model=NAME) == 2 * total
+        assert metric(samples, "reskd_ready") == 1
+
+
+def test_sigterm_stops_every_worker_with_status_0_and_workers_stop_without_their_supervisor():
+    with ServerProcess(workers=2, drain_s=0.2) as s:
+        pids = worker_pids(s)
+        assert classify_each_on_a_new_connection(s.url, 4)[-1].status_code == 200
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(30) == 0, s.output()
+        assert not any(alive(p) for p in pids)
+        assert "SIGTERM: not ready from now on" in s.output()
+
+    with ServerProcess(workers=2) as s:
+        pids = worker_pids(s)
+        s.proc.kill()  # the supervisor dies without a word
+        s.proc.wait()
+        deadline = time.monotonic() + 30
+        while any(alive(p) for p in pids):
+            assert time.monotonic() < deadline, f"workers left running without their supervisor:\n{s.output()}"
+            time.sleep(0.1)
+        assert "the supervisor is gone: shutting down" in s.output()
+        with pytest.raises(httpx.ConnectError):  # nobody holds the port any more
+            httpx.get(f"{s.url}/v2/health/live", timeout=2)
+
+
+def test_a_broken_model_stops_the_start_with_status_2_before_the_port_is_used(tmp_path):
+    write_version(tmp_path, 1, prefix="", thresholds=None)
+    write_version(tmp_path, 2, prefix="", thresholds=None, break_it="truncated")
+    s = ServerProcess(wait_ready=False, workers=2, repo=tmp_path)
+    try:
+        assert s.proc.wait(60) == 2, s.output()
+        assert re.search(r"reskd serve: .*version 2 .*cannot be loaded", s.output()), s.output()
+        assert "workers serving" not in s.output()
+    finally:
+        s.stop()
