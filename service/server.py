@@ -118,6 +118,7 @@ class Server(uvicorn.Server):
         super().__init__(config)
         self.state = state
         self.drain_until: float | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.exit_status = 0
         state.on_failure = self.fail
         state.on_lost = lambda: self.handle_exit(signal.SIGTERM, None)
@@ -133,7 +134,14 @@ class Server(uvicorn.Server):
             log.info("second signal: exiting now")
             self.should_exit = self.force_exit = True
             return
-        self.state.drain()
+        # A signal handler runs between two bytecodes of the main thread, maybe inside a metric update holding
+        # prometheus_client's lock (one lock for every value in a worker of several): the gauge is set on the loop.
+        self.state.draining = True
+        loop = self._loop
+        if loop is not None:
+            loop.call_soon_threadsafe(self.state.drain)
+        else:  # not serving signals (a server in a thread): called on the loop
+            self.state.drain()
         drain_s = self.state.settings.drain_s
         if sig == signal.SIGTERM and drain_s > 0:
             log.info("SIGTERM: not ready from now on; the listener closes in %g s (RESKD_DRAIN_S)", drain_s)
@@ -149,7 +157,7 @@ class Server(uvicorn.Server):
             with super().capture_signals():
                 yield
             return
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         previous = signal.signal(signal.SIGHUP, lambda sig, frame: loop.call_soon_threadsafe(
             self.state.control.rescan))
         try:

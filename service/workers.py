@@ -107,6 +107,11 @@ class WorkerLink:
             except (EOFError, OSError):
                 log.error("the supervisor is gone: shutting down")
                 self.loop.call_soon_threadsafe(self.lost)
+                # Whatever happens to that shutdown, this process does not outlive its supervisor for long.
+                settings = self.control.settings
+                watchdog = threading.Timer(settings.drain_s + settings.shutdown_timeout_s + 10, os._exit, (1,))
+                watchdog.daemon = True
+                watchdog.start()
                 for future in list(self._waiting.values()):
                     self.loop.call_soon_threadsafe(_settle, future, (False, (503, "the server is shutting down")))
                 return

@@ -108,6 +108,12 @@ class Traffic:
             time.sleep(0.05)
         raise AssertionError(f"no such response within {timeout} s; last: {self.results[0][-1:]}")
 
+    def wait_count(self, n: int, timeout: float = 30) -> None:
+        """Until at least n requests were answered (or timeout: the caller's check then says how many)."""
+        deadline = time.monotonic() + timeout
+        while self.count() < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+
     def stop(self) -> list[tuple[int, dict]]:
         self._stop.set()
         for t in self.threads:

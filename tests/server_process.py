@@ -100,6 +100,7 @@ class ServerProcess(Loopback):
                 self._start()
 
     def stop(self) -> None:
+        children = children_of(self.proc.pid)  # workers (RESKD_WORKERS): none may outlive the server
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
             try:
@@ -107,9 +108,44 @@ class ServerProcess(Loopback):
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        left = wait_gone(children, 30)
         if not self.log.closed:
             self.final_output = self.output()
             self.log.close()
+        if left:
+            for pid in left:
+                os.kill(pid, signal.SIGKILL)
+            raise AssertionError(f"processes of the server left running after it stopped: {left}\n"
+                                 f"{self.final_output[-3000:]}")
+
+
+def children_of(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if stat.read_text().rpartition(")")[2].split()[1] == str(pid):
+                out.append(int(stat.parent.name))
+        except (OSError, IndexError):
+            pass
+    return out
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (exited, waiting for its parent to reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_gone(pids: list[int], timeout: float) -> list[int]:
+    """-> those of pids still running after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [p for p in pids if running(p)]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
 
 
 def scrape(client: httpx.Client) -> dict[tuple[str, frozenset], float]:

@@ -62,6 +62,7 @@ def check_switch(traffic: Traffic, expected: dict[str, tuple[int, tuple]]) -> No
     got 200 once; every response is exactly what the version it names computes (nothing mixed); each client saw
     the versions in rollout order (never an old one after a newer one); every version answered."""
     order = list(expected)
+    traffic.wait_count(100)
     responses = traffic.stop()
     assert len(responses) >= 100, f"only {len(responses)} requests: not much of a load"
     assert {status for status, _ in responses} == {200}, [b for s, b in responses if s != 200][:3]
@@ -156,6 +157,7 @@ def test_broken_versions_are_refused_with_their_reason_while_the_old_version_ans
             assert time.monotonic() < deadline, (index, s.output())
             time.sleep(0.1)
         time.sleep(1.0)  # later scans: the refusals stand, nothing is retried until the folders change
+        traffic.wait_count(100)
         responses = traffic.stop()
         assert len(responses) >= 100 and {st for st, _ in responses} == {200}
         assert {behaviour(b) for _, b in responses} == {v1}

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from model_versions import CLASSIFY, IMAGES, NAME, write_version
-from server_process import ServerProcess, metric, scrape
+from server_process import ServerProcess, metric, running, scrape
 
 ROUTE = "/v1/models/{name}/classify"
 FILES = [("file", ("a.png", IMAGES[0], "image/png")), ("file", ("b.png", IMAGES[1], "image/png"))]
@@ -25,16 +25,6 @@ def worker_pids(s: ServerProcess) -> list[int]:
     found = re.search(r"workers serving on \S+ \(pids ([\d, ]+)\)", s.output())
     assert found, s.output()
     return [int(p) for p in found.group(1).split(", ")]
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie (exited, not yet reaped by its parent) counts as gone.
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def classify_each_on_a_new_connection(url: str, n: int) -> list[httpx.Response]:
@@ -86,7 +76,7 @@ def test_a_killed_worker_is_replaced_while_the_other_answers_and_its_counts_are_
         # listens only once warm).
         deadline = time.monotonic() + 30
         during = []
-        while "starting worker 1 again" not in s.output() or f"[worker 1] reskd.service: ready" not in \
+        while "starting worker 1 again" not in s.output() or "[worker 1] reskd.service: ready" not in \
                 s.output().split("starting worker 1 again", 1)[1]:
             assert time.monotonic() < deadline, s.output()
             during += classify_each_on_a_new_connection(s.url, 1)
@@ -110,7 +100,7 @@ def test_sigterm_stops_every_worker_with_status_0_and_workers_stop_without_their
         assert classify_each_on_a_new_connection(s.url, 4)[-1].status_code == 200
         s.proc.send_signal(signal.SIGTERM)
         assert s.proc.wait(30) == 0, s.output()
-        assert not any(alive(p) for p in pids)
+        assert not any(running(p) for p in pids)
         assert "SIGTERM: not ready from now on" in s.output()
 
     with ServerProcess(workers=2) as s:
@@ -118,7 +108,7 @@ def test_sigterm_stops_every_worker_with_status_0_and_workers_stop_without_their
         s.proc.kill()  # the supervisor dies without a word
         s.proc.wait()
         deadline = time.monotonic() + 30
-        while any(alive(p) for p in pids):
+        while any(running(p) for p in pids):
             assert time.monotonic() < deadline, f"workers left running without their supervisor:\n{s.output()}"
             time.sleep(0.1)
         assert "the supervisor is gone: shutting down" in s.output()
