@@ -204,9 +204,11 @@ def main() -> None:
             # Throughput at a fixed concurrency: the wait-based admission is off (a refusal would count as a fast
             # answer); bench/overload.py measures the server with it.
             # The v2 load keeps 8 x 256 images in flight: the queue bound is raised over that.
-            # The thread budget is the server's own default (the tests' helper pins one onnxruntime thread).
+            # The thread budget and the workers are the server's own defaults (the tests' helper pins one
+            # onnxruntime thread and one process).
             with ServerProcess(**{"scheduler": scheduler, "log_level": "warning", "max_queue_wait_ms": 0,
-                                  "max_queue_images": 4096, "intra_op_threads": 0, **settings}) as server:
+                                  "max_queue_images": 4096, "intra_op_threads": 0, "workers": 0,
+                                  **settings}) as server:
                 for model in (CASCADE, TEACHER):
                     url = f"{server.url}/v1/models/{model}/classify{query if model == CASCADE else ''}"
                     for load in loads:

@@ -98,7 +98,7 @@ class ServeSettings(BaseSettings):
     # Server processes sharing the port (service/workers.py): each one a whole server with its own event loop,
     # sessions, schedulers and the limits above; metrics are aggregated (any worker's /metrics shows them all) and
     # model control is coordinated (every worker switches versions together). 0 = auto: one per GPU under CUDA;
-    # on CPU one per 4 available cores (one on fewer than 8). docs/serving.md, "Workers", says how to size it.
+    # on CPU one per available core, at most 8. docs/serving.md, "Workers", says how to size it.
     workers: int = Field(0, ge=0)
 
     # Bearer-token auth on inference and model endpoints; health, /metrics and docs stay open. Unset: off.

@@ -49,16 +49,18 @@ CHANGE_ATTEMPTS = 5  # scans that saw the folders differ between workers (being 
 RESTART_DELAYS_S = (0.5, 1, 2, 5, 10, 30)  # between restarts of a worker that keeps dying
 
 
+MAX_AUTO_WORKERS = 8  # each worker holds every model: memory grows with the count
+
+
 def worker_count(settings: ServeSettings, cuda: bool) -> int:
-    """RESKD_WORKERS, or auto (0): one per visible GPU under CUDA; on CPU one per 4 available cores, one on fewer
-    than 8 (docs/serving.md, "Workers": a worker's event loop takes about a core under HTTP load, and its
-    inference wants two or more beside it)."""
+    """RESKD_WORKERS, or auto (0): one per visible GPU under CUDA; on CPU one per available core, at most
+    MAX_AUTO_WORKERS (docs/serving.md, "Workers": one process's event loop serves about one core's worth of HTTP
+    work, so a single process left the second of 2 cores half idle under single-image load)."""
     if settings.workers:
         return settings.workers
     if cuda:
         return max(1, len(visible_gpus()))
-    cores = available_cores()
-    return 1 if cores < 8 else cores // 4
+    return min(available_cores(), MAX_AUTO_WORKERS)
 
 
 # --- the worker side -------------------------------------------------------------------------------------------

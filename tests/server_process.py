@@ -62,6 +62,8 @@ class ServerProcess(Loopback):
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("RESKD_")}
         self.env.update({f"RESKD_{k.upper()}": str(v) for k, v in settings.items()})
         self.env.setdefault("RESKD_INTRA_OP_THREADS", "1")
+        # One process unless a test is about workers: the limits the tests check hold per worker.
+        self.env.setdefault("RESKD_WORKERS", "1")
         # Off unless a test is about it: the wait-based admission reacts to the speed of a machine busy with tests.
         self.env.setdefault("RESKD_MAX_QUEUE_WAIT_MS", "0")
         self._start()

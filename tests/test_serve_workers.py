@@ -126,3 +126,43 @@ def test_a_broken_model_stops_the_start_with_status_2_before_the_port_is_used(tm
         assert "workers serving" not in s.output()
     finally:
         s.stop()
+
+
+# --- how many workers, and their cores ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cpu_max, cores", [("200000 100000\n", 2), ("150000 100000\n", 2), ("max 100000\n", None)])
+def test_available_cores_follow_the_cgroup_quota(tmp_path, monkeypatch, cpu_max, cores):
+    from reskd import machine
+
+    (tmp_path / "cpu.max").write_text(cpu_max)
+    monkeypatch.setattr(machine, "CGROUP", tmp_path)
+    affinity = len(os.sched_getaffinity(0))
+    assert machine.available_cores() == (min(cores, affinity) if cores else affinity)
+
+
+def test_available_cores_read_cgroup_v1_and_no_cgroup(tmp_path, monkeypatch):
+    from reskd import machine
+
+    monkeypatch.setattr(machine, "CGROUP", tmp_path)
+    assert machine.available_cores() == len(os.sched_getaffinity(0))  # no cgroup file: the affinity mask
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert machine.available_cores() == 1
+
+
+def test_worker_count_auto_and_explicit(monkeypatch):
+    from reskd.service import workers
+    from reskd.service.settings import ServeSettings
+
+    monkeypatch.setattr(workers, "available_cores", lambda: 2)
+    assert workers.worker_count(ServeSettings(), cuda=False) == 2
+    monkeypatch.setattr(workers, "available_cores", lambda: 1)
+    assert workers.worker_count(ServeSettings(), cuda=False) == 1
+    monkeypatch.setattr(workers, "available_cores", lambda: 64)
+    assert workers.worker_count(ServeSettings(), cuda=False) == workers.MAX_AUTO_WORKERS
+    assert workers.worker_count(ServeSettings(workers=3), cuda=False) == 3
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,2")
+    assert workers.worker_count(ServeSettings(), cuda=True) == 2
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    assert workers.worker_count(ServeSettings(), cuda=True) == 1
