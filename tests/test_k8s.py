@@ -500,8 +500,13 @@ def test_resources_devices_and_autoscaling_targets_fit_the_server(rendered):
             assert kind in resources["requests"] and kind in resources["limits"], f"{where}: {kind}"
         gpus = resources["limits"].get("nvidia.com/gpu")
         assert (gpus == 1) == (where == "gpu") == (settings.device == "cuda"), where
-        if settings.device == "cpu":  # onnxruntime's threads: one per core of the quota
-            assert settings.intra_op_threads == int(resources["limits"]["cpu"]), where
+        if settings.device == "cpu":
+            # Workers and onnxruntime threads follow the pod's CPU quota (the server reads its cgroup): a worker
+            # per core, each holding every model (about 160 MiB with the bundled ones).
+            assert settings.intra_op_threads == 0 and settings.workers == 0, where
+            cores = int(resources["limits"]["cpu"])
+            memory = resources["limits"]["memory"]
+            assert memory.endswith("Gi") and float(memory[:-2]) * 1024 >= cores * 256, where
     assert container(only(rendered["gpu"], "Deployment"))["image"].endswith(":gpu")
     assert not container(only(rendered["cpu"], "Deployment"))["image"].endswith(":gpu")
     settings = {where: s for where, _, s in servers(rendered)}
