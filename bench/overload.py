@@ -35,7 +35,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from server_process import ServerProcess  # noqa: E402
+from server_process import ServerProcess, children_of  # noqa: E402
 
 from reskd.service.settings import ServeSettings  # noqa: E402
 
@@ -54,10 +54,16 @@ def body(images: int) -> bytes:
 
 
 def rss_mb(pid: int) -> float:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """The server's resident memory: the process and its children (the workers, RESKD_WORKERS)."""
+    total = 0.0
+    for status in [Path(f"/proc/{pid}/status")] + [Path(f"/proc/{c}/status") for c in children_of(pid)]:
+        try:
+            for line in status.read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) / 1024
+        except OSError:  # gone meanwhile
+            pass
+    return total
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -198,8 +204,9 @@ def main() -> None:
         settings = dict(item.split("=", 1) for item in args.set)
         # The server's own default, not the test helper's (which turns the wait-based admission off); a server
         # from before that setting is measured as it is.
-        if "max_queue_wait_ms" in ServeSettings.model_fields:
-            settings.setdefault("max_queue_wait_ms", str(ServeSettings.model_fields["max_queue_wait_ms"].default))
+        for name in ("max_queue_wait_ms", "workers"):
+            if name in ServeSettings.model_fields:
+                settings.setdefault(name, str(ServeSettings.model_fields[name].default))
         with ServerProcess(log_level="warning", **settings) as server:
             result = asyncio.run(measure(server.url, server.proc.pid, args))
             result["server_settings"] = settings

@@ -129,10 +129,11 @@ class Coordinator(Protocol):
 class ModelControl:
     def __init__(self, settings: ServeSettings, store: ModelStore, metrics: Metrics, inference: Executor,
                  coordinator: Coordinator | None = None, generation=None, leader: bool = True,
-                 unloaded: set[str] | None = None):
+                 unloaded: set[str] | None = None, restarted: bool = False):
         """coordinator, generation (a shared integer, multiprocessing.Value): set in a worker of several; the
         supervisor then decides every change. leader: this process counts model loads (worker 0). unloaded: models
-        unloaded through the API before this worker started (a restarted worker), not loaded at start."""
+        unloaded through the API before this worker started, not loaded at start; restarted: a worker started
+        again, whose start loads nothing the server did not serve already (not counted)."""
         self.settings = settings
         self.mode = settings.model_control
         self.store = store
@@ -141,6 +142,7 @@ class ModelControl:
         self.coordinator = coordinator
         self.generation = generation
         self.leader = leader
+        self.restarted = restarted
         self.applied = 0  # the generation of the last change applied here
         self.pending: tuple[int, Any] | None = None  # (generation, what to apply), decided by the supervisor
         self.prepared: list[Change] = []
@@ -195,13 +197,17 @@ class ModelControl:
         """Warm up and check every version open_all opened, then serve it; under poll, start scanning. Raises
         Refused under `none` for a version that fails."""
         opened, self.opened = self.opened, []
-        for o in opened:
-            try:
-                self._serve(await self._activate(o))
-            except Refused as err:
-                if self.strict:
-                    raise
-                self._refuse(o.name, o.version, o.fingerprint, str(err))
+        leader, self.leader = self.leader, self.leader and not self.restarted  # a restarted worker 0 loaded nothing new
+        try:
+            for o in opened:
+                try:
+                    self._serve(await self._activate(o))
+                except Refused as err:
+                    if self.strict:
+                        raise
+                    self._refuse(o.name, o.version, o.fingerprint, str(err))
+        finally:
+            self.leader = leader
         if self.mode == "poll" and self.coordinator is None:
             self._poller = asyncio.get_running_loop().create_task(self._poll(), name="repository poll")
 

@@ -37,7 +37,7 @@ class ServerState:
         else:
             self.control = ModelControl(settings, self.store, self.metrics, self.inference, coordinator=worker,
                                         generation=worker.generation, leader=worker.index == 0,
-                                        unloaded=worker.unloaded)
+                                        unloaded=worker.unloaded, restarted=worker.restarted)
         self.metrics.describe_models(self.control.live, lambda: list(self.control.refused))
         self.ready = False
         self.failed = False

@@ -71,20 +71,20 @@ def test_a_killed_worker_is_replaced_while_the_other_answers_and_its_counts_are_
     with ServerProcess(workers=2) as s:
         assert all(r.status_code == 200 for r in classify_each_on_a_new_connection(s.url, 20))
         pids = worker_pids(s)
-        os.kill(pids[1], signal.SIGKILL)
-        # While worker 1 is gone and then starting again, worker 0 answers every request (a restarted worker
+        os.kill(pids[0], signal.SIGKILL)
+        # While worker 0 is gone and then starting again, worker 1 answers every request (a restarted worker
         # listens only once warm).
         deadline = time.monotonic() + 30
         during = []
-        while "starting worker 1 again" not in s.output() or "[worker 1] reskd.service: ready" not in \
-                s.output().split("starting worker 1 again", 1)[1]:
+        while "starting worker 0 again" not in s.output() or "[worker 0] reskd.service: ready" not in \
+                s.output().split("starting worker 0 again", 1)[1]:
             assert time.monotonic() < deadline, s.output()
             during += classify_each_on_a_new_connection(s.url, 1)
         assert during and {r.status_code for r in during} == {200}
-        assert re.search(rf"worker 1 \(pid {pids[1]}\) died \(signal 9\)", s.output())
+        assert re.search(rf"worker 0 \(pid {pids[0]}\) died \(signal 9\)", s.output())
         after = classify_each_on_a_new_connection(s.url, 30)
         assert {r.status_code for r in after} == {200}
-        assert answered_by(s.output().split("starting worker 1 again", 1)[1]) == {"0", "1"}
+        assert answered_by(s.output().split("starting worker 0 again", 1)[1]) == {"0", "1"}
         with s.client() as c:
             samples = scrape(c)
         # The dead worker's requests still count: counters never go back (rate() sees no reset).
@@ -92,6 +92,8 @@ def test_a_killed_worker_is_replaced_while_the_other_answers_and_its_counts_are_
         assert metric(samples, "reskd_requests_total", model=NAME, endpoint=ROUTE, code="200") == total
         assert metric(samples, "reskd_images_total", model=NAME) == 2 * total
         assert metric(samples, "reskd_ready") == 1
+        # Worker 0 counts model loads; a restarted worker's start is no new load.
+        assert metric(samples, "reskd_model_loads_total", model=NAME, version="1", result="loaded") == 1
 
 
 def test_sigterm_stops_every_worker_with_status_0_and_workers_stop_without_their_supervisor():
