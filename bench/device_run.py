@@ -7,7 +7,7 @@
    images through CascadeRuntime.run at batch 256 (accuracy, mean FLOPs, exits: the same on every engine), then
    images/s at batch 1, 32 and 256 and single-image latency p50/p99.
 2. Served (`reskd serve` on loopback, default settings but the scheduler): per scheduler (auto, stage, request,
-   and auto with CUDA graphs off), for the cascade, the teacher and a no-op model (one tiny stage: the HTTP
+   and auto with CUDA graphs off), and auto with two worker processes on the GPU, for the cascade, the teacher and a no-op model (one tiny stage: the HTTP
    ceiling, served the same way): single images at concurrency 1 (p50/p99), 256-image v2 binary requests at
    concurrency 8, 32-image PNG multipart requests at concurrency 16; the server's own per-stage counters.
 Every figure is written to --out as soon as it is measured, so a cut-off run keeps what it finished. --tiny: a
@@ -212,6 +212,8 @@ def main() -> None:
         configs = {"auto": {}, "stage": {"scheduler": "stage"}, "request": {"scheduler": "request"}}
         if args.device == "cuda":
             configs["auto, graphs off"] = {"cuda_graphs": "false"}
+            # One worker per GPU is the default; two on one GPU: whether one event loop bounds the served rate there.
+            configs["auto, 2 workers"] = {"workers": "2"}
         if args.tiny:
             configs = {"auto": {}}
         for label, settings in configs.items():
