@@ -94,7 +94,8 @@ def run_wrk(url: str, listing: Path, concurrency: int, duration: int, images: in
     r["requests_per_s"] = r["requests"] / r["duration_s"]
     r["images_per_s"] = r["requests_per_s"] * images
     if r["errors"]:
-        r["note"] = f"{r['errors']} non-2xx or failed requests"
+        kinds = ", ".join(f"{n} {k}" for k, n in r.get("error_kinds", {}).items() if n)
+        r["note"] = f"{r['errors']} non-2xx or failed requests ({kinds})"
     return r
 
 

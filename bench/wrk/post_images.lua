@@ -30,6 +30,9 @@ end
 function done(summary, latency, requests)
   local errors = summary.errors.status + summary.errors.connect + summary.errors.read + summary.errors.write
     + summary.errors.timeout
-  io.write(string.format('{"requests": %d, "duration_s": %.3f, "errors": %d, "p50_ms": %.3f, "p99_ms": %.3f}\n',
-    summary.requests, summary.duration / 1e6, errors, latency:percentile(50) / 1e3, latency:percentile(99) / 1e3))
+  local e = summary.errors
+  io.write(string.format('{"requests": %d, "duration_s": %.3f, "errors": %d, "p50_ms": %.3f, "p99_ms": %.3f, '
+    .. '"error_kinds": {"status": %d, "connect": %d, "read": %d, "write": %d, "timeout": %d}}\n',
+    summary.requests, summary.duration / 1e6, errors, latency:percentile(50) / 1e3, latency:percentile(99) / 1e3,
+    e.status, e.connect, e.read, e.write, e.timeout))
 end
