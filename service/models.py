@@ -56,13 +56,9 @@ def thread_budget(settings: ServeSettings, cuda: bool, cores: int | None = None)
     GPU work of the other; on CPU two batches keep the cores busy between one batch's Python steps, and on two
     cores each batch runs on its calling thread, with no onnxruntime pool busy-waiting beside the event loop
     (2 x 1 served 1.5x the v2 images/s of 1 x 2 with the same per-request CPU, docs/serving.md).
-    cores: this process's share (a worker's, service/workers.py); default every core available to it. A worker
-    sizes its onnxruntime threads to its share but keeps the two batches at once whatever its share: a worker that
-    gets one client's connections (or all of them) then still uses two cores (one connection's 256-image requests:
-    2,123-2,211 against 878-1,189 teacher images/s with one batch at a time, docs/serving.md, "Workers")."""
-    machine = available_cores()
-    cores = cores or machine
-    workers = settings.inference_threads or (2 if cuda or machine >= 2 else 1)
+    cores: this process's share (a worker's, service/workers.py); default every core available to it."""
+    cores = cores or available_cores()
+    workers = settings.inference_threads or (2 if cuda or cores >= 2 else 1)
     intra = settings.intra_op_threads or max(1, cores // workers)
     return workers, intra
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
 
@@ -17,7 +18,6 @@ from reskd.device import Device
 from reskd.engine import EngineSpec, HostEngine
 from reskd.runtime import CascadeRuntime
 from reskd.service.metrics import Metrics
-from reskd.machine import available_cores
 from reskd.service.models import thread_budget
 from reskd.service.scheduler import CascadeScheduler, InferenceFailed, QueueFull, Workload
 from reskd.service.settings import ServeSettings
@@ -280,20 +280,11 @@ def test_a_failing_stage_fails_only_its_batch(rt):
     assert all(len(r) == 2 for r in again)
 
 
-def test_one_thread_budget(monkeypatch):
-    from reskd.service import models
-
-    cores = available_cores()
+def test_one_thread_budget():
+    cores = os.cpu_count() or 1
     assert thread_budget(ServeSettings(), cuda=False) == ((2, cores // 2) if cores >= 2 else (1, 1))
     assert thread_budget(ServeSettings(), cuda=True) == (2, max(1, cores // 2))
     assert thread_budget(ServeSettings(inference_threads=2, intra_op_threads=3), cuda=False) == (2, 3)
-    # A worker's share: its threads sized to it, two batches at once whatever the share (on a multi-core machine).
-    monkeypatch.setattr(models, "available_cores", lambda: 16)
-    assert thread_budget(ServeSettings(), cuda=False) == (2, 8)
-    assert thread_budget(ServeSettings(), cuda=False, cores=4) == (2, 2)
-    assert thread_budget(ServeSettings(), cuda=False, cores=1) == (2, 1)
-    monkeypatch.setattr(models, "available_cores", lambda: 1)
-    assert thread_budget(ServeSettings(), cuda=False) == (1, 1)
 
 
 def test_auto_scheduling_picks_per_device_and_the_config_says_which():
