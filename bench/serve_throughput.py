@@ -33,7 +33,7 @@ import numpy as np
 from common import CASCADE, MODELS, ROOT, TEACHER, machine, test_set
 
 sys.path.insert(0, str(ROOT / "tests"))
-from server_process import ServerProcess, free_port, metric, scrape  # noqa: E402
+from server_process import ServerProcess, children_of, free_port, metric, scrape  # noqa: E402
 
 BOUNDARY = "reskd-bench-boundary"
 CONTENT_TYPE = f"multipart/form-data; boundary={BOUNDARY}"
@@ -103,13 +103,12 @@ def process_cpu_s(pid: int) -> float:
     """User + system CPU seconds a process and its children (the workers, RESKD_WORKERS) have used, all their
     threads (/proc/PID/stat)."""
     total = 0.0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for p in (pid, *children_of(pid)):
         try:
-            fields = stat.read_text().rpartition(")")[2].split()
+            fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
         except OSError:  # gone meanwhile
             continue
-        if stat.parent.name == str(pid) or fields[1] == str(pid):
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return total
 
 

@@ -142,8 +142,7 @@ class ModelControl:
         self.coordinator = coordinator
         self.generation = generation
         self.leader = leader
-        self.restarted = restarted
-        self.applied = 0  # the generation of the last change applied here
+        self.restarted = restarted  # until its start is over: what it serves then is no new load
         self.pending: tuple[int, Any] | None = None  # (generation, what to apply), decided by the supervisor
         self.prepared: list[Change] = []
         self.unloading: list[asyncio.Task] = []
@@ -197,7 +196,6 @@ class ModelControl:
         """Warm up and check every version open_all opened, then serve it; under poll, start scanning. Raises
         Refused under `none` for a version that fails."""
         opened, self.opened = self.opened, []
-        leader, self.leader = self.leader, self.leader and not self.restarted  # a restarted worker 0 loaded nothing new
         try:
             for o in opened:
                 try:
@@ -207,7 +205,7 @@ class ModelControl:
                         raise
                     self._refuse(o.name, o.version, o.fingerprint, str(err))
         finally:
-            self.leader = leader
+            self.restarted = False
         if self.mode == "poll" and self.coordinator is None:
             self._poller = asyncio.get_running_loop().create_task(self._poll(), name="repository poll")
 
@@ -369,7 +367,7 @@ class ModelControl:
         """Apply the change the supervisor decided, once its generation is published: called before a request
         resolves its model, and when the supervisor says so. A no-op in a single process."""
         if self.pending is not None and self.generation is not None and self.generation.value >= self.pending[0]:
-            (self.applied, apply), self.pending = self.pending, None
+            (_, apply), self.pending = self.pending, None
             apply()
 
     async def finish_unload(self) -> None:
@@ -418,7 +416,7 @@ class ModelControl:
         return old
 
     def _count(self, name: str, version: int, result: str) -> None:
-        if self.leader:
+        if self.leader and not self.restarted:
             self.metrics.model_loads.labels(name, str(version), result).inc()
 
     # --- the repository API (explicit) ---------------------------------------------------------------------

@@ -54,12 +54,10 @@ def create_app(settings: ServeSettings | None = None, serving: ServingDevice | N
     async def lifespan(app: FastAPI):
         if worker is not None:
             worker.attach(asyncio.get_running_loop(), state.control, state.on_lost)
+        loading = asyncio.create_task(state.start())  # live at once, ready after warm-up
         if worker is not None and worker.restarted:
             # A restarted worker: the others answer meanwhile, so it takes connections only once warm.
-            loading = asyncio.create_task(state.start())
             await asyncio.shield(loading)
-        else:
-            loading = asyncio.create_task(state.start())  # live at once, ready after warm-up
         yield
         loading.cancel()
         await asyncio.gather(loading, return_exceptions=True)

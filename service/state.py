@@ -25,7 +25,6 @@ class ServerState:
     def __init__(self, settings: ServeSettings, serving: ServingDevice, worker: WorkerLink | None = None):
         """worker: this process is one of several workers (service/workers.py): its link to the supervisor."""
         self.settings = settings
-        self.worker = worker
         self.metrics = Metrics()
         # One thread budget for every model: `workers` stage batches at once, each with the device's onnxruntime
         # threads (on CPU by default one batch using every core). Decoding has its own small pool.

@@ -178,9 +178,7 @@ class Worker:
     process: Any
     conn: Any
     started: float
-    opened: bool = False  # reported its models opened
     going: bool = False  # told to serve
-    restarted: bool = False
     reaped: bool = False  # its exit has been handled
 
 
@@ -197,7 +195,6 @@ class Supervisor:
         self.backlog: list[tuple[Worker, tuple]] = []
         self.ids = itertools.count(1)
         self.stopping: int | None = None  # the signal that asked to stop
-        self.forced = False
         self.rescan = False
         self.status = 0
         self.restarts: dict[int, int] = {}
@@ -236,7 +233,7 @@ class Supervisor:
                                          set(self.unloaded), restarted))
         process.start()
         child.close()
-        self.workers[index] = Worker(index, process, parent, time.monotonic(), restarted=restarted)
+        self.workers[index] = Worker(index, process, parent, time.monotonic())
 
     def _first_start(self) -> bool:
         """Wait until every worker has opened every version; False (everything stopped, the reason printed) when
@@ -253,7 +250,6 @@ class Supervisor:
                     self._tell(other, ("quit",))
                     other.process.join(30)
                 return False
-            w.opened = True
         for w in self.workers.values():
             self._go(w)
         return True
@@ -266,9 +262,7 @@ class Supervisor:
         if sig == signal.SIGHUP:
             self.rescan = True
             return
-        if self.stopping is not None:
-            self.forced = True
-        self.stopping = sig
+        self.stopping = sig  # a second one reaches the workers as theirs: they exit at once
         for w in self.workers.values():
             if w.process.is_alive():
                 try:
@@ -379,7 +373,6 @@ class Supervisor:
         kind = message[0]
         if kind == "opened":  # a restarted worker
             if message[1]:
-                w.opened = True
                 self._go(w)
             else:
                 log.error("worker %d could not start: %s", w.index, message[2])
