@@ -9,6 +9,9 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
+import subprocess
+import sys
 import time
 
 import httpx
@@ -168,3 +171,22 @@ def test_worker_count_auto_and_explicit(monkeypatch):
     assert workers.worker_count(ServeSettings(), cuda=True) == 2
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
     assert workers.worker_count(ServeSettings(), cuda=True) == 1
+
+
+def test_bad_worker_settings_and_a_taken_port_stop_the_start_with_a_message(tmp_path):
+    def serve(*args, **env):
+        return subprocess.run([sys.executable, "-m", "reskd.cli", "serve", "--device", "cpu", *args],
+                              capture_output=True, text=True, timeout=120,
+                              env={**{k: v for k, v in os.environ.items() if not k.startswith("RESKD_")}, **env})
+
+    out = serve("--port", "1", RESKD_WORKERS="-1")
+    assert out.returncode == 2 and "RESKD_WORKERS: Input should be greater than or equal to 0" in out.stderr, \
+        out.stderr
+    out = serve("--port", "1", "--workers", "two")
+    assert out.returncode == 2 and "--workers: invalid int value: 'two'" in out.stderr, out.stderr
+    with socket.socket() as taken:  # another process holds the port: no worker is started
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        out = serve("--port", str(taken.getsockname()[1]), "--workers", "2")
+    assert out.returncode == 2 and "address already in use" in out.stderr, out.stderr
+    assert "workers serving" not in out.stderr
