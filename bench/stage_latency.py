@@ -16,7 +16,7 @@ import onnxruntime as ort
 
 from reskd.device import Device
 from reskd.runtime import CascadeRuntime
-from reskd.engine import EngineSpec
+from reskd.engine import EngineSpec, images_part
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 SIZES = [1, 4, 16, 64, 256]
@@ -58,12 +58,12 @@ def main() -> None:
                 row = {"bound": True, "search": search,
                        "upload256_ms": round(timed(lambda: bound.upload(x), args.repeats), 3)}
                 for s in range(rt.num_stages):
-                    row[f"stage{s}_whole256_ms"] = round(timed(lambda: bound.run(s, [(blocks[0], np.arange(256))]),
+                    row[f"stage{s}_whole256_ms"] = round(timed(lambda: bound.run(s, [images_part(blocks[0], np.arange(256))]),
                                                                args.repeats), 3)
                     row[f"stage{s}_gather4_from1_ms"] = round(timed(
-                        lambda: bound.run(s, [(blocks[0], np.array([3, 9, 27, 81]))]), args.repeats), 3)
+                        lambda: bound.run(s, [images_part(blocks[0], np.array([3, 9, 27, 81]))]), args.repeats), 3)
                     row[f"stage{s}_gather16_from8_ms"] = round(timed(
-                        lambda: bound.run(s, [(b, np.array([1, 2])) for b in blocks]), args.repeats), 3)
+                        lambda: bound.run(s, [images_part(b, np.array([1, 2])) for b in blocks]), args.repeats), 3)
                 print(json.dumps(row), flush=True)
 
 

@@ -5,7 +5,8 @@ same exit rule, calibration (reskd.exit_policy) all go through here, so what is 
 served. numpy only.
 
 A batch of samples goes through the stages in order. After stage s a sample's running logits are the sum of the
-stage outputs so far (summed in float64); it leaves when it has reached its last stage (max_stage) or, before the
+stage outputs so far (summed in float64; `combine: sum`, ResKD) or stage s's own logits (`combine: replace`, a
+confidence cascade of independent models); it leaves when it has reached its last stage (max_stage) or, before the
 final stage, when its confidence reaches its threshold for stage s. Every sample carries its own thresholds and
 last stage, so one batch may hold requests with different settings.
 """
@@ -38,10 +39,12 @@ class CascadeResult:
 
 @dataclass(frozen=True)
 class ExitRule:
-    """What a model version's manifest fixes about exits: the confidence measure and the number of stages."""
+    """What a model version's manifest fixes about exits: the confidence measure, the number of stages and how a
+    stage's logits make the running logits."""
 
     measure: str
     num_stages: int
+    combine: str = "sum"
 
 
 @dataclass(frozen=True)
@@ -51,16 +54,28 @@ class Step:
     leave: np.ndarray  # bool [n]: the sample's answer is final after this stage
 
 
-def combine(running: np.ndarray, logits: np.ndarray) -> np.ndarray:
-    """Running logits after a stage: the sum of the stage outputs so far (float64 + float32 -> float64, added in
-    stage order, so every caller gets the same bits)."""
-    return running + logits
+COMBINE_KINDS = ("sum", "replace")
 
 
-def running_logits(stage_outputs) -> np.ndarray:
+def combine(running: np.ndarray, logits: np.ndarray, kind: str = "sum") -> np.ndarray:
+    """Running logits after a stage, float64: "sum", the sum of the stage outputs so far (float64 + float32,
+    added in stage order, so every caller gets the same bits); "replace", the stage's own logits."""
+    if kind == "sum":
+        return running + logits
+    if kind == "replace":
+        return np.asarray(logits, dtype=np.float64)
+    raise ValueError(f"combine must be one of {COMBINE_KINDS}, got {kind!r}")
+
+
+def running_logits(stage_outputs, kind: str = "sum") -> np.ndarray:
     """Every stage's outputs [S, N, C] (any float type) -> the running logits after each stage, [S, N, C] float64:
     what `combine` gives stage by stage (cumsum adds in order, as combine does)."""
-    return np.cumsum(np.asarray(stage_outputs, dtype=np.float64), axis=0)
+    outputs = np.asarray(stage_outputs, dtype=np.float64)
+    if kind == "sum":
+        return np.cumsum(outputs, axis=0)
+    if kind == "replace":
+        return outputs
+    raise ValueError(f"combine must be one of {COMBINE_KINDS}, got {kind!r}")
 
 
 def cascade_step(rule: ExitRule, stage: int, running: np.ndarray, logits: np.ndarray, thresholds: np.ndarray,
@@ -68,7 +83,7 @@ def cascade_step(rule: ExitRule, stage: int, running: np.ndarray, logits: np.nda
     """Stage `stage` has produced `logits` for n samples whose running logits before it were `running`.
     thresholds: [n, stages - 1] float64, each sample's exit thresholds; last: [n], each sample's last stage.
     early_exit=False lets samples leave only at their last stage (every stage runs)."""
-    total = combine(running, logits)
+    total = combine(running, logits, rule.combine)
     conf = confidence(total, rule.measure)
     if early_exit:
         leave = leaves_after(stage, rule.num_stages, conf, thresholds, last)

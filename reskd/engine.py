@@ -19,6 +19,13 @@
   into the same `gathered` buffer, and the stage itself still runs as its captured graph.
   Fixed buffers mean one batch at a time: the engine's lock makes that so, whatever the caller does.
 
+Stage inputs (a Plan): a stage may read named outputs of earlier stages (e.g. the student's feature map) besides
+or instead of the images. Such an output is "carried": the host engine returns it as an array; the bound engine
+writes it into a fixed device buffer of its own (what a captured graph needs) and, when the caller keeps blocks
+across batches (the server's stage scheduler, `keep=True`), copies it into a block of its own on the device. A
+later stage gathers the rows of its survivors from wherever each source is, as for images: nothing goes back to
+the host but the logits.
+
 Padding rows repeat a real row (never garbage that could overflow) and are reported, so the server can count them.
 """
 
@@ -27,15 +34,75 @@ from __future__ import annotations
 import bisect
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 import numpy as np
 import onnxruntime as ort
 
 from .device import Device
+from .manifest import IMAGES, Manifest
 
-Part = tuple[Any, np.ndarray]  # (a block from upload/stage_block, row indices in it)
+# Where one part of a batch is: for each source a stage may read ("images", or "STAGE.OUTPUT" carried from an
+# earlier stage), the block that holds it and the part's row indices in that block. Every source of a part has
+# the same number of rows, in the same order (the part's samples).
+Part = dict[str, tuple[Any, np.ndarray]]
 EngineKind = Literal["auto", "host", "bound"]
+
+
+def images_part(block: Any, rows: np.ndarray) -> Part:
+    """A part whose samples have their images only (stage 0, or every stage of an image-input cascade)."""
+    return {IMAGES: (block, np.asarray(rows))}
+
+
+@dataclass(frozen=True)
+class StageIO:
+    """What one stage's graph reads and which of its outputs later stages read. inputs: (graph input, source)
+    pairs; carried: (graph output, source name) pairs, the outputs kept for later stages (no other output beyond
+    logits is fetched)."""
+
+    inputs: tuple[tuple[str, str], ...]
+    carried: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The tensors a cascade's stages pass along: each stage's StageIO and every source's per-sample shape."""
+
+    stages: tuple[StageIO, ...]
+    shapes: dict[str, tuple[int, ...]]
+
+    @classmethod
+    def images_only(cls, num_stages: int, input_shape: tuple[int, ...]) -> Plan:
+        return cls(tuple(StageIO(((IMAGES, IMAGES),)) for _ in range(num_stages)), {IMAGES: tuple(input_shape)})
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> Plan:
+        read = {i.source for stage in manifest.stages for i in stage.inputs}
+        stages = []
+        for stage in manifest.stages:
+            carried = tuple((o.name, f"{stage.name}.{o.name}") for o in stage.outputs
+                            if f"{stage.name}.{o.name}" in read)
+            stages.append(StageIO(tuple((i.name, i.source) for i in stage.inputs), carried))
+        shapes = {IMAGES: manifest.source_shape(IMAGES)}
+        shapes.update({src: manifest.source_shape(src) for io in stages for _, src in io.carried})
+        return cls(tuple(stages), shapes)
+
+    def read_after(self, stage: int) -> set[str]:
+        """Sources some stage after `stage` reads: what a sample that survives `stage` must keep."""
+        return {src for io in self.stages[stage + 1:] for _, src in io.inputs}
+
+    @property
+    def carried_sources(self) -> list[str]:
+        return [src for io in self.stages for _, src in io.carried]
+
+
+class StageRun(NamedTuple):
+    """A stage's work on a batch: the real rows' logits (float32 [rows, classes]), the padding rows it ran, and
+    the blocks holding its carried outputs (source -> block, rows in the batch's order)."""
+
+    logits: np.ndarray
+    padding: int
+    carried: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -115,6 +182,7 @@ class Engine(Protocol):
     kind: str
     max_blocks: int
     lock: threading.RLock
+    plan: Plan
 
     def upload(self, images: np.ndarray) -> Any:
         """A block the caller may keep while its rows wait for later stages (the server's stage scheduler)."""
@@ -124,41 +192,52 @@ class Engine(Protocol):
         """A block valid until the next stage_block call (the runtime's run loop, under the lock)."""
         ...
 
-    def run(self, stage: int, parts: list[Part]) -> tuple[np.ndarray, int]:
-        """Stage `stage` on the parts' rows in order -> (float32 logits [rows, classes], padding rows run)."""
+    def run(self, stage: int, parts: list[Part], keep: bool = False) -> StageRun:
+        """Stage `stage` on the parts' rows in order. keep: the carried outputs must outlive later calls (blocks
+        of their own); otherwise they are valid until this stage runs again (the caller holds the lock)."""
         ...
 
     def warm_up(self, batch_sizes: list[int] | None = None) -> None: ...
+
+
+def _rows_of(parts: list[Part]) -> int:
+    return sum(len(next(iter(p.values()))[1]) for p in parts)
 
 
 class HostEngine:
     kind = "host"
     max_blocks = 1 << 30
 
-    def __init__(self, sessions: list[ort.InferenceSession]):
+    def __init__(self, sessions: list[ort.InferenceSession], plan: Plan):
         self.sessions = sessions
+        self.plan = plan
         self.lock = threading.RLock()  # not needed for correctness here; the same interface as BoundEngine
-        self.input_shape = tuple(sessions[0].get_inputs()[0].shape[1:])
 
     def upload(self, images: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(images, dtype=np.float32)
 
     stage_block = upload
 
-    def logits(self, stage: int, images: np.ndarray) -> np.ndarray:
-        return self.sessions[stage].run(["logits"], {"images": images})[0]
+    @staticmethod
+    def _source(parts: list[Part], source: str) -> np.ndarray:
+        if len(parts) == 1:
+            block, rows = parts[0][source]
+            if len(rows) == len(block) and _is_range(rows):
+                return block
+        return np.concatenate([p[source][0][p[source][1]] for p in parts])
 
-    def run(self, stage: int, parts: list[Part]) -> tuple[np.ndarray, int]:
-        if len(parts) == 1 and len(parts[0][1]) == len(parts[0][0]) and _is_range(parts[0][1]):
-            batch = parts[0][0]
-        else:
-            batch = np.concatenate([block[rows] for block, rows in parts])
-        return self.logits(stage, batch), 0
+    def _run(self, stage: int, feeds: dict[str, np.ndarray]) -> StageRun:
+        io = self.plan.stages[stage]
+        out = self.sessions[stage].run(["logits", *(name for name, _ in io.carried)], feeds)
+        return StageRun(out[0], 0, {src: value for (_, src), value in zip(io.carried, out[1:])})
+
+    def run(self, stage: int, parts: list[Part], keep: bool = False) -> StageRun:
+        return self._run(stage, {name: self._source(parts, src) for name, src in self.plan.stages[stage].inputs})
 
     def warm_up(self, batch_sizes: list[int] | None = None) -> None:
         for n in batch_sizes or [1]:
-            for s in range(len(self.sessions)):
-                self.logits(s, np.zeros((n, *self.input_shape), np.float32))
+            for s, io in enumerate(self.plan.stages):
+                self._run(s, {name: np.zeros((n, *self.plan.shapes[src]), np.float32) for name, src in io.inputs})
 
 
 def _is_range(rows: np.ndarray) -> bool:
@@ -167,10 +246,13 @@ def _is_range(rows: np.ndarray) -> bool:
 
 @dataclass(eq=False)
 class DeviceBlock:
-    """Images on the device: an uploaded block (value set) or the staging buffer of `bucket` (value None)."""
+    """A source's rows on the device: a block of its own (value set: uploaded images, or a kept copy of a carried
+    output), or one of the engine's fixed buffers (value None: `buffer` is "staging" (the staging buffer of
+    `bucket`) or a carried source's output buffer, valid until it is written again)."""
     rows: int  # real rows; the rest of the bucket is padding
     bucket: int
     value: ort.OrtValue | None = None
+    buffer: str = "staging"
 
 
 @dataclass
@@ -191,27 +273,31 @@ class BoundStats:
 class BoundEngine:
     kind = "bound"
 
-    def __init__(self, sessions: list[ort.InferenceSession], device: Device, input_shape: tuple[int, ...],
-                 num_classes: int, *, buckets, graphs: bool, max_blocks: int):
+    def __init__(self, sessions: list[ort.InferenceSession], device: Device, plan: Plan, num_classes: int, *,
+                 buckets, graphs: bool, max_blocks: int):
         self.sessions = sessions
+        self.plan = plan
         self.device_name = "cuda" if device.cuda else "cpu"
-        self.input_shape = tuple(input_shape)
+        self.input_shape = plan.shapes[IMAGES]
         self.num_classes = num_classes
         self.buckets = Buckets(buckets)
         self.graphs = graphs
         self.max_blocks = max_blocks
         self.lock = threading.RLock()
         largest = self.buckets.largest
+        read = {src for io in plan.stages for _, src in io.inputs}
         # Buffers allocated once: their addresses are what captured graphs read and write.
         self.staging = {b: self._zeros((b, *self.input_shape), np.float32) for b in self.buckets.sizes}
-        self.gathered = self._zeros((largest, *self.input_shape), np.float32)
-        self.indices = self._zeros((largest,), np.int64)
+        self.gathered = {src: self._zeros((largest, *plan.shapes[src]), np.float32) for src in sorted(read)}
+        self.indices = {src: self._zeros((largest,), np.int64) for src in sorted(read)}
+        self.carried = {src: self._zeros((largest, *plan.shapes[src]), np.float32) for src in plan.carried_sources}
         self.outputs = [self._zeros((largest, num_classes), np.float32) for _ in sessions]
         self._host_indices = np.zeros(largest, np.int64)
-        self.gather_one = device.with_cuda_graphs(graphs).session(gather_model(1, self.input_shape), len(sessions))
-        self.gather_many = device.with_cuda_graphs(False).session(gather_model(max_blocks, self.input_shape),
-                                                                  len(sessions))
-        self.empty = self._zeros((0, *self.input_shape), np.float32)
+        shapes = {plan.shapes[src] for src in read | set(plan.carried_sources)}
+        captured, plain = device.with_cuda_graphs(graphs), device.with_cuda_graphs(False)
+        self.gather_one = {shape: captured.session(gather_model(1, shape), len(sessions)) for shape in shapes}
+        self.gather_many = {shape: plain.session(gather_model(max_blocks, shape), len(sessions)) for shape in shapes}
+        self.empty = {shape: self._zeros((0, *shape), np.float32) for shape in shapes}
         self._calls: dict[tuple, _Call] = {}
         self._next_graph_id: dict[int, int] = {}
 
@@ -227,13 +313,14 @@ class BoundEngine:
         bind(name, self.device_name, 0, dtype, shape, value.data_ptr())
 
     def _call(self, key: tuple, session: ort.InferenceSession, inputs: list[tuple[str, ort.OrtValue, int]],
-              output: tuple[str, ort.OrtValue, int]) -> _Call:
+              outputs: list[tuple[str, ort.OrtValue, int]]) -> _Call:
         call = self._calls.get(key)
         if call is None:
             binding = session.io_binding()
             for name, value, rows in inputs:
                 self._bind(binding, name, value, rows, output=False)
-            self._bind(binding, output[0], output[1], output[2], output=True)
+            for name, value, rows in outputs:
+                self._bind(binding, name, value, rows, output=True)
             options = ort.RunOptions()
             if self.graphs:
                 graph_id = self._next_graph_id.get(id(session), 1)  # 0 is reserved by onnxruntime
@@ -242,15 +329,17 @@ class BoundEngine:
             call = self._calls[key] = _Call(binding, options)
         return call
 
-    def _run_call(self, key: tuple, session, inputs, output) -> _Call:
-        call = self._call(key, session, inputs, output)
+    def _run_call(self, key: tuple, session, inputs, outputs) -> _Call:
+        call = self._call(key, session, inputs, outputs)
         session.run_with_iobinding(call.binding, call.options)
         call.calls += 1
         return call
 
     def stats(self) -> BoundStats:
         buffers = {f"staging{b}": v.data_ptr() for b, v in self.staging.items()}
-        buffers.update(gathered=self.gathered.data_ptr(), indices=self.indices.data_ptr())
+        buffers.update({f"gathered:{src}": v.data_ptr() for src, v in self.gathered.items()})
+        buffers.update({f"indices:{src}": v.data_ptr() for src, v in self.indices.items()})
+        buffers.update({f"carried:{src}": v.data_ptr() for src, v in self.carried.items()})
         buffers.update({f"logits{s}": v.data_ptr() for s, v in enumerate(self.outputs)})
         return BoundStats(buffers, {k: c.calls for k, c in self._calls.items()})
 
@@ -275,24 +364,38 @@ class BoundEngine:
         value = ort.OrtValue.ortvalue_from_numpy(self._padded(images, size), self.device_name, 0)
         return DeviceBlock(n, size, value)
 
+    def _fixed(self, block: DeviceBlock) -> ort.OrtValue:
+        return self.staging[block.bucket] if block.buffer == "staging" else self.carried[block.buffer]
+
     # --- running ---------------------------------------------------------------------------------------------
-    def _stage(self, stage: int, source: str, bucket: int, rows: int) -> np.ndarray:
-        """Stage on `bucket` rows of a fixed buffer (staging[bucket] or gathered) -> the real rows' logits."""
-        images = self.staging[bucket] if source == "staging" else self.gathered
-        call = self._run_call(("stage", stage, source, bucket), self.sessions[stage],
-                              [("images", images, bucket)], ("logits", self.outputs[stage], bucket))
-        return call.binding.copy_outputs_to_cpu()[0][:rows]
+    def _stage(self, stage: int, inputs: tuple[tuple[str, str], ...], size: int) -> None:
+        """Stage on `size` rows of fixed buffers; its logits and carried outputs go to their fixed buffers.
+        inputs: (graph input, buffer) pairs, a buffer being "gathered:SOURCE", "staging" or a carried source."""
+        bound = []
+        for name, buffer in inputs:
+            if buffer.startswith("gathered:"):
+                value = self.gathered[buffer.removeprefix("gathered:")]
+            else:
+                value = self.staging[size] if buffer == "staging" else self.carried[buffer]
+            bound.append((name, value, size))
+        outputs = [("logits", self.outputs[stage], size)]
+        outputs += [(name, self.carried[src], size) for name, src in self.plan.stages[stage].carried]
+        self._run_call(("stage", stage, inputs, size), self.sessions[stage], bound, outputs)
 
-    def _gather_staged(self, block: DeviceBlock, rows: np.ndarray, size: int) -> None:
-        """Rows of the staging buffer -> the first `size` rows of `gathered` (a captured graph per bucket pair)."""
+    def _gather_fixed(self, source: str, block: DeviceBlock, rows: np.ndarray, size: int) -> None:
+        """Rows of a fixed buffer -> the first `size` rows of gathered[source] (a captured graph per pair of
+        sizes)."""
         self._host_indices[:size] = gather_indices([(0, rows)], size)
-        self.indices.update_inplace(self._host_indices)
-        self._run_call(("gather", block.bucket, size), self.gather_one,
-                       [("b0", self.staging[block.bucket], block.bucket), ("indices", self.indices, size)],
-                       ("images", self.gathered, size))
+        self.indices[source].update_inplace(self._host_indices)
+        shape = self.plan.shapes[source]
+        self._run_call(("gather", source, block.buffer, block.bucket, size), self.gather_one[shape],
+                       [("b0", self._fixed(block), block.bucket), ("indices", self.indices[source], size)],
+                       [("images", self.gathered[source], size)])
 
-    def _gather_uploaded(self, parts: list[Part], size: int) -> None:
-        """Rows of several uploaded blocks -> the first `size` rows of `gathered` (not captured)."""
+    def _gather_many(self, shape: tuple[int, ...], parts: list[tuple[DeviceBlock, np.ndarray]], size: int,
+                     out: ort.OrtValue | None, out_rows: int) -> None:
+        """Rows of blocks of their own (or of one fixed buffer) -> the first `out_rows` rows of `out` (not
+        captured: the blocks change from batch to batch); out None: a new value, bound by onnxruntime."""
         offsets: dict[int, int] = {}
         blocks: list[DeviceBlock] = []
         for block, _ in parts:
@@ -302,65 +405,120 @@ class BoundEngine:
         if len(blocks) > self.max_blocks:
             raise RuntimeError(f"a stage batch may gather from at most {self.max_blocks} blocks, got {len(blocks)}")
         indices = gather_indices([(offsets[id(block)], rows) for block, rows in parts], size)
-        binding = self.gather_many.io_binding()
+        session = self.gather_many[shape]
+        binding = session.io_binding()
         for i in range(self.max_blocks):
-            binding.bind_ortvalue_input(f"b{i}", blocks[i].value if i < len(blocks) else self.empty)
+            if i < len(blocks):
+                b = blocks[i]
+                if b.value is None:
+                    self._bind(binding, f"b{i}", self._fixed(b), b.bucket, output=False)
+                else:
+                    binding.bind_ortvalue_input(f"b{i}", b.value)
+            else:
+                binding.bind_ortvalue_input(f"b{i}", self.empty[shape])
         binding.bind_cpu_input("indices", indices)
-        self._bind(binding, "images", self.gathered, size, output=True)
-        self.gather_many.run_with_iobinding(binding)
+        self._bind(binding, "images", out, out_rows, output=True)
+        session.run_with_iobinding(binding)
 
-    def run(self, stage: int, parts: list[Part]) -> tuple[np.ndarray, int]:
-        rows = sum(len(r) for _, r in parts)
+    def _keep(self, source: str, rows: int, size: int) -> DeviceBlock:
+        """A carried output's rows, copied from its fixed buffer into a block of its own."""
+        shape = self.plan.shapes[source]
+        value = ort.OrtValue.ortvalue_from_shape_and_type([size, *shape], np.float32, self.device_name, 0)
+        fixed = DeviceBlock(size, size, None, source)
+        self._gather_many(shape, [(fixed, np.arange(size))], size, value, size)
+        return DeviceBlock(rows, size, value, source)
+
+    def run(self, stage: int, parts: list[Part], keep: bool = False) -> StageRun:
+        io = self.plan.stages[stage]
+        rows = _rows_of(parts)
         with self.lock:
-            block, first = parts[0]
-            if block.value is None:  # the staging buffer (the runtime's path)
-                if any(b is not block for b, _ in parts):
-                    raise ValueError("a staged block cannot be mixed with other blocks")
-                if len(parts) > 1:
-                    first = np.concatenate([r for _, r in parts])
-                if rows == block.rows and _is_range(first):
-                    return self._stage(stage, "staging", block.bucket, rows), block.bucket - rows
+            sources = {src: [p[src] for p in parts] for _, src in io.inputs}
+            whole = [(name, located[0][0]) for name, src in io.inputs for located in [sources[src]]
+                     if len(located) == 1 and located[0][0].value is None and located[0][0].rows == rows
+                     and _is_range(located[0][1])]
+            buckets = {block.bucket for _, block in whole}
+            if len(whole) == len(io.inputs) and len(buckets) == 1:
+                # every input a whole fixed buffer (stage 0 on the staging buffer, or all survived): in place
+                size = buckets.pop()
+                self._stage(stage, tuple((name, block.buffer) for name, block in whole), size)
+            elif not self.graphs and self._whole_uploaded(sources, rows):
+                size = self._direct(stage, sources)
+            else:
                 size = self.buckets.size(rows)
-                self._gather_staged(block, first, size)
-                return self._stage(stage, "gathered", size, rows), size - rows
-            size = self.buckets.size(rows)
-            if len(parts) == 1 and rows == block.rows and _is_range(first) and not self.graphs:
-                return self._direct(stage, block), block.bucket - rows  # a whole block, no graphs: no copy
-            self._gather_uploaded(parts, size)
-            return self._stage(stage, "gathered", size, rows), size - rows
+                for name, src in io.inputs:
+                    located = sources[src]
+                    fixed = [block for block, _ in located if block.value is None]
+                    if fixed and (len(fixed) < len(located) or any(b is not fixed[0] for b in fixed)):
+                        raise ValueError("a staged block cannot be mixed with other blocks")
+                    if fixed:
+                        picked = located[0][1] if len(located) == 1 else np.concatenate([r for _, r in located])
+                        self._gather_fixed(src, fixed[0], picked, size)
+                    else:
+                        self._gather_many(self.plan.shapes[src], located, size, self.gathered[src], size)
+                self._stage(stage, tuple((name, f"gathered:{src}") for name, src in io.inputs), size)
+            # Only the logits come back to the host (the whole fixed buffer: [largest, classes], a few KB).
+            logits = np.array(self.outputs[stage].numpy()[:rows])
+            carried = {src: self._keep(src, rows, size) if keep else DeviceBlock(rows, size, None, src)
+                       for _, src in io.carried}
+            return StageRun(logits, size - rows, carried)
 
-    def _direct(self, stage: int, block: DeviceBlock) -> np.ndarray:
+    @staticmethod
+    def _whole_uploaded(sources: dict[str, list[tuple[DeviceBlock, np.ndarray]]], rows: int) -> bool:
+        """Every input one whole block of its own, all of one bucket: bound as they are (no graphs to keep)."""
+        blocks = [located[0][0] for located in sources.values() if len(located) == 1]
+        return (len(blocks) == len(sources) and all(b.value is not None and b.rows == rows for b in blocks)
+                and len({b.bucket for b in blocks}) == 1
+                and all(_is_range(located[0][1]) for located in sources.values()))
+
+    def _direct(self, stage: int, sources: dict[str, list[tuple[DeviceBlock, np.ndarray]]]) -> int:
+        """Stage on whole blocks of their own, bound as they are (not a prepared call); -> their bucket."""
+        io = self.plan.stages[stage]
         session = self.sessions[stage]
         binding = session.io_binding()
-        binding.bind_ortvalue_input("images", block.value)
-        self._bind(binding, "logits", self.outputs[stage], block.bucket, output=True)
+        size = 0
+        for name, src in io.inputs:
+            block = sources[src][0][0]
+            binding.bind_ortvalue_input(name, block.value)
+            size = block.bucket
+        self._bind(binding, "logits", self.outputs[stage], size, output=True)
+        for name, src in io.carried:
+            self._bind(binding, name, self.carried[src], size, output=True)
         session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0][:block.rows]
+        return size
 
     def warm_up(self, batch_sizes: list[int] | None = None) -> None:
-        """Every prepared call, three times: every stage at every bucket from the staging buffer and from
-        `gathered`, every gather from a bucket into one no larger, and the uploaded-block gather at every size.
-        onnxruntime captures a graph after its warm-up runs, so serving never captures, and cuDNN never meets a
-        new shape. batch_sizes: ignored (every bucket is warmed)."""
+        """Every prepared call, three times: every stage at every bucket on its fixed buffers in place and from
+        the gathered buffers, every gather from a fixed buffer of one bucket into one no larger, the uploaded-block
+        gathers and the copies of carried outputs at every size. onnxruntime captures a graph after its warm-up
+        runs, so serving never captures, and cuDNN never meets a new shape. batch_sizes: ignored (every bucket is
+        warmed)."""
         with self.lock:
             for size in self.buckets.sizes:
                 images = np.zeros((size, *self.input_shape), np.float32)
-                uploaded = self.upload(images)
+                uploaded = {src: DeviceBlock(size, size, self._zeros((size, *shape), np.float32), src)
+                            for src, shape in self.plan.shapes.items()}
                 for _ in range(3):
-                    block = self.stage_block(images)
+                    where: Part = {IMAGES: (self.stage_block(images), np.arange(size))}
                     for s in range(len(self.sessions)):
-                        self._stage(s, "staging", size, size)
-                    for smaller in self.buckets.sizes:
-                        if smaller <= size:
-                            self._gather_staged(block, np.arange(smaller), smaller)
-                    self._gather_uploaded([(uploaded, np.arange(size))], size)
-                    for s in range(len(self.sessions)):
-                        self._stage(s, "gathered", size, size)
+                        run = self.run(s, [where])  # in place
+                        where.update({src: (block, np.arange(size)) for src, block in run.carried.items()})
+                    for src, (block, _) in where.items():
+                        if src in self.gathered:
+                            for smaller in self.buckets.sizes:
+                                if smaller <= size:
+                                    self._gather_fixed(src, block, np.arange(smaller), smaller)
+                    for src in self.gathered:
+                        self._gather_many(self.plan.shapes[src], [(uploaded[src], np.arange(size))], size,
+                                          self.gathered[src], size)
+                    for s, io in enumerate(self.plan.stages):
+                        self._stage(s, tuple((name, f"gathered:{src}") for name, src in io.inputs), size)
+                        for _, src in io.carried:
+                            self._keep(src, size, size)
 
 
-def make_engine(spec: EngineSpec, device: Device, sessions: list[ort.InferenceSession], input_shape,
+def make_engine(spec: EngineSpec, device: Device, sessions: list[ort.InferenceSession], plan: Plan,
                 num_classes: int) -> HostEngine | BoundEngine:
     if spec.kind == "host":
-        return HostEngine(sessions)
-    return BoundEngine(sessions, device, input_shape, num_classes, buckets=spec.buckets, graphs=bool(spec.graphs),
+        return HostEngine(sessions, plan)
+    return BoundEngine(sessions, device, plan, num_classes, buckets=spec.buckets, graphs=bool(spec.graphs),
                        max_blocks=spec.max_blocks)

@@ -46,12 +46,54 @@ class InputSpec(BaseModel):
         return self
 
 
+IMAGES = "images"  # the source every stage reads unless its manifest entry says otherwise
+
+
+class StageInput(BaseModel):
+    """One input of a stage's ONNX graph and what feeds it: "images" (the normalised batch) or "STAGE.OUTPUT", a
+    named output of an earlier stage, carried by the runtime for the samples that reach this stage."""
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(min_length=1)
+    source: str = Field(pattern=r"^(images|.+\.[^.]+)$")
+
+
+class StageOutput(BaseModel):
+    """A named float32 output of a stage's graph besides `logits`, [N, *shape], that later stages may read."""
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(min_length=1)
+    shape: list[int] = Field(min_length=1)
+
+    @field_validator("shape")
+    @classmethod
+    def _positive(cls, shape):
+        if any(d < 1 for d in shape):
+            raise ValueError("every dimension must be >= 1")
+        return shape
+
+
 class StageSpec(BaseModel):
     model_config = ConfigDict(extra="allow")
     name: str
     file: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    flops: int = Field(gt=0)
+    flops: int = Field(gt=0)  # this stage's own work (not that of the stages whose outputs it reads)
+    # Absent: the stage reads the images and gives logits only (every manifest before stage inputs existed).
+    inputs: list[StageInput] = Field(default_factory=lambda: [StageInput(name=IMAGES, source=IMAGES)], min_length=1)
+    outputs: list[StageOutput] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _names(self):
+        names = [i.name for i in self.inputs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"inputs: names must be unique, got {names}")
+        outs = [o.name for o in self.outputs]
+        if "logits" in outs or len(set(outs)) != len(outs):
+            raise ValueError(f"outputs: names must be unique and not 'logits' (always an output), got {outs}")
+        return self
+
+    @property
+    def sources(self) -> list[str]:
+        return [i.source for i in self.inputs]
 
 
 class TeacherSpec(BaseModel):
@@ -123,6 +165,7 @@ class StageParity(BaseModel):
     argmax_agreement: float
     running_argmax_agreement: float | None = None
     n: int
+    max_abs_output_diff: dict[str, float] | None = None  # each declared output besides logits (absent: none)
 
 
 class ParitySpec(BaseModel):
@@ -151,6 +194,9 @@ class Manifest(BaseModel):
     parity: ParitySpec | None = None
     # The arithmetic inside the stages' graphs (images and logits are float32 either way); absent means fp32.
     precision: Literal["fp32", "fp16"] = "fp32"
+    # How a stage's logits make the running logits: "sum" (ResKD: the sum of the stage outputs so far) or
+    # "replace" (a confidence cascade of independent models: the latest stage's logits). Absent means sum.
+    combine: Literal["sum", "replace"] = "sum"
 
     @field_validator("metrics", mode="before")
     @classmethod
@@ -163,6 +209,28 @@ class Manifest(BaseModel):
             raise ValueError(f"exit.thresholds needs {len(self.stages) - 1} values (one per stage but the last), "
                              f"has {len(self.exit.thresholds)}")
         return self
+
+    @model_validator(mode="after")
+    def _sources_exist(self):
+        """Every stage input reads the images or a declared output of an earlier stage."""
+        provided: dict[str, list[int]] = {}  # "stage.output" -> its per-sample shape
+        for i, stage in enumerate(self.stages):
+            if stage.outputs and any(s.name == stage.name for s in self.stages[:i]):
+                raise ValueError(f"stages.{i}.name: {stage.name!r} is used by an earlier stage (a stage with outputs "
+                                 "needs a name of its own: its outputs are named after it)")
+            for j, inp in enumerate(stage.inputs):
+                if inp.source != IMAGES and inp.source not in provided:
+                    raise ValueError(f"stages.{i}.inputs.{j}.source: {inp.source!r} is not an output of an earlier "
+                                     f"stage (declared: {', '.join(provided) or 'none'}; or 'images')")
+            provided.update({f"{stage.name}.{o.name}": o.shape for o in stage.outputs})
+        return self
+
+    def source_shape(self, source: str) -> tuple[int, ...]:
+        """Per-sample shape of a source: the images' [C, H, W], or an earlier stage's declared output shape."""
+        if source == IMAGES:
+            return (self.input.channels, self.input.height, self.input.width)
+        stage, _, output = source.rpartition(".")
+        return next(tuple(o.shape) for s in self.stages if s.name == stage for o in s.outputs if o.name == output)
 
     @property
     def stage_flops(self) -> list[int]:

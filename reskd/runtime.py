@@ -2,7 +2,9 @@
 execute a model repository version through this one class, so what is calibrated is exactly what is served.
 
 A batch goes through the stages in order; each stage runs only on the samples still undecided, and
-reskd.cascade decides, after each stage, which samples leave. The stages execute on the version's engine
+reskd.cascade decides, after each stage, which samples leave. A stage reads the images or named outputs of
+earlier stages (the manifest's stage inputs): the runtime carries such an output for the samples that survive,
+and only while a later stage still reads it. The stages execute on the version's engine
 (reskd.engine: numpy on CPU; fixed device buffers, buckets and CUDA graphs on CUDA).
 """
 
@@ -18,8 +20,8 @@ import numpy as np
 
 from .cascade import CascadeInputError, CascadeResult, CascadeSamples, ExitRule, advance, combine
 from .device import Device
-from .engine import BoundEngine, EngineSpec, HostEngine, make_engine
-from .manifest import Manifest, load_manifest
+from .engine import BoundEngine, EngineSpec, HostEngine, Part, Plan, images_part, make_engine
+from .manifest import IMAGES, Manifest, ManifestError, load_manifest
 
 StageHook = Callable[[int, int, float], None]
 log = logging.getLogger("reskd")
@@ -46,9 +48,36 @@ class CascadeRuntime:
         m = self.manifest.input
         self.input_shape = (m.channels, m.height, m.width)
         self.num_classes = len(self.manifest.labels)
-        self.rule = ExitRule(self.manifest.exit.measure, len(self.manifest.stages))
-        self.engine: HostEngine | BoundEngine = make_engine(self.engine_spec, self.device, self.sessions,
-                                                           self.input_shape, self.num_classes)
+        self.rule = ExitRule(self.manifest.exit.measure, len(self.manifest.stages), self.manifest.combine)
+        self.plan = Plan.of(self.manifest)
+        self._check_graphs()
+        self.engine: HostEngine | BoundEngine = make_engine(self.engine_spec, self.device, self.sessions, self.plan,
+                                                           self.num_classes)
+
+    def _check_graphs(self) -> None:
+        """Each stage's ONNX graph has the inputs and outputs its manifest entry declares, of the declared sizes
+        (the batch axis aside): a mismatch is found when the version is opened, not on a request."""
+        for i, (stage, session) in enumerate(zip(self.manifest.stages, self.sessions)):
+            where = f"{self.path}: stages.{i} ({stage.file})"
+            graph_inputs = {x.name: x.shape for x in session.get_inputs()}
+            if set(graph_inputs) != {x.name for x in stage.inputs}:
+                raise ManifestError(f"{where}: the graph's inputs are {sorted(graph_inputs)}, the manifest declares "
+                                    f"{sorted(x.name for x in stage.inputs)}")
+            graph_outputs = {x.name: x.shape for x in session.get_outputs()}
+            declared = {"logits": [len(self.manifest.labels)], **{o.name: o.shape for o in stage.outputs}}
+            missing = sorted(set(declared) - set(graph_outputs))
+            if missing:
+                raise ManifestError(f"{where}: the graph has no output {', '.join(missing)} (it has "
+                                    f"{', '.join(sorted(graph_outputs))})")
+            # the carried tensors' sizes (images and logits are checked on every batch and at warm-up)
+            wanted = {**{x.name: list(self.manifest.source_shape(x.source)) for x in stage.inputs
+                         if x.source != IMAGES}, **{o.name: o.shape for o in stage.outputs}}
+            for name, shape in {**graph_inputs, **graph_outputs}.items():
+                dims = shape[1:]
+                if name in wanted and (len(dims) != len(wanted[name]) or any(
+                        isinstance(g, int) and g != w for g, w in zip(dims, wanted[name]))):
+                    raise ManifestError(f"{where}: {name} is {dims} per sample in the graph, the manifest says "
+                                        f"{wanted[name]}")
 
     def _sessions(self, graphs: bool) -> list:
         device = self.device.with_cuda_graphs(graphs)
@@ -69,14 +98,53 @@ class CascadeRuntime:
         return self.engine.buckets.chunks(n) if isinstance(self.engine, BoundEngine) else [slice(0, n)]
 
     def stage_logits(self, stage: int, images: np.ndarray) -> np.ndarray:
-        """One stage's logits for every image (float32 [N, classes]), through the engine."""
+        """One stage's own logits for every image (float32 [N, classes]), through the engine (and through the
+        earlier stages whose outputs it reads)."""
+        return self.every_stage_logits(images, self._needed(stage))[stage]
+
+    def every_stage_logits(self, images: np.ndarray, stages: set[int] | None = None) -> list[np.ndarray | None]:
+        """Each stage's own logits (float32 [N, classes]) for every image, every image through every stage (or
+        through `stages` only, which must hold the stages they read from; None for the others), through the
+        engine."""
         images = self.check_images(images)
-        out = []
+        needed = set(range(self.num_stages)) if stages is None else stages
+        out: list[list[np.ndarray]] = [[] for _ in range(self.num_stages)]
         with self.engine.lock:
             for chunk in self._chunks(len(images)):
-                block = self.engine.stage_block(images[chunk])
-                out.append(self.engine.run(stage, [(block, np.arange(chunk.stop - chunk.start))])[0])
-        return out[0] if len(out) == 1 else np.concatenate(out)
+                rows = np.arange(chunk.stop - chunk.start)
+                where = images_part(self.engine.stage_block(images[chunk]), rows)
+                for s in sorted(needed):
+                    run = self.engine.run(s, [where])
+                    out[s].append(run.logits)
+                    where.update({src: (block, rows) for src, block in run.carried.items()})
+        return [np.concatenate(o) if len(o) > 1 else o[0] if o else None for o in out]
+
+    def _needed(self, stage: int) -> set[int]:
+        """Stage `stage` and the stages whose outputs it reads, directly or not."""
+        index = {s.name: i for i, s in enumerate(self.manifest.stages)}
+        needed, todo = set(), [stage]
+        while todo:
+            s = todo.pop()
+            if s not in needed:
+                needed.add(s)
+                todo += [index[src.rpartition(".")[0]] for src in self.manifest.stages[s].sources if src != IMAGES]
+        return needed
+
+    def graph_outputs(self, images: np.ndarray, batch_size: int = 1000) -> list[dict[str, np.ndarray]]:
+        """Every output of every stage's graph (logits and the declared outputs, float32) for every image, every
+        image through every stage, run on the sessions directly (the export's parity check of each output)."""
+        images = self.check_images(images)
+        out: list[dict[str, list]] = [{} for _ in self.manifest.stages]
+        for i in range(0, len(images), batch_size):
+            values = {IMAGES: images[i:i + batch_size]}
+            for s, stage in enumerate(self.manifest.stages):
+                names = ["logits", *(o.name for o in stage.outputs)]
+                got = self.sessions[s].run(names, {x.name: values[x.source] for x in stage.inputs})
+                for name, value in zip(names, got):
+                    out[s].setdefault(name, []).append(value)
+                    if name != "logits":
+                        values[f"{stage.name}.{name}"] = value
+        return [{name: np.concatenate(v) for name, v in o.items()} for o in out]
 
     def check_images(self, images: np.ndarray) -> np.ndarray:
         images = np.asarray(images)
@@ -118,18 +186,28 @@ class CascadeRuntime:
         stages = int(samples.last.max(initial=0)) + 1
         for chunk in self._chunks(n):
             with self.engine.lock:  # a bound engine's staging buffer holds this chunk until its last stage
-                block = self.engine.stage_block(images[chunk])
-                active = np.arange(chunk.stop - chunk.start)
+                active = np.arange(chunk.stop - chunk.start)  # the chunk's undecided samples
+                where: Part = images_part(self.engine.stage_block(images[chunk]), active)
                 for s in range(stages):
                     if len(active) == 0:
                         break
                     start = time.perf_counter()
-                    logits, _ = self.engine.run(s, [(block, active)])
+                    run = self.engine.run(s, [where])
                     if on_stage is not None:
                         on_stage(s, len(active), time.perf_counter() - start)
-                    (leave,) = advance(self.rule, s, [(samples, chunk.start + active)], logits, early_exit)
+                    (leave,) = advance(self.rule, s, [(samples, chunk.start + active)], run.logits, early_exit)
+                    where = self.survivors(s, where, run.carried, ~leave)
                     active = active[~leave]
         return samples.result(self.cum_flops)
+
+    def survivors(self, stage: int, where: Part, carried: dict, keep: np.ndarray) -> Part:
+        """Where the samples that go on after `stage` find what later stages read: their rows of every source
+        still read (and of the stage's carried outputs, whose rows are the batch's order); nothing else."""
+        later = self.plan.read_after(stage)
+        kept = {src: (block, rows[keep]) for src, (block, rows) in where.items() if src in later}
+        batch = np.flatnonzero(keep)
+        kept.update({src: (block, batch) for src, block in carried.items() if src in later})
+        return kept
 
     def all_stage_logits(self, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
         """Running logits after every stage for every sample: [stages, N, classes] (for calibration)."""
@@ -138,8 +216,8 @@ class CascadeRuntime:
         for i in range(0, len(images), batch_size):
             chunk = images[i:i + batch_size]
             total = np.zeros((len(chunk), self.num_classes), dtype=np.float64)
-            for s in range(self.num_stages):
-                total = combine(total, self.stage_logits(s, chunk))
+            for s, logits in enumerate(self.every_stage_logits(chunk)):
+                total = combine(total, logits, self.rule.combine)
                 out[s, i:i + batch_size] = total
         return out
 

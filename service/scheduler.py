@@ -27,12 +27,12 @@ import logging
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Protocol
+from typing import Callable, Literal, Protocol
 
 import numpy as np
 
 from reskd.cascade import CascadeResult, CascadeSamples, advance
-from reskd.engine import Engine
+from reskd.engine import Engine, Part, images_part
 from reskd.runtime import CascadeRuntime
 
 
@@ -181,27 +181,30 @@ class Admission:
 
 @dataclass
 class Rows:
-    """Some samples of one request waiting at a stage; block/block_rows say where their images are."""
+    """Some samples of one request waiting at a stage; `where` says where they find what the stage reads (their
+    images, and outputs of earlier stages carried for them: the engine's blocks and their rows in each), once
+    stage 0 has uploaded their images."""
     request: Request
     rows: np.ndarray
-    block: Any = None
-    block_rows: np.ndarray | None = None
+    where: Part | None = None
     enqueued: float = field(default_factory=time.perf_counter)
 
     def __len__(self) -> int:
         return len(self.rows)
 
+    def _part(self, pick) -> Part | None:
+        return None if self.where is None else {src: (block, rows[pick]) for src, (block, rows) in self.where.items()}
+
     def split(self, k: int) -> tuple[Rows, Rows]:
-        head = Rows(self.request, self.rows[:k], self.block,
-                    None if self.block_rows is None else self.block_rows[:k], self.enqueued)
-        tail = Rows(self.request, self.rows[k:], self.block,
-                    None if self.block_rows is None else self.block_rows[k:], self.enqueued)
+        head = Rows(self.request, self.rows[:k], self._part(slice(None, k)), self.enqueued)
+        tail = Rows(self.request, self.rows[k:], self._part(slice(k, None)), self.enqueued)
         return head, tail
 
 
 class StageQueue:
-    def __init__(self, stage: int, max_batch: int, max_delay_s: float, bound: int):
+    def __init__(self, stage: int, max_batch: int, max_delay_s: float, bound: int, reads: tuple[str, ...] = ()):
         self.stage = stage
+        self.reads = reads  # the sources the stage reads: a batch gathers from at most max_blocks blocks of each
         self.max_batch = max_batch
         self.max_delay_s = max_delay_s
         self.bound = bound
@@ -220,7 +223,8 @@ class StageQueue:
 
     def take(self, *, whole_requests: bool, one_request: bool, max_blocks: int) -> list[Rows]:
         batch: list[Rows] = []
-        size, blocks = 0, set()
+        size = 0
+        blocks: dict[str, set[int]] = {src: set() for src in self.reads}
         while self.items and size < self.max_batch:
             rows = self.items[0]
             if rows.request.abandoned:
@@ -229,7 +233,8 @@ class StageQueue:
                 continue
             if batch and (one_request or (whole_requests and size + len(rows) > self.max_batch)):
                 break
-            if rows.block is not None and id(rows.block) not in blocks and len(blocks) >= max_blocks:
+            new = {} if rows.where is None else {src: id(rows.where[src][0]) for src in self.reads}
+            if any(b not in blocks[src] and len(blocks[src]) >= max_blocks for src, b in new.items()):
                 break
             if not whole_requests and size + len(rows) > self.max_batch:
                 rows, rest = rows.split(self.max_batch - size)
@@ -240,8 +245,8 @@ class StageQueue:
                 self.size -= len(rows)
             batch.append(rows)
             size += len(rows)
-            if rows.block is not None:
-                blocks.add(id(rows.block))
+            for src, b in new.items():
+                blocks[src].add(b)
         return batch
 
 
@@ -262,7 +267,8 @@ class CascadeScheduler:
 
         stages = runtime.num_stages if policy == "stage" else 1
         self.queues = [StageQueue(s, per_stage(max_batch_sizes, s), per_stage(max_queue_delays_s, s),
-                                  max(max_queue_images, per_stage(max_batch_sizes, s))) for s in range(stages)]
+                                  max(max_queue_images, per_stage(max_batch_sizes, s)),
+                                  tuple(src for _, src in runtime.plan.stages[s].inputs)) for s in range(stages)]
         if policy == "none":
             self.queues[0].max_delay_s = 0.0
         self.pipeline_depth = pipeline_depth
@@ -488,19 +494,23 @@ class CascadeScheduler:
             block = self.runner.stage_block(images) if staged else self.runner.upload(images)
             offset = 0
             for r in batch:
-                r.block, r.block_rows = block, np.arange(offset, offset + len(r))
+                r.where = images_part(block, np.arange(offset, offset + len(r)))
                 offset += len(r)
         start = time.perf_counter()
-        logits, padding = self.runner.run(stage, [(r.block, r.block_rows) for r in batch])
-        self.observer.stage_ran(stage, len(logits), time.perf_counter() - start, padding)
-        leaves = advance(self.runtime.rule, stage, [(r.request.samples, r.rows) for r in batch], logits)
+        run = self.runner.run(stage, [r.where for r in batch], keep=not staged)
+        self.observer.stage_ran(stage, len(run.logits), time.perf_counter() - start, run.padding)
+        leaves = advance(self.runtime.rule, stage, [(r.request.samples, r.rows) for r in batch], run.logits)
         survivors, exited = [], []
-        now = time.perf_counter()
+        now, offset = time.perf_counter(), 0
         for r, leave in zip(batch, leaves):
             exited.append((r.request, int(leave.sum())))
             if not leave.all():
                 keep = ~leave
-                survivors.append(Rows(r.request, r.rows[keep], r.block, r.block_rows[keep], now))
+                # the carried outputs' rows are the batch's order: this part's are offset..offset+len(r)
+                carried = {src: (block, offset + np.arange(len(r))) for src, block in run.carried.items()}
+                where = self.runtime.survivors(stage, {**r.where, **carried}, {}, keep)
+                survivors.append(Rows(r.request, r.rows[keep], where, now))
+            offset += len(r)
         return survivors, exited
 
     def _finish_if_done(self, req: Request) -> None:

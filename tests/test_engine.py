@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from reskd.device import Device
-from reskd.engine import Buckets, EngineSpec, gather_indices
+from reskd.engine import Buckets, EngineSpec, gather_indices, images_part
 from reskd.runtime import CascadeRuntime
 from server_process import MODELS
 
@@ -87,9 +87,10 @@ def test_buffers_are_allocated_once_and_serving_prepares_no_new_call_after_warm_
     # are what a GPU captures as graphs. Arbitrary batches reuse them; none is added while serving.
     stages = bound.num_stages
     keys = set(before.calls)
-    assert {("stage", s, "staging", b) for s in range(stages) for b in BUCKETS} <= keys
-    assert {("stage", s, "gathered", b) for s in range(stages) for b in BUCKETS} <= keys
-    assert {("gather", big, small) for big in BUCKETS for small in BUCKETS if small <= big} <= keys
+    assert {("stage", s, (("images", "staging"),), b) for s in range(stages) for b in BUCKETS} <= keys
+    assert {("stage", s, (("images", "gathered:images"),), b) for s in range(stages) for b in BUCKETS} <= keys
+    assert {("gather", "images", "staging", big, small) for big in BUCKETS for small in BUCKETS
+            if small <= big} <= keys
     for n in (1, 2, 7, 33, 64, 100, 129):
         bound.run(images(n, seed=100 + n), threshold=0.7)
     after = bound.engine.stats()
@@ -102,18 +103,18 @@ def test_padding_rows_are_reported_and_repeat_a_real_row(bound):
     engine = bound.engine
     x = images(5)
     block = engine.stage_block(x)
-    logits, padding = engine.run(0, [(block, np.arange(5))])
+    logits, padding, _ = engine.run(0, [images_part(block, np.arange(5))])
     assert padding == 16 - 5 and logits.shape == (5, 10)
-    logits_rows, padding = engine.run(0, [(block, np.array([4, 0]))])
+    logits_rows, padding, _ = engine.run(0, [images_part(block, np.array([4, 0]))])
     assert padding == 4 - 2
     np.testing.assert_allclose(logits_rows, logits[[4, 0]], atol=1e-5)
-    parts, padding = engine.run(2, [(block, np.array([3])), (block, np.array([1, 2]))])  # one block, several parts
+    parts, padding, _ = engine.run(2, [images_part(block, np.array([3])), images_part(block, np.array([1, 2]))])  # one block, several parts
     assert padding == 4 - 3
     np.testing.assert_allclose(parts, bound.stage_logits(2, x[[3, 1, 2]]), atol=1e-5)
     uploaded = [engine.upload(x[:3]), engine.upload(x[3:])]
     with pytest.raises(ValueError, match="staged block cannot be mixed"):
-        engine.run(0, [(engine.stage_block(x), np.array([0])), (uploaded[0], np.array([0]))])
-    merged, padding = engine.run(1, [(uploaded[1], np.array([1])), (uploaded[0], np.array([0, 2]))])
+        engine.run(0, [images_part(engine.stage_block(x), np.array([0])), images_part(uploaded[0], np.array([0]))])
+    merged, padding, _ = engine.run(1, [images_part(uploaded[1], np.array([1])), images_part(uploaded[0], np.array([0, 2]))])
     assert padding == 4 - 3
     np.testing.assert_allclose(merged, bound.stage_logits(1, x[[4, 0, 2]]), atol=1e-5)
 

@@ -49,9 +49,13 @@ class Spy:
     def lock(self):
         return self.runner.lock
 
-    def run(self, stage, parts):
+    def run(self, stage, parts, keep=False):
         self.batches.append((stage, list(self.current)))
-        return self.runner.run(stage, parts)
+        return self.runner.run(stage, parts, keep)
+
+    @property
+    def plan(self):
+        return self.runner.plan
 
     def warm_up(self, batch_sizes=None):
         self.runner.warm_up(batch_sizes)
@@ -258,10 +262,11 @@ MARK = np.float32(7.77)
 
 def test_a_failing_stage_fails_only_its_batch(rt):
     class Failing(HostEngine):
-        def run(self, stage, parts):
-            if stage == 1 and any((block[rows][:, 0, 0, 0] == MARK).any() for block, rows in parts):
+        def run(self, stage, parts, keep=False):
+            if stage == 1 and any((block[rows][:, 0, 0, 0] == MARK).any() for block, rows in
+                                  (part["images"] for part in parts)):
                 raise RuntimeError("stage 1 exploded")
-            return super().run(stage, parts)
+            return super().run(stage, parts, keep)
 
     rng = np.random.default_rng(2)
     good = [(rng.normal(size=(2, 1, 28, 28)).astype(np.float32), 1.0, None) for _ in range(3)]
@@ -269,14 +274,14 @@ def test_a_failing_stage_fails_only_its_batch(rt):
     bad[:, 0, 0, 0] = MARK
     reqs = [good[0], (bad, 1.0, None), good[1], good[2]]
     # Each request alone in its batches: the bad one fails at stage 1, the others finish.
-    results = asyncio.run(serve_all(scheduler(rt, Failing(rt.sessions), policy="none"), reqs, stagger_s=0.01))
+    results = asyncio.run(serve_all(scheduler(rt, Failing(rt.sessions, rt.plan), policy="none"), reqs, stagger_s=0.01))
     assert isinstance(results[1], InferenceFailed)  # the cause is logged; the client learns which stage failed
     assert "stage 1 of m version 1" in str(results[1]) and "exploded" not in str(results[1])
     for (images, threshold, _), got in zip(reqs, results):
         if images is not bad:
             np.testing.assert_array_equal(got.class_id, rt.run(images, threshold=threshold).class_id)
     # The scheduler survived: the next requests are served.
-    again = asyncio.run(serve_all(scheduler(rt, Failing(rt.sessions)), good))
+    again = asyncio.run(serve_all(scheduler(rt, Failing(rt.sessions, rt.plan)), good))
     assert all(len(r) == 2 for r in again)
 
 
@@ -306,13 +311,13 @@ def test_stopping_answers_every_request_even_with_its_batch_running_and_admits_n
     started, release = threading.Event(), threading.Event()
 
     class Slow(HostEngine):
-        def run(self, stage, parts):
+        def run(self, stage, parts, keep=False):
             started.set()
             release.wait(10)
-            return super().run(stage, parts)
+            return super().run(stage, parts, keep)
 
     async def main():
-        sched = scheduler(rt, Slow(rt.sessions), policy=policy)
+        sched = scheduler(rt, Slow(rt.sessions, rt.plan), policy=policy)
         sched.start()
         rng = np.random.default_rng(3)
         futures = [sched.submit(rng.normal(size=(2, 1, 28, 28)).astype(np.float32)) for _ in range(3)]

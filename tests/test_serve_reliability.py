@@ -20,9 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server_process import MODELS, InProcessServer, ServerProcess, metric, scrape
+from server_process import MODELS, ROOT, InProcessServer, ServerProcess, metric, scrape
 
-ROOT = MODELS.parent
 
 CLASSIFY = "/v1/models/fashion-mnist/classify"
 
@@ -189,7 +188,7 @@ class GatedRunner:
         self.inner = runner
         self.gate = threading.Event()
         self.rows: list[int] = []
-        self.max_blocks, self.lock = runner.max_blocks, runner.lock
+        self.max_blocks, self.lock, self.plan = runner.max_blocks, runner.lock, runner.plan
 
     def upload(self, images):
         return self.inner.upload(images)
@@ -197,11 +196,11 @@ class GatedRunner:
     def stage_block(self, images):
         return self.inner.stage_block(images)
 
-    def run(self, stage, parts):
+    def run(self, stage, parts, keep=False):
         self.gate.wait(30)
         if stage == 0:
-            self.rows.append(sum(len(rows) for _, rows in parts))
-        return self.inner.run(stage, parts)
+            self.rows.append(sum(len(part["images"][1]) for part in parts))
+        return self.inner.run(stage, parts, keep)
 
 
 def fp32_request(n: int) -> dict:
