@@ -89,6 +89,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         out = export_run(args.run, args.repo, args.name, args.version, target_drop_pt=args.target_drop,
                          flops_budget_pct=args.flops_budget, model=args.model, precision=args.precision,
+                         stages=args.stages.split(",") if args.stages else None, combine=args.combine,
                          log=lambda msg: print(msg, file=sys.stderr))
     except (ExportError, ManifestError, DatasetError, FileNotFoundError) as err:
         print(f"reskd export: {err}", file=sys.stderr)
@@ -237,6 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
                    help="arithmetic inside every stage written, the teacher's too (images and logits stay float32); "
                         "thresholds are calibrated on it (default fp32)")
+    p.add_argument("--combine", choices=["sum", "replace"], default="sum",
+                   help="sum: a ResKD cascade, the running logits are the sum of the stage outputs (default); "
+                        "replace: a confidence cascade of independent models, each stage's logits replace the "
+                        "earlier ones")
+    p.add_argument("--stages", metavar="A,B,...",
+                   help="the run's networks to cascade, in order (default: student and res-students for sum, the "
+                        "recipe's baselines.independent_cascade for replace; e.g. student,kd-resnet8,kd-resnet14)")
     _calibration_args(p)
     p.set_defaults(func=cmd_export)
 

@@ -159,10 +159,10 @@ def test_existing_versions_are_never_overwritten_and_the_highest_is_served(expor
 def test_failed_parity_fails_loudly_and_leaves_nothing(tiny_run, tmp_path, monkeypatch):
     real_export = exporter.export_onnx
 
-    def wrong_model(model, path, shape, precision="fp32"):  # writes another stage's network in place of res1
+    def wrong_model(model, path, shape, precision="fp32", **names):  # another stage's network in place of res1
         if "res1" in path.name:
             model = load_stage(tiny_run[0], "student")[0]
-        return real_export(model, path, shape, precision)
+        return real_export(model, path, shape, precision, **names)
 
     monkeypatch.setattr(exporter, "export_onnx", wrong_model)
     repo = tmp_path / "repo"

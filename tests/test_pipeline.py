@@ -167,8 +167,10 @@ def test_teacher_from_a_checkpoint(tiny_run, tiny_idx, tmp_path):
 def test_res_students_that_read_the_students_features(tiny_run, tiny_idx, tmp_path):
     """input = "features": the res-student is a head on the student's last feature map; the running logits are
     student(x) + head(student.features(x)); its FLOPs are the head's alone; reach weighting and a stage seed
-    train it; export refuses it with a reason (model versions cannot declare stage inputs yet)."""
+    train it; export writes the student with a `features` output and the head reading it, and the runtime gives
+    what PyTorch gives."""
     from reskd.export.exporter import ExportError, export_run
+    from reskd.runtime import CascadeRuntime
     from reskd.training.flops import count_flops
 
     run_dir = tiny_run[0]
@@ -197,5 +199,18 @@ def test_res_students_that_read_the_students_features(tiny_run, tiny_idx, tmp_pa
     np.testing.assert_allclose(saved["test/res1"][:20], want, atol=1e-4)
     losses = [h["loss"] for h in report["models"]["res1"]["history"]]
     assert len(losses) == 2 and all(np.isfinite(losses))
-    with pytest.raises(ExportError, match="stage res1 reads student.features, not the image"):
-        export_run(out, tmp_path / "repo", "x", log=lambda m: None)
+    result = export_run(out, tmp_path / "repo", "x", log=lambda m: None)
+    manifest = result["cascade_manifest"]
+    student_spec, head_spec = manifest.stages
+    assert [(o.name, o.shape) for o in student_spec.outputs] == [("features", [16, 3, 3])]
+    assert [(i.name, i.source) for i in head_spec.inputs] == [("features", "student.features")]
+    assert head_spec.flops == report["models"]["res1"]["flops"] and manifest.combine == "sum"
+    assert manifest.parity.stages["student"].max_abs_output_diff["features"] < 1e-3
+    rt = CascadeRuntime(result["cascade"])
+    with torch.no_grad():
+        want = (student(x) + head(student.features(x))).numpy()
+    np.testing.assert_allclose(rt.all_stage_logits(x.numpy())[1], want, atol=1e-4)
+    with pytest.raises(ExportError, match="res1 must be an earlier stage|student must be an earlier stage"):
+        export_run(out, tmp_path / "repo", "y", stages=["res1", "student"], log=lambda m: None)
+    with pytest.raises(ExportError, match="res1 reads student.features"):
+        export_run(out, tmp_path / "repo", "z", model="res1", log=lambda m: None)

@@ -7,7 +7,8 @@ Two families, both sized for small images (28x28 to 64x64) and any number of inp
 - Heads (`head1`, `head2`, `head3`): 1-3 basic blocks at 64 x width channels on a feature map instead of an image,
   for res-students that read the student's last feature map; `in_channels` is then the map's channels.
 Every model ends in `.fc` (a Linear layer), so a res-student's output can be zero-initialised uniformly, and every
-image model has `features(x)`: its last feature map, before pooling.
+image model has `features(x)`, its last feature map before pooling, and `logits_from_features(f)`, the rest of its
+forward pass (so an exported student can give both without computing the map twice).
 """
 
 from __future__ import annotations
@@ -100,8 +101,11 @@ class CifarResNet(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(F.relu(self.bn1(self.conv1(x))))
 
+    def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(features, 1), 1))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
+        return self.logits_from_features(self.features(x))
 
 
 class FeatureHead(nn.Module):
@@ -165,8 +169,11 @@ class WideResNet(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.bn(self.layers(self.conv1(x))))
 
+    def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(features, 1), 1))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
+        return self.logits_from_features(self.features(x))
 
 
 def _init_weights(model: nn.Module) -> None:
