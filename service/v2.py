@@ -70,8 +70,14 @@ def _metadata(model: ServedModel, versions: list[int]) -> dict:
         "labels": m.labels,
         "input": m.input.model_dump(),
         "stages": [{"stage": i, "name": s.name, "flops": s.flops, "cumulative_flops": cum[i],
-                    "threshold": m.exit.thresholds[i] if i < len(m.exit.thresholds) else None}
+                    "threshold": m.exit.thresholds[i] if i < len(m.exit.thresholds) else None,
+                    # what the stage reads (the images, or an earlier stage's output the server carries for the
+                    # samples that reach it) and the outputs it gives besides logits
+                    "inputs": [{"name": x.name, "source": x.source} for x in s.inputs],
+                    "outputs": [{"name": "logits", "shape": [len(m.labels)]},
+                                *({"name": o.name, "shape": o.shape} for o in s.outputs)]}
                    for i, s in enumerate(m.stages)],
+        "combine": m.combine,
         "exit_measure": m.exit.measure,
         "teacher_flops": m.teacher.flops,
         "metrics": m.metrics.model_dump() if m.metrics else {},
@@ -110,6 +116,7 @@ def _config(model: ServedModel, state: ServerState) -> dict:
         "instance_group": [{"kind": "KIND_GPU" if model.device == "cuda" else "KIND_CPU", "count": 1}],
         "parameters": {"stages": {"string_value": str(model.runtime.num_stages)},
                        "scheduler": {"string_value": model.scheduler.policy},
+                       "combine": {"string_value": model.manifest.combine},
                        "exit_measure": {"string_value": model.manifest.exit.measure}},
     }
 
