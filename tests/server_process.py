@@ -14,7 +14,12 @@ from pathlib import Path
 
 import httpx
 
-MODELS = Path(__file__).resolve().parents[1] / "models"
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLED = ROOT / "models"
+# What the tests' servers serve unless a test says otherwise: the bundled repository's first versions (links to
+# models/*/1), so what the tests assert about stages and exits does not move when a newer version is bundled.
+# tests/test_bundled_model.py and tests/test_stage_inputs.py cover every bundled version.
+MODELS = ROOT / "tests" / "models"
 
 
 def free_port() -> int:
@@ -62,6 +67,7 @@ class ServerProcess(Loopback):
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("RESKD_")}
         self.env.update({f"RESKD_{k.upper()}": str(v) for k, v in settings.items()})
         self.env.setdefault("RESKD_INTRA_OP_THREADS", "1")
+        self.env.setdefault("RESKD_REPO", str(MODELS))
         # One process unless a test is about workers: the limits the tests check hold per worker.
         self.env.setdefault("RESKD_WORKERS", "1")
         # Off unless a test is about it: the wait-based admission reacts to the speed of a machine busy with tests.
@@ -177,7 +183,7 @@ class InProcessServer(Loopback):
         from reskd.service.settings import ServeSettings
 
         self.app = create_app(ServeSettings(**{"device": "cpu", "intra_op_threads": 1, "max_queue_wait_ms": 0,
-                                               **settings}))
+                                               "repo": MODELS, **settings}))
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"

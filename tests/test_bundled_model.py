@@ -16,20 +16,27 @@ from reskd.manifest import ModelRepository
 from reskd.preprocess import preprocess
 from reskd.runtime import CascadeRuntime
 from reskd.training.data import load_fashion_mnist
+from server_process import ServerProcess
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
+VERSIONS = [(name, v) for name in ModelRepository(MODELS).models() for v in ModelRepository(MODELS).versions(name)]
 
 
 def test_bundled_repository_is_small_and_loads():
     size = sum(p.stat().st_size for p in MODELS.rglob("*") if p.is_file())
     assert size <= 16 * 1024 * 1024, f"models/ is {size / 2**20:.1f} MiB, over the 16 MiB budget"
     repo = ModelRepository(MODELS)
-    assert {"fashion-mnist", "fashion-mnist-teacher"} <= set(repo.models())
-    _, cascade = repo.load("fashion-mnist")
-    _, teacher = repo.load("fashion-mnist-teacher")
-    assert len(cascade.stages) >= 2 and len(teacher.stages) == 1
-    assert cascade.teacher.flops == teacher.stages[0].flops
-    assert (cascade.input.channels, cascade.input.height, cascade.input.width) == (1, 28, 28)
+    assert {"fashion-mnist", "fashion-mnist-teacher", "fashion-mnist-independent"} <= set(repo.models())
+    assert repo.versions("fashion-mnist") == repo.versions("fashion-mnist-teacher") == [1, 2]
+    for v in (1, 2):
+        _, cascade = repo.load("fashion-mnist", v)
+        _, teacher = repo.load("fashion-mnist-teacher", v)
+        assert len(cascade.stages) >= 2 and len(teacher.stages) == 1
+        assert cascade.teacher.flops == teacher.stages[0].flops
+        assert cascade.teacher.accuracy == teacher.metrics.adaptive_accuracy
+        assert (cascade.input.channels, cascade.input.height, cascade.input.width) == (1, 28, 28)
+    assert repo.load("fashion-mnist", 2)[1].stages[1].sources == ["student.features"]
+    assert repo.load("fashion-mnist-independent")[1].combine == "replace"
 
 
 @pytest.fixture(scope="module")
@@ -39,22 +46,58 @@ def real_test_set():
     return eval_sets(manifest.source.data, manifest.input)[1]
 
 
-@pytest.mark.real_data
-@pytest.mark.parametrize("name", ["fashion-mnist", "fashion-mnist-teacher"])
-def test_bundled_metrics_hold_on_the_real_test_set(name, real_test_set):
-    path, manifest = ModelRepository(MODELS).load(name)
-    rt = CascadeRuntime(path)
-    result = rt.run(real_test_set.images)
-    every = rt.all_stage_logits(real_test_set.images)
+def check_claims(manifest, labels, class_id, exit_stage, flops, every=None):
+    """What a version measured on the test set (its manifest's metrics) holds for these answers."""
     m = manifest.metrics
-    assert m.n == len(real_test_set.labels) == 10_000
-    assert 100 * (result.class_id == real_test_set.labels).mean() == pytest.approx(100 * m.adaptive_accuracy,
-                                                                                    abs=0.05)
-    for s, claimed in enumerate(m.stage_accuracy):
-        measured = (every[s].argmax(-1) == real_test_set.labels).mean()
-        assert 100 * measured == pytest.approx(100 * claimed, abs=0.05)
-    assert result.flops.mean() == pytest.approx(m.mean_flops, rel=1e-3)
-    assert np.bincount(result.exit_stage, minlength=rt.num_stages).tolist() == pytest.approx(m.exit_counts, abs=5)
+    assert m.n == len(labels) == 10_000
+    assert 100 * (class_id == labels).mean() == pytest.approx(100 * m.adaptive_accuracy, abs=0.05)
+    if every is not None:
+        for s, claimed in enumerate(m.stage_accuracy):
+            assert 100 * (every[s].argmax(-1) == labels).mean() == pytest.approx(100 * claimed, abs=0.05)
+    assert flops.mean() == pytest.approx(m.mean_flops, rel=1e-3)
+    assert np.bincount(exit_stage, minlength=len(manifest.stages)).tolist() == pytest.approx(m.exit_counts, abs=5)
+
+
+@pytest.fixture(scope="module")
+def runtime_answers(real_test_set):
+    """Every bundled version's answers on the real test set, through the runtime."""
+    out = {}
+    for name, version in VERSIONS:
+        rt = CascadeRuntime(MODELS / name / str(version))
+        out[name, version] = rt, rt.run(real_test_set.images)
+    return out
+
+
+@pytest.mark.real_data
+@pytest.mark.parametrize("name, version", VERSIONS)
+def test_bundled_metrics_hold_on_the_real_test_set(name, version, real_test_set, runtime_answers):
+    rt, result = runtime_answers[name, version]
+    check_claims(rt.manifest, real_test_set.labels, result.class_id, result.exit_stage, result.flops,
+                 rt.all_stage_logits(real_test_set.images))
+
+
+@pytest.mark.real_data
+def test_bundled_metrics_hold_through_the_server(real_test_set, runtime_answers):
+    """The whole test set, sent to a real server on the bundled repository with a stock Triton client (FP32
+    tensors, binary), gives every version's claims, and the same answers as the runtime."""
+    import tritonclient.http as triton
+
+    with ServerProcess(repo=MODELS) as server:
+        client = triton.InferenceServerClient(server.url.removeprefix("http://"), network_timeout=120)
+        for name, version in VERSIONS:
+            got = {"class_id": [], "exit_stage": [], "flops": []}
+            for i in range(0, 10_000, 250):
+                x = triton.InferInput("images", [250, 1, 28, 28], "FP32")
+                x.set_data_from_numpy(real_test_set.images[i:i + 250], binary_data=True)
+                out = client.infer(name, [x], model_version=str(version),
+                                   outputs=[triton.InferRequestedOutput(k, binary_data=True) for k in got])
+                for k in got:
+                    got[k].append(out.as_numpy(k))
+            got = {k: np.concatenate(v) for k, v in got.items()}
+            rt, result = runtime_answers[name, version]
+            check_claims(rt.manifest, real_test_set.labels, **got)
+            np.testing.assert_array_equal(got["class_id"], result.class_id)
+            np.testing.assert_array_equal(got["exit_stage"], result.exit_stage)
 
 
 @pytest.mark.real_data

@@ -27,9 +27,8 @@ from reskd.device import Device
 from reskd.manifest import load_manifest
 from reskd.preprocess import preprocess
 from reskd.runtime import CascadeRuntime
-from server_process import MODELS, free_port, metric, scrape, wait_until_ready
+from server_process import MODELS, ROOT, free_port, metric, scrape, wait_until_ready
 
-ROOT = MODELS.parent
 CASCADE = MODELS / "fashion-mnist" / "1"
 TAG = "reskd:pytest"
 UID = "10001"
