@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 import shutil
-import tempfile
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -141,7 +141,10 @@ def write_version(repo: Path, name: str, version: int, build: Callable[[Path], M
     if final.exists():
         raise ExportError(f"{final} already exists: versions are never overwritten; pick another --version")
     (repo / name).mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=repo / name))
+    # mkdir, not mkdtemp: the folder gets the umask's permissions (mkdtemp's 0700 would keep a server running as
+    # another user, e.g. in a container, from reading the version)
+    tmp = repo / name / f".{version}-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()
     try:
         manifest = build(tmp)
         tmp.rename(final)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -49,6 +50,13 @@ def test_repository_layout_and_manifest(exported):
         assert parity.running_argmax_agreement == 1.0
         assert parity.n == 100  # every validation image
     assert m.parity.exit_stage_agreement == 1.0
+    assert m.combine == "sum" and all(s.sources == ["images"] and not s.outputs for s in m.stages)
+    # the version folders get the umask's permissions (a server running as another user, e.g. in the
+    # container, must read them), not a temporary folder's 0700
+    umask = os.umask(0)
+    os.umask(umask)
+    for folder in (repo / "tiny" / "1", repo / "tiny-teacher" / "1"):
+        assert folder.stat().st_mode & 0o777 == 0o777 & ~umask, oct(folder.stat().st_mode)
 
 
 def test_runtime_matches_pytorch(exported, tiny_run, test_set):
