@@ -2,8 +2,8 @@
 
     python bench/device_run.py --out device-run.json [--device cuda] [--duration 3] [--tiny]
 
-1. In process, per model version (fashion-mnist/1 and fashion-mnist-teacher/1, pinned, plus any newer bundled
-   version of either) and per engine (bound with CUDA graphs, bound without, host): the 10k Fashion-MNIST test
+1. In process, per model version (fashion-mnist/1 and fashion-mnist-teacher/1, pinned, plus every newer bundled
+   version of either and fashion-mnist-independent: stage inputs and both cascade kinds) and per engine (bound with CUDA graphs, bound without, host): the 10k Fashion-MNIST test
    images through CascadeRuntime.run at batch 256 (accuracy, mean FLOPs, exits: the same on every engine), then
    images/s at batch 1, 32 and 256 and single-image latency p50/p99.
 2. Served (`reskd serve` on loopback, default settings but the scheduler): per scheduler (auto, stage, request,
@@ -38,6 +38,7 @@ from common import test_set  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
 CASCADE, TEACHER, NOOP = "fashion-mnist", "fashion-mnist-teacher", "noop"
+INDEPENDENT = "fashion-mnist-independent"
 
 
 class Results:
@@ -64,11 +65,12 @@ class Results:
 
 
 def versions() -> list[tuple[str, int]]:
-    """fashion-mnist/1 and fashion-mnist-teacher/1, then every newer bundled version of either."""
+    """fashion-mnist/1 and fashion-mnist-teacher/1, then every newer bundled version of either, then the
+    independent-models cascade."""
     from reskd.manifest import ModelRepository
 
     repo = ModelRepository(MODELS)
-    return [(name, v) for name in (CASCADE, TEACHER) for v in repo.versions(name)]
+    return [(name, v) for name in (CASCADE, TEACHER, INDEPENDENT) for v in repo.versions(name)]
 
 
 def engines(device: str) -> dict:

@@ -3,6 +3,10 @@
 saving turns into speed (time ratio / compute ratio against the teacher).
 
     python bench/inprocess_throughput.py [--device cpu|cuda] [--seconds 3] [--batches 1,32,256]
+                                         [--cascades fashion-mnist:1] [--teacher fashion-mnist-teacher:1] [--no-kd]
+
+Versions are named explicitly (NAME:VERSION), so a newer bundled version does not change what a figure means;
+several cascades (e.g. a ResKD one and a cascade of independent models) are timed in one run.
 
 All sessions share one onnxruntime thread pool of one thread per core, as `reskd serve` runs them
 (reskd.device.Device, shared_pool). Inputs cycle through the 10k real test images, so the adaptive cascade's exits are
@@ -17,8 +21,9 @@ import time
 
 import numpy as np
 
-from common import CASCADE, KD_MODELS, MODELS, TEACHER, machine, test_set
+from common import KD_MODELS, MODELS, machine, test_set
 from reskd.device import Device
+from reskd.manifest import parse_model_ref
 from reskd.runtime import CascadeRuntime
 
 
@@ -44,28 +49,43 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--seconds", type=float, default=3)
     ap.add_argument("--batches", default="1,32,256")
+    ap.add_argument("--cascades", default="fashion-mnist:1", help="comma-separated NAME:VERSION")
+    ap.add_argument("--teacher", default="fashion-mnist-teacher:1", help="NAME:VERSION")
+    ap.add_argument("--no-kd", action="store_true", help="leave out the bundled KD single models")
     ap.add_argument("--json")
     args = ap.parse_args()
     device = Device.resolve(args.device, shared_pool=True)
     _, images, labels = test_set()
-    cascade = CascadeRuntime(MODELS / CASCADE / "1", device=device)
-    teacher = CascadeRuntime(MODELS / TEACHER / "1", device=device)
-    t_flops = cascade.manifest.teacher.flops
-    adaptive = cascade.run(images)
-    runs = {
-        "teacher": (teacher.run, t_flops, float((teacher.run(images).class_id == labels).mean())),
-        "full cascade": (lambda x: cascade.run(x, early_exit=False), float(cascade.cum_flops[-1]), None),
-        "adaptive cascade": (cascade.run, float(adaptive.flops.mean()), float((adaptive.class_id == labels).mean())),
-        "student alone (KD resnet8x0.5)": (lambda x: cascade.run(x, max_stage=0), float(cascade.cum_flops[0]),
-                                           float((cascade.run(images, max_stage=0).class_id == labels).mean())),
-    }
-    for name in KD_MODELS:
-        rt = CascadeRuntime(MODELS / name / "1", device=device)
+
+    def open_version(ref: str) -> CascadeRuntime:
+        name, version = parse_model_ref(ref)
+        if version is None:
+            raise SystemExit(f"name a version explicitly: {ref}:N")
+        return CascadeRuntime(MODELS / name / str(version), device=device)
+
+    teacher = open_version(args.teacher)
+    t_flops = float(teacher.cum_flops[-1])
+    runs = {"teacher": (teacher.run, t_flops, float((teacher.run(images).class_id == labels).mean()))}
+    several = "," in args.cascades
+    for ref in args.cascades.split(","):
+        cascade = open_version(ref)
+        adaptive = cascade.run(images)
+        full = cascade.run(images, early_exit=False)
+        tag = f"{ref} " if several else ""
+        runs[f"{tag}full cascade"] = (lambda x, c=cascade: c.run(x, early_exit=False), float(cascade.cum_flops[-1]),
+                                      float((full.class_id == labels).mean()))
+        runs[f"{tag}adaptive cascade"] = (cascade.run, float(adaptive.flops.mean()),
+                                          float((adaptive.class_id == labels).mean()))
+        runs[f"{tag}stage 0 alone"] = (lambda x, c=cascade: c.run(x, max_stage=0), float(cascade.cum_flops[0]),
+                                       float((cascade.run(images, max_stage=0).class_id == labels).mean()))
+    for name in () if args.no_kd else KD_MODELS:
+        rt = open_version(f"{name}:1")
         runs[f"KD {name.removeprefix('fashion-mnist-kd-')}"] = (rt.run, float(rt.cum_flops[-1]),
                                                                float((rt.run(images).class_id == labels).mean()))
     batches = [int(b) for b in args.batches.split(",")]
     print(f"machine: {machine()}; device {args.device}; shared onnxruntime pool; best of 3")
-    print(f"{'model':<32} {'acc %':>6} {'% FLOPs':>8}" + "".join(f" {'b' + str(b) + ' img/s':>12}" for b in batches)
+    width = max(32, *(len(n) + 1 for n in runs))
+    print(f"{'model':<{width}} {'acc %':>6} {'% FLOPs':>8}" + "".join(f" {'b' + str(b) + ' img/s':>12}" for b in batches)
           + "  speed-up vs teacher at b" + str(batches[-1]) + " (compute ratio)")
     results = {}
     for name, (fn, flops, acc) in runs.items():
@@ -79,12 +99,13 @@ def main() -> None:
         r["speedup_vs_teacher"] = {b: r["images_per_s"][b] / t_rate[b] for b in batches}
         r["compute_ratio"] = compute
         acc = f"{100 * r['accuracy']:.2f}" if r["accuracy"] is not None else "-"
-        print(f"{name:<32} {acc:>6} {100 * r['flops'] / t_flops:>8.2f}"
+        print(f"{name:<{width}} {acc:>6} {100 * r['flops'] / t_flops:>8.2f}"
               + "".join(f" {r['images_per_s'][b]:>12,.0f}" for b in batches)
               + f"  {speed:.2f}x ({compute:.1f}x)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine(), "device": args.device, "results": results}, f, indent=1)
+            json.dump({"machine": machine(), "device": args.device, "cascades": args.cascades,
+                       "teacher": args.teacher, "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":
