@@ -72,10 +72,6 @@ class Plan:
     shapes: dict[str, tuple[int, ...]]
 
     @classmethod
-    def images_only(cls, num_stages: int, input_shape: tuple[int, ...]) -> Plan:
-        return cls(tuple(StageIO(((IMAGES, IMAGES),)) for _ in range(num_stages)), {IMAGES: tuple(input_shape)})
-
-    @classmethod
     def of(cls, manifest: Manifest) -> Plan:
         read = {i.source for stage in manifest.stages for i in stage.inputs}
         stages = []
@@ -393,9 +389,9 @@ class BoundEngine:
                        [("images", self.gathered[source], size)])
 
     def _gather_many(self, shape: tuple[int, ...], parts: list[tuple[DeviceBlock, np.ndarray]], size: int,
-                     out: ort.OrtValue | None, out_rows: int) -> None:
-        """Rows of blocks of their own (or of one fixed buffer) -> the first `out_rows` rows of `out` (not
-        captured: the blocks change from batch to batch); out None: a new value, bound by onnxruntime."""
+                     out: ort.OrtValue) -> None:
+        """Rows of blocks of their own (or of one fixed buffer) -> the first `size` rows of `out` (not captured:
+        the blocks change from batch to batch)."""
         offsets: dict[int, int] = {}
         blocks: list[DeviceBlock] = []
         for block, _ in parts:
@@ -417,7 +413,7 @@ class BoundEngine:
             else:
                 binding.bind_ortvalue_input(f"b{i}", self.empty[shape])
         binding.bind_cpu_input("indices", indices)
-        self._bind(binding, "images", out, out_rows, output=True)
+        self._bind(binding, "images", out, size, output=True)
         session.run_with_iobinding(binding)
 
     def _keep(self, source: str, rows: int, size: int) -> DeviceBlock:
@@ -425,7 +421,7 @@ class BoundEngine:
         shape = self.plan.shapes[source]
         value = ort.OrtValue.ortvalue_from_shape_and_type([size, *shape], np.float32, self.device_name, 0)
         fixed = DeviceBlock(size, size, None, source)
-        self._gather_many(shape, [(fixed, np.arange(size))], size, value, size)
+        self._gather_many(shape, [(fixed, np.arange(size))], size, value)
         return DeviceBlock(rows, size, value, source)
 
     def run(self, stage: int, parts: list[Part], keep: bool = False) -> StageRun:
@@ -454,7 +450,7 @@ class BoundEngine:
                         picked = located[0][1] if len(located) == 1 else np.concatenate([r for _, r in located])
                         self._gather_fixed(src, fixed[0], picked, size)
                     else:
-                        self._gather_many(self.plan.shapes[src], located, size, self.gathered[src], size)
+                        self._gather_many(self.plan.shapes[src], located, size, self.gathered[src])
                 self._stage(stage, tuple((name, f"gathered:{src}") for name, src in io.inputs), size)
             # Only the logits come back to the host (the whole fixed buffer: [largest, classes], a few KB).
             logits = np.array(self.outputs[stage].numpy()[:rows])
@@ -509,7 +505,7 @@ class BoundEngine:
                                     self._gather_fixed(src, block, np.arange(smaller), smaller)
                     for src in self.gathered:
                         self._gather_many(self.plan.shapes[src], [(uploaded[src], np.arange(size))], size,
-                                          self.gathered[src], size)
+                                          self.gathered[src])
                     for s, io in enumerate(self.plan.stages):
                         self._stage(s, tuple((name, f"gathered:{src}") for name, src in io.inputs), size)
                         for _, src in io.carried:
