@@ -3,13 +3,15 @@
     python bench/device_run.py --out device-run.json [--device cuda] [--duration 3] [--tiny]
 
 1. In process, per model version (fashion-mnist/1 and fashion-mnist-teacher/1, pinned, plus every newer bundled
-   version of either and fashion-mnist-independent: stage inputs and both cascade kinds) and per engine (bound with CUDA graphs, bound without, host): the 10k Fashion-MNIST test
-   images through CascadeRuntime.run at batch 256 (accuracy, mean FLOPs, exits: the same on every engine), then
-   images/s at batch 1, 32 and 256 and single-image latency p50/p99.
+   version of either and fashion-mnist-independent: stage inputs and both cascade kinds) and per engine (bound
+   with CUDA graphs, bound without, host): the 10k Fashion-MNIST test images through CascadeRuntime.run at batch
+   256 (accuracy, mean FLOPs, exits: the same on every engine), then images/s at batch 1, 32 and 256 and
+   single-image latency p50/p99.
 2. Served (`reskd serve` on loopback, default settings but the scheduler): per scheduler (auto, stage, request,
-   and auto with CUDA graphs off), and auto with two worker processes on the GPU, for the cascade, the teacher and a no-op model (one tiny stage: the HTTP
-   ceiling, served the same way): single images at concurrency 1 (p50/p99), 256-image v2 binary requests at
-   concurrency 8, 32-image PNG multipart requests at concurrency 16; the server's own per-stage counters.
+   and auto with CUDA graphs off), and auto with two worker processes on the GPU, for the cascade, the teacher and
+   a no-op model (one tiny stage: the HTTP ceiling, served the same way): single images at concurrency 1
+   (p50/p99), 256-image v2 binary requests at concurrency 8, 32-image PNG multipart requests at concurrency 16;
+   the server's own per-stage counters.
 Every figure is written to --out as soon as it is measured, so a cut-off run keeps what it finished. --tiny: a
 rehearsal of every step in seconds (the test suite runs it on CPU); --device cpu measures the CPU the same way.
 """

@@ -85,7 +85,8 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     print(f"machine: {machine()}; device {args.device}; shared onnxruntime pool; best of 3")
     width = max(32, *(len(n) + 1 for n in runs))
-    print(f"{'model':<{width}} {'acc %':>6} {'% FLOPs':>8}" + "".join(f" {'b' + str(b) + ' img/s':>12}" for b in batches)
+    print(f"{'model':<{width}} {'acc %':>6} {'% FLOPs':>8}"
+          + "".join(f" {'b' + str(b) + ' img/s':>12}" for b in batches)
           + "  speed-up vs teacher at b" + str(batches[-1]) + " (compute ratio)")
     results = {}
     for name, (fn, flops, acc) in runs.items():

@@ -58,8 +58,8 @@ def main() -> None:
                 row = {"bound": True, "search": search,
                        "upload256_ms": round(timed(lambda: bound.upload(x), args.repeats), 3)}
                 for s in range(rt.num_stages):
-                    row[f"stage{s}_whole256_ms"] = round(timed(lambda: bound.run(s, [images_part(blocks[0], np.arange(256))]),
-                                                               args.repeats), 3)
+                    row[f"stage{s}_whole256_ms"] = round(timed(
+                        lambda: bound.run(s, [images_part(blocks[0], np.arange(256))]), args.repeats), 3)
                     row[f"stage{s}_gather4_from1_ms"] = round(timed(
                         lambda: bound.run(s, [images_part(blocks[0], np.array([3, 9, 27, 81]))]), args.repeats), 3)
                     row[f"stage{s}_gather16_from8_ms"] = round(timed(

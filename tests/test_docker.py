@@ -24,12 +24,14 @@ from conftest import real_test_images
 from docker_engine import Engine, EngineUnavailable, build, dockerfile_base, ensure_base, fail_or_skip
 from prometheus_process import Prometheus, prometheus_or_fail
 from reskd.device import Device
-from reskd.manifest import load_manifest
+from reskd.manifest import ModelRepository, load_manifest
 from reskd.preprocess import preprocess
 from reskd.runtime import CascadeRuntime
-from server_process import MODELS, ROOT, free_port, metric, scrape, wait_until_ready
+from server_process import BUNDLED, ROOT, free_port, metric, scrape, wait_until_ready
 
-CASCADE = MODELS / "fashion-mnist" / "1"
+# The image serves the bundled repository: a request without a version gets its highest version.
+LATEST = str(ModelRepository(BUNDLED).versions("fashion-mnist")[-1])
+CASCADE = BUNDLED / "fashion-mnist" / LATEST
 TAG = "reskd:pytest"
 UID = "10001"
 
@@ -123,7 +125,7 @@ def prometheus(container, tmp_path_factory):
     prom = Prometheus(binary, config_dir / "prometheus.yml", workdir)
     try:
         prom.wait_for('up{job="reskd"}', lambda v: v == 1)
-        prom.wait_for('reskd_images_total{model="fashion-mnist"}', lambda v: v == 0)
+        prom.wait_for(f'reskd_images_total{{model="fashion-mnist",version="{LATEST}"}}', lambda v: v == 0)
         yield prom
     finally:
         prom.stop()
@@ -154,14 +156,15 @@ def test_container_classifies_real_images_as_the_in_process_runtime(container, p
         assert [p["flops"] for p in served] == want.flops.tolist(), params
         assert [p["confidence"] for p in served] == pytest.approx(want.confidence.tolist(), abs=1e-6)
         stages_seen |= set(want.exit_stage.tolist())
-    assert stages_seen == {0, 1, 2}  # the comparison covered every exit stage
+    assert stages_seen == set(range(runtime.num_stages))  # the comparison covered every exit stage
     # The image's /metrics counted exactly that.
     with httpx.Client(base_url=container.url) as c:
         samples = scrape(c)
-    assert metric(samples, "reskd_images_total", model="fashion-mnist") == 3 * len(pngs)
-    assert metric(samples, "reskd_exit_confidence_count", model="fashion-mnist") == 3 * len(pngs)
+    served = {"model": "fashion-mnist", "version": LATEST}
+    assert metric(samples, "reskd_images_total", **served) == 3 * len(pngs)
+    assert metric(samples, "reskd_exit_confidence_count", **served) == 3 * len(pngs)
     manifest = load_manifest(CASCADE)
-    assert metric(samples, "reskd_calibrated_compute_fraction", model="fashion-mnist") == pytest.approx(
+    assert metric(samples, "reskd_calibrated_compute_fraction", **served) == pytest.approx(
         manifest.calibration.mean_flops / manifest.teacher.flops)
     assert metric(samples, "reskd_ready") == 1
 
@@ -200,13 +203,13 @@ def test_prometheus_with_the_deploy_rules_matches_the_servers_counters(container
     classify(container.url, pngs[:20], threshold=0.95)
     with httpx.Client(base_url=container.url) as c:
         samples = scrape(c)
-    cm = {"model": "fashion-mnist", "version": "1"}
+    cm = {"model": "fashion-mnist", "version": LATEST}
     images = metric(samples, "reskd_images_total", **cm)
     want = metric(samples, "reskd_flops_total", **cm) / metric(samples, "reskd_teacher_flops_total", **cm)
     assert images > 0
-    prometheus.wait_for('reskd_images_total{model="fashion-mnist"}', lambda v: v == images)
-    got = prometheus.wait_for('model_version:reskd_compute_fraction:rate5m{model="fashion-mnist",version="1"}',
-                              lambda v: math.isclose(v, want, rel_tol=1e-9))
+    prometheus.wait_for(f'reskd_images_total{{model="fashion-mnist",version="{LATEST}"}}', lambda v: v == images)
+    series = f'model_version:reskd_compute_fraction:rate5m{{model="fashion-mnist",version="{LATEST}"}}'
+    got = prometheus.wait_for(series, lambda v: math.isclose(v, want, rel_tol=1e-9))
     assert 0 < got < 1
     # Every rule group loaded from deploy/prometheus and evaluates without error on the real series.
     groups = httpx.get(f"{prometheus.url}/api/v1/rules", timeout=10).json()["data"]["groups"]

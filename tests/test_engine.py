@@ -108,13 +108,15 @@ def test_padding_rows_are_reported_and_repeat_a_real_row(bound):
     logits_rows, padding, _ = engine.run(0, [images_part(block, np.array([4, 0]))])
     assert padding == 4 - 2
     np.testing.assert_allclose(logits_rows, logits[[4, 0]], atol=1e-5)
-    parts, padding, _ = engine.run(2, [images_part(block, np.array([3])), images_part(block, np.array([1, 2]))])  # one block, several parts
+    # one block, several parts
+    parts, padding, _ = engine.run(2, [images_part(block, np.array([3])), images_part(block, np.array([1, 2]))])
     assert padding == 4 - 3
     np.testing.assert_allclose(parts, bound.stage_logits(2, x[[3, 1, 2]]), atol=1e-5)
     uploaded = [engine.upload(x[:3]), engine.upload(x[3:])]
     with pytest.raises(ValueError, match="staged block cannot be mixed"):
         engine.run(0, [images_part(engine.stage_block(x), np.array([0])), images_part(uploaded[0], np.array([0]))])
-    merged, padding, _ = engine.run(1, [images_part(uploaded[1], np.array([1])), images_part(uploaded[0], np.array([0, 2]))])
+    merged, padding, _ = engine.run(1, [images_part(uploaded[1], np.array([1])),
+                                        images_part(uploaded[0], np.array([0, 2]))])
     assert padding == 4 - 3
     np.testing.assert_allclose(merged, bound.stage_logits(1, x[[4, 0, 2]]), atol=1e-5)
 
