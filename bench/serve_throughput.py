@@ -2,7 +2,7 @@
 for the teacher, and LitServe serving the same teacher ONNX with its own dynamic batching.
 
     python bench/serve_throughput.py [--duration 8] [--schedulers stage,request,none] [--threshold T] \
-        [--litserve] [--json FILE]
+        [--cascade fashion-mnist:1] [--teacher fashion-mnist-teacher:1] [--litserve] [--json FILE]
 
 Loads: single-image requests at concurrency 1, 16 and 64, and 32-image requests at concurrency 16; every body a
 multipart POST (`file` parts, as a browser or curl -F sends), cycling through distinct real Fashion-MNIST test
@@ -11,7 +11,9 @@ requests of 256 normalised test images each (FP32 `images` in the binary tensor 
 concurrency 8, beside the same cascade and teacher run in this process at batch 256 (no HTTP: the ceiling). A
 fresh server per scheduler (default settings: max batch 64, delay 2 ms); wrk -t2 (-t1 at concurrency 1) on the
 same machine. --threshold sends more images to later stages (one threshold for every exit; v1 only), where
-per-stage re-batching has survivors to merge.
+per-stage re-batching has survivors to merge. --cascade / --teacher pin the versions measured (requests name
+them); the server serves the tests' pinned repository of first versions (tests/models) when both are version 1,
+the bundled repository otherwise.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from common import CASCADE, MODELS, ROOT, TEACHER, machine, test_set
+from common import MODELS, ROOT, machine, test_set
+from reskd.manifest import ModelRepository, parse_model_ref
 
 sys.path.insert(0, str(ROOT / "tests"))
 from server_process import ServerProcess, children_of, free_port, metric, scrape  # noqa: E402
@@ -158,7 +161,7 @@ def litserve_run(listings: dict, duration: int, python: str = sys.executable, op
             pass
 
 
-def inprocess_rate(images: np.ndarray, batch: int, seconds: float) -> dict:
+def inprocess_rate(images: np.ndarray, batch: int, seconds: float, versions: dict[str, int]) -> dict:
     """images/s of the adaptive cascade and of the teacher through the runtime at `batch`, as bench/
     inprocess_throughput.py measures them (one shared pool of a thread per core, best of 3)."""
     from inprocess_throughput import rate
@@ -168,8 +171,8 @@ def inprocess_rate(images: np.ndarray, batch: int, seconds: float) -> dict:
 
     device = Device.resolve("cpu", shared_pool=True)
     out = {}
-    for model in (CASCADE, TEACHER):
-        rt = CascadeRuntime(MODELS / model / "1", device=device)
+    for model, version in versions.items():
+        rt = CascadeRuntime(MODELS / model / str(version), device=device)
         out[model] = rate(rt.run, images, batch, seconds)
     return out
 
@@ -180,6 +183,8 @@ def main() -> None:
     ap.add_argument("--schedulers", default="stage,request,none")
     ap.add_argument("--loads", default=",".join(LOADS))
     ap.add_argument("--threshold", type=float)
+    ap.add_argument("--cascade", default="fashion-mnist:1", help="NAME:VERSION")
+    ap.add_argument("--teacher", default="fashion-mnist-teacher:1", help="NAME:VERSION")
     ap.add_argument("--litserve", action="store_true", help="also LitServe serving the teacher (pip install litserve)")
     ap.add_argument("--litserve-python", default=sys.executable,
                     help="the Python whose environment has litserve (and reskd[serve]); default this one")
@@ -194,7 +199,15 @@ def main() -> None:
         sys.exit("wrk is not installed (apt-get install wrk)")
     loads = args.loads.split(",")
     query = "" if args.threshold is None else f"?threshold={args.threshold}"
-    results = {"machine": machine(), "duration_s": args.duration, "threshold": args.threshold, "reskd": {}}
+    refs = {role: parse_model_ref(ref) for role, ref in (("cascade", args.cascade), ("teacher", args.teacher))}
+    if any(v is None for _, v in refs.values()):
+        sys.exit("name the versions: --cascade NAME:VERSION --teacher NAME:VERSION")
+    cascade, teacher = refs["cascade"][0], refs["teacher"][0]
+    versions = dict(refs.values())
+    stages = len(ModelRepository(MODELS).load(cascade, versions[cascade])[1].stages)
+    repo = {} if set(versions.values()) == {1} else {"repo": MODELS}
+    results = {"machine": machine(), "duration_s": args.duration, "threshold": args.threshold,
+               "models": {"cascade": cascade, "teacher": teacher}, "versions": versions, "reskd": {}}
     pngs = encode_pngs(2000)
     with tempfile.TemporaryDirectory() as tmp:
         listings = {n: write_bodies(Path(tmp), pngs, n, 60) for n in {LOADS[k][0] for k in loads if k not in V2_LOADS}}
@@ -208,15 +221,16 @@ def main() -> None:
             # onnxruntime thread and one process).
             with ServerProcess(**{"scheduler": scheduler, "log_level": "warning", "max_queue_wait_ms": 0,
                                   "max_queue_images": 4096, "intra_op_threads": 0, "workers": 0,
-                                  **settings}) as server:
-                for model in (CASCADE, TEACHER):
-                    url = f"{server.url}/v1/models/{model}/classify{query if model == CASCADE else ''}"
+                                  **repo, **settings}) as server:
+                for model in (cascade, teacher):
+                    path = f"models/{model}/versions/{versions[model]}"
+                    url = f"{server.url}/v1/{path}/classify{query if model == cascade else ''}"
                     for load in loads:
                         images, conc = LOADS[load]
                         cpu_before = process_cpu_s(server.proc.pid)
                         if load in V2_LOADS:
                             listing, header_length = v2[load]
-                            r = run_wrk(f"{server.url}/v2/models/{model}/infer", listing, conc, args.duration,
+                            r = run_wrk(f"{server.url}/v2/{path}/infer", listing, conc, args.duration,
                                         images, "application/octet-stream",
                                         f"Inference-Header-Content-Length: {header_length}")
                         else:
@@ -228,14 +242,14 @@ def main() -> None:
                         print(json.dumps({"scheduler": scheduler, "model": model, "load": load, **r}), flush=True)
                 with server.client() as c:
                     m = scrape(c)
-                labels = {"model": CASCADE, "version": "1"}
+                labels = {"model": cascade, "version": str(versions[cascade])}
                 results["reskd"][scheduler]["mean_batch"] = {
-                    s: metric(m, "reskd_batch_size_sum", stage=s, **labels)
-                    / max(1.0, metric(m, "reskd_batch_size_count", stage=s, **labels)) for s in ("0", "1", "2")}
-                results["reskd"][scheduler]["exits"] = [metric(m, "reskd_exits_total", stage=s, **labels)
-                                                        for s in ("0", "1", "2")]
+                    str(s): metric(m, "reskd_batch_size_sum", stage=str(s), **labels)
+                    / max(1.0, metric(m, "reskd_batch_size_count", stage=str(s), **labels)) for s in range(stages)}
+                results["reskd"][scheduler]["exits"] = [metric(m, "reskd_exits_total", stage=str(s), **labels)
+                                                        for s in range(stages)]
         if v2:  # the same cascade in this process, no HTTP: what the served figure is a share of
-            results["inprocess_256"] = inprocess_rate(normalised, 256, args.duration)
+            results["inprocess_256"] = inprocess_rate(normalised, 256, args.duration, versions)
             print(json.dumps({"inprocess_256": results["inprocess_256"]}), flush=True)
         if args.litserve and 1 in listings:
             results["litserve_teacher"] = litserve_run(listings, args.duration, args.litserve_python,
@@ -247,8 +261,9 @@ def main() -> None:
 
 
 def report(results: dict, loads: list[str]) -> None:
+    CASCADE, TEACHER = results["models"]["cascade"], results["models"]["teacher"]  # noqa: N806
     print(f"\nmachine: {results['machine']}; wrk on loopback, {results['duration_s']} s per run; "
-          f"threshold {results['threshold'] or 'calibrated'}")
+          f"threshold {results['threshold'] or 'calibrated'}; versions {results['versions']}")
     print(f"{'scheduler':<9} {'model':<22} {'load':<13} {'req/s':>8} {'img/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
           f"{'server CPU ms/req':>18}")
     for scheduler, per_model in results["reskd"].items():
