@@ -4,6 +4,7 @@ Fashion-MNIST test set as its manifest claims."""
 from __future__ import annotations
 
 import io
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -121,3 +122,23 @@ def test_png_files_and_tensors_give_identical_classes(tmp_path, real_test_set):
     buf = io.BytesIO()
     Image.fromarray(images[0]).save(buf, format="JPEG", quality=95)
     assert preprocess(buf.getvalue(), manifest.input).shape == (1, 28, 28)
+
+
+@pytest.mark.real_data
+def test_calibrating_the_independent_cascade_for_a_budget_gives_the_ablations_curve_point(tmp_path):
+    """`reskd calibrate --flops-budget` on the bundled independent-models cascade (combine: replace), through the
+    runtime on the real validation split, chooses what the ablation chose from PyTorch's logits for that budget
+    (its curve point at 15.9% of the teacher's FLOPs: thresholds 0.7621 / 0.7134, test 92.62% at 16.08%, exits
+    8,758 / 518 / 724, docs/ablation.md and bench/reproduce_ablation.py)."""
+    from reskd.cli import main
+
+    real_fashion_mnist_or_fail()
+    shutil.copytree(MODELS / "fashion-mnist-independent", tmp_path / "fashion-mnist-independent")
+    assert main(["calibrate", "--repo", str(tmp_path), "--model", "fashion-mnist-independent:1",
+                 "--flops-budget", "16"]) == 0
+    manifest = ModelRepository(tmp_path).load("fashion-mnist-independent", 1)[1]
+    assert manifest.combine == "replace"
+    assert manifest.exit.thresholds == pytest.approx([0.7621, 0.7134], abs=1e-4)
+    assert 100 * manifest.metrics.adaptive_accuracy == pytest.approx(92.62, abs=0.005)
+    assert manifest.metrics.pct_teacher_flops == pytest.approx(16.08, abs=0.005)
+    assert manifest.metrics.exit_counts == [8758, 518, 724]
