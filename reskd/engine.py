@@ -240,6 +240,13 @@ def _is_range(rows: np.ndarray) -> bool:
     return len(rows) == 0 or (rows[0] == 0 and rows[-1] == len(rows) - 1 and bool(np.all(np.diff(rows) == 1)))
 
 
+def _whole(located: list[tuple[Any, np.ndarray]], rows: int) -> Any:
+    """The block, when a source's rows are one whole block in order (nothing to gather); else None."""
+    if len(located) == 1 and located[0][0].rows == rows and _is_range(located[0][1]):
+        return located[0][0]
+    return None
+
+
 @dataclass(eq=False)
 class DeviceBlock:
     """A source's rows on the device: a block of its own (value set: uploaded images, or a kept copy of a carried
@@ -429,16 +436,16 @@ class BoundEngine:
         rows = _rows_of(parts)
         with self.lock:
             sources = {src: [p[src] for p in parts] for _, src in io.inputs}
-            whole = [(name, located[0][0]) for name, src in io.inputs for located in [sources[src]]
-                     if len(located) == 1 and located[0][0].value is None and located[0][0].rows == rows
-                     and _is_range(located[0][1])]
-            buckets = {block.bucket for _, block in whole}
-            if len(whole) == len(io.inputs) and len(buckets) == 1:
+            whole = {name: _whole(sources[src], rows) for name, src in io.inputs}
+            blocks = list(whole.values())
+            one_bucket = all(blocks) and len({b.bucket for b in blocks}) == 1
+            if one_bucket and all(b.value is None for b in blocks):
                 # every input a whole fixed buffer (stage 0 on the staging buffer, or all survived): in place
-                size = buckets.pop()
-                self._stage(stage, tuple((name, block.buffer) for name, block in whole), size)
-            elif not self.graphs and self._whole_uploaded(sources, rows):
-                size = self._direct(stage, sources)
+                size = blocks[0].bucket
+                self._stage(stage, tuple((name, block.buffer) for name, block in whole.items()), size)
+            elif one_bucket and not self.graphs and all(b.value is not None for b in blocks):
+                size = blocks[0].bucket
+                self._direct(stage, whole, size)  # whole blocks of their own, no graphs to keep: no copy
             else:
                 size = self.buckets.size(rows)
                 for name, src in io.inputs:
@@ -458,29 +465,16 @@ class BoundEngine:
                        for _, src in io.carried}
             return StageRun(logits, size - rows, carried)
 
-    @staticmethod
-    def _whole_uploaded(sources: dict[str, list[tuple[DeviceBlock, np.ndarray]]], rows: int) -> bool:
-        """Every input one whole block of its own, all of one bucket: bound as they are (no graphs to keep)."""
-        blocks = [located[0][0] for located in sources.values() if len(located) == 1]
-        return (len(blocks) == len(sources) and all(b.value is not None and b.rows == rows for b in blocks)
-                and len({b.bucket for b in blocks}) == 1
-                and all(_is_range(located[0][1]) for located in sources.values()))
-
-    def _direct(self, stage: int, sources: dict[str, list[tuple[DeviceBlock, np.ndarray]]]) -> int:
-        """Stage on whole blocks of their own, bound as they are (not a prepared call); -> their bucket."""
-        io = self.plan.stages[stage]
+    def _direct(self, stage: int, blocks: dict[str, DeviceBlock], size: int) -> None:
+        """Stage on whole blocks of their own (graph input -> block), bound as they are (not a prepared call)."""
         session = self.sessions[stage]
         binding = session.io_binding()
-        size = 0
-        for name, src in io.inputs:
-            block = sources[src][0][0]
+        for name, block in blocks.items():
             binding.bind_ortvalue_input(name, block.value)
-            size = block.bucket
         self._bind(binding, "logits", self.outputs[stage], size, output=True)
-        for name, src in io.carried:
+        for name, src in self.plan.stages[stage].carried:
             self._bind(binding, name, self.carried[src], size, output=True)
         session.run_with_iobinding(binding)
-        return size
 
     def warm_up(self, batch_sizes: list[int] | None = None) -> None:
         """Every prepared call, three times: every stage at every bucket on its fixed buffers in place and from
@@ -498,11 +492,10 @@ class BoundEngine:
                     for s in range(len(self.sessions)):
                         run = self.run(s, [where])  # in place
                         where.update({src: (block, np.arange(size)) for src, block in run.carried.items()})
-                    for src, (block, _) in where.items():
-                        if src in self.gathered:
-                            for smaller in self.buckets.sizes:
-                                if smaller <= size:
-                                    self._gather_fixed(src, block, np.arange(smaller), smaller)
+                    for src, (block, _) in where.items():  # the images and every carried output
+                        for smaller in self.buckets.sizes:
+                            if smaller <= size:
+                                self._gather_fixed(src, block, np.arange(smaller), smaller)
                     for src in self.gathered:
                         self._gather_many(self.plan.shapes[src], [(uploaded[src], np.arange(size))], size,
                                           self.gathered[src])
