@@ -35,7 +35,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from reskd.cascade import running_logits
+from reskd.cascade import COMBINE_KINDS, running_logits
 from reskd.device import Device
 from reskd.exit_policy import confidence, exit_stages
 from reskd.manifest import (IMAGES, ExitSpec, InputSpec, Manifest, ModelRepository, ParitySpec, SourceSpec,
@@ -45,6 +45,7 @@ from reskd.preprocess import normalise
 from reskd.runtime import CascadeRuntime
 from reskd.training.data import load_dataset
 from reskd.training.flops import count_flops
+from reskd.training.pipeline import feature_shape
 from reskd.training.recipe import DataConfig, EvalConfig, parse_recipe
 from reskd.training.rundir import RunDir, RunDirError
 
@@ -203,8 +204,7 @@ class Exporter:
                                   f"of the cascade (stages: {', '.join(names)})")
 
     def feature_shape(self, network: str) -> list[int]:
-        with torch.no_grad():
-            return list(self.networks[network].features(torch.zeros(1, *self.shape)).shape[1:])
+        return list(feature_shape(self.networks[network], self.shape))
 
     def write_stages(self, folder: Path, names: list[str]) -> list[StageSpec]:
         """One graph per stage; a stage whose features a later stage reads also outputs `features`, and a stage
@@ -344,9 +344,7 @@ def open_run(run: RunDir, info: dict, recipe, networks: list[str], log: Callable
     models = {n: ckpt.build() for n, ckpt in checkpoints.items()}
     spec = input_spec_of(info["data"], recipe)
     shape = (spec.channels, spec.height, spec.width)
-    with torch.no_grad():
-        inputs = {n: tuple(models[source.rpartition(".")[0]].features(torch.zeros(1, *shape)).shape[1:])
-                  for n, source in reads.items()}
+    inputs = {n: feature_shape(models[source.rpartition(".")[0]], shape) for n, source in reads.items()}
     val, test = eval_sets(info["recipe"]["data"], spec, info["data"]["val_ids"])
     log(f"validation {len(val.labels)} / test {len(test.labels)} images")
     source = SourceSpec(run=str(run.path), recipe=recipe.name, data=info["recipe"]["data"],
@@ -374,8 +372,8 @@ def export_run(run_dir: str | Path, repo: str | Path, name: str, version: int | 
     comparisons stay fair)."""
     if precision not in MIN_AGREEMENT:
         raise ExportError(f"precision must be one of {', '.join(MIN_AGREEMENT)}, got {precision!r}")
-    if combine not in ("sum", "replace"):
-        raise ExportError(f"combine must be sum or replace, got {combine!r}")
+    if combine not in COMBINE_KINDS:
+        raise ExportError(f"combine must be one of {', '.join(COMBINE_KINDS)}, got {combine!r}")
     if model is not None and (stages or combine != "sum"):
         raise ExportError("--model exports one network: it takes neither --stages nor --combine")
     repo = Path(repo)

@@ -213,7 +213,7 @@ class Manifest(BaseModel):
     @model_validator(mode="after")
     def _sources_exist(self):
         """Every stage input reads the images or a declared output of an earlier stage."""
-        provided: dict[str, list[int]] = {}  # "stage.output" -> its per-sample shape
+        provided: set[str] = set()  # "stage.output" of the stages so far
         for i, stage in enumerate(self.stages):
             if stage.outputs and any(s.name == stage.name for s in self.stages[:i]):
                 raise ValueError(f"stages.{i}.name: {stage.name!r} is used by an earlier stage (a stage with outputs "
@@ -221,8 +221,8 @@ class Manifest(BaseModel):
             for j, inp in enumerate(stage.inputs):
                 if inp.source != IMAGES and inp.source not in provided:
                     raise ValueError(f"stages.{i}.inputs.{j}.source: {inp.source!r} is not an output of an earlier "
-                                     f"stage (declared: {', '.join(provided) or 'none'}; or 'images')")
-            provided.update({f"{stage.name}.{o.name}": o.shape for o in stage.outputs})
+                                     f"stage (declared: {', '.join(sorted(provided)) or 'none'}; or 'images')")
+            provided.update(f"{stage.name}.{o.name}" for o in stage.outputs)
         return self
 
     def source_shape(self, source: str) -> tuple[int, ...]:
