@@ -19,16 +19,7 @@ import json
 
 import numpy as np
 
-from common import KD_MODELS, MODELS, machine, test_set
-from reskd.manifest import parse_model_ref
-from reskd.runtime import CascadeRuntime
-
-
-def open_version(ref: str) -> CascadeRuntime:
-    name, version = parse_model_ref(ref)
-    if version is None:
-        raise SystemExit(f"name a version explicitly: {ref}:N")
-    return CascadeRuntime(MODELS / name / str(version))
+from common import KD_MODELS, MODELS, machine, open_version, test_set
 
 
 def bootstrap(correct: np.ndarray, reps: int, rng) -> tuple[float, float]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from reskd.manifest import ModelRepository
+from reskd.manifest import ModelRepository, parse_model_ref
 from reskd.preprocess import normalise
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,6 +26,23 @@ def idx(path: Path) -> np.ndarray:
     ndim = raw[3]
     dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
     return np.frombuffer(raw[4 + 4 * ndim:], np.uint8).reshape(dims)
+
+
+def pinned(ref: str) -> tuple[str, int]:
+    """NAME:VERSION -> (name, version): a benchmark names the versions it measures, so a newer bundled version
+    does not change what a figure means."""
+    name, version = parse_model_ref(ref)
+    if version is None:
+        raise SystemExit(f"name a version explicitly: {ref}:N")
+    return name, version
+
+
+def open_version(ref: str, device=None):
+    """The bundled version NAME:VERSION as a CascadeRuntime (on `device`, default the runtime's)."""
+    from reskd.runtime import CascadeRuntime
+
+    name, version = pinned(ref)
+    return CascadeRuntime(MODELS / name / str(version), device=device)
 
 
 def test_set() -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -21,10 +21,8 @@ import time
 
 import numpy as np
 
-from common import KD_MODELS, MODELS, machine, test_set
+from common import KD_MODELS, machine, open_version, test_set
 from reskd.device import Device
-from reskd.manifest import parse_model_ref
-from reskd.runtime import CascadeRuntime
 
 
 def rate(fn, images: np.ndarray, batch: int, seconds: float) -> float:
@@ -56,19 +54,12 @@ def main() -> None:
     args = ap.parse_args()
     device = Device.resolve(args.device, shared_pool=True)
     _, images, labels = test_set()
-
-    def open_version(ref: str) -> CascadeRuntime:
-        name, version = parse_model_ref(ref)
-        if version is None:
-            raise SystemExit(f"name a version explicitly: {ref}:N")
-        return CascadeRuntime(MODELS / name / str(version), device=device)
-
-    teacher = open_version(args.teacher)
+    teacher = open_version(args.teacher, device)
     t_flops = float(teacher.cum_flops[-1])
     runs = {"teacher": (teacher.run, t_flops, float((teacher.run(images).class_id == labels).mean()))}
     several = "," in args.cascades
     for ref in args.cascades.split(","):
-        cascade = open_version(ref)
+        cascade = open_version(ref, device)
         adaptive = cascade.run(images)
         full = cascade.run(images, early_exit=False)
         tag = f"{ref} " if several else ""
@@ -79,7 +70,7 @@ def main() -> None:
         runs[f"{tag}stage 0 alone"] = (lambda x, c=cascade: c.run(x, max_stage=0), float(cascade.cum_flops[0]),
                                        float((cascade.run(images, max_stage=0).class_id == labels).mean()))
     for name in () if args.no_kd else KD_MODELS:
-        rt = open_version(f"{name}:1")
+        rt = open_version(f"{name}:1", device)
         runs[f"KD {name.removeprefix('fashion-mnist-kd-')}"] = (rt.run, float(rt.cum_flops[-1]),
                                                                float((rt.run(images).class_id == labels).mean()))
     batches = [int(b) for b in args.batches.split(",")]

@@ -21,17 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from common import ROOT, test_set
+from common import ROOT, open_version, test_set
 from reskd.exit_policy import CascadeScores
-from reskd.manifest import ExitSpec, parse_model_ref
+from reskd.manifest import ExitSpec
 from reskd.runtime import CascadeRuntime
 
 TOLERANCE_PT = 0.05
-
-
-def open_version(ref: str) -> CascadeRuntime:
-    name, version = parse_model_ref(ref)
-    return CascadeRuntime(ROOT / "models" / name / str(version))
 
 
 def at(rt: CascadeRuntime, thresholds, images, labels) -> dict:

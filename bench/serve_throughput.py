@@ -32,8 +32,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from common import MODELS, ROOT, machine, test_set
-from reskd.manifest import ModelRepository, parse_model_ref
+from common import MODELS, ROOT, machine, pinned, test_set
+from reskd.manifest import ModelRepository
 
 sys.path.insert(0, str(ROOT / "tests"))
 from server_process import ServerProcess, children_of, free_port, metric, scrape  # noqa: E402
@@ -199,11 +199,8 @@ def main() -> None:
         sys.exit("wrk is not installed (apt-get install wrk)")
     loads = args.loads.split(",")
     query = "" if args.threshold is None else f"?threshold={args.threshold}"
-    refs = {role: parse_model_ref(ref) for role, ref in (("cascade", args.cascade), ("teacher", args.teacher))}
-    if any(v is None for _, v in refs.values()):
-        sys.exit("name the versions: --cascade NAME:VERSION --teacher NAME:VERSION")
-    cascade, teacher = refs["cascade"][0], refs["teacher"][0]
-    versions = dict(refs.values())
+    (cascade, cascade_version), (teacher, teacher_version) = pinned(args.cascade), pinned(args.teacher)
+    versions = {cascade: cascade_version, teacher: teacher_version}
     stages = len(ModelRepository(MODELS).load(cascade, versions[cascade])[1].stages)
     repo = {} if set(versions.values()) == {1} else {"repo": MODELS}
     results = {"machine": machine(), "duration_s": args.duration, "threshold": args.threshold,
