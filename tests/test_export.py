@@ -212,6 +212,17 @@ def test_export_command_errors_say_what_to_fix(tiny_run, tmp_path, capsys):
     assert main(["export", "--run", str(unfinished), "--repo", str(tmp_path / "r"), "--name", "x"]) == 2
     assert "res2.pt is missing: is the run finished?" in capsys.readouterr().err
     assert not (tmp_path / "r" / "x").exists()
+    base = ["export", "--run", str(tiny_run[0]), "--repo", str(tmp_path / "r"), "--name", "x"]
+    assert main([*base, "--stages", "student,nope"]) == 2
+    assert "the run has no model 'nope' to export (checkpoints: " in capsys.readouterr().err
+    assert main([*base, "--stages", "student,res1,student"]) == 2
+    assert "--stages names a network twice: student, res1, student" in capsys.readouterr().err
+    assert main([*base, "--model", "res1", "--combine", "replace"]) == 2
+    assert "--model exports one network: it takes neither --stages nor --combine" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*base, "--combine", "average"])
+    assert "invalid choice: 'average'" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "x").exists()
     with pytest.raises(SystemExit):
         main(["calibrate", "--repo", "r", "--model", "m", "--target-drop", "0.1", "--flops-budget", "10"])
     assert "not allowed with argument" in capsys.readouterr().err
