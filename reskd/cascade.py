@@ -4,9 +4,10 @@ The runtime's run loop (reskd.runtime), the server's stage scheduler (reskd.serv
 same exit rule, calibration (reskd.exit_policy) all go through here, so what is calibrated is exactly what is
 served. numpy only.
 
-A batch of samples goes through the stages in order. After stage s a sample's running logits are the sum of the
-stage outputs so far (summed in float64; `combine: sum`, ResKD) or stage s's own logits (`combine: replace`, a
-confidence cascade of independent models); it leaves when it has reached its last stage (max_stage) or, before the
+A batch of samples goes through the stages in order. Each stage has its combine: after a `sum` stage (ResKD) a
+sample's running logits are the running logits before it plus the stage's output (added in float64); after a
+`replace` stage (a confidence cascade of independent models, or a fallback such as the teacher after summed
+stages) they are the stage's own logits. A sample leaves when it has reached its last stage (max_stage) or, before the
 final stage, when its confidence reaches its threshold for stage s. Every sample carries its own thresholds and
 last stage, so one batch may hold requests with different settings.
 """
@@ -39,12 +40,15 @@ class CascadeResult:
 
 @dataclass(frozen=True)
 class ExitRule:
-    """What a model version's manifest fixes about exits: the confidence measure, the number of stages and how a
-    stage's logits make the running logits."""
+    """What a model version's manifest fixes about exits: the confidence measure, the number of stages and how each
+    stage's logits make the running logits (one kind for every stage, or one per stage)."""
 
     measure: str
     num_stages: int
-    combine: str = "sum"
+    combine: str | Sequence[str] = "sum"
+
+    def __post_init__(self):
+        object.__setattr__(self, "combine", stage_kinds(self.combine, self.num_stages))
 
 
 @dataclass(frozen=True)
@@ -67,15 +71,26 @@ def combine(running: np.ndarray, logits: np.ndarray, kind: str = "sum") -> np.nd
     raise ValueError(f"combine must be one of {COMBINE_KINDS}, got {kind!r}")
 
 
-def running_logits(stage_outputs, kind: str = "sum") -> np.ndarray:
+def stage_kinds(kinds: str | Sequence[str], num_stages: int) -> tuple[str, ...]:
+    """One combine kind per stage, from one kind for all or a list of one per stage (checked)."""
+    kinds = (kinds,) * num_stages if isinstance(kinds, str) else tuple(kinds)
+    if len(kinds) != num_stages:
+        raise ValueError(f"combine needs one kind per stage ({num_stages}), got {len(kinds)}: {list(kinds)}")
+    for kind in kinds:
+        if kind not in COMBINE_KINDS:
+            raise ValueError(f"combine must be one of {COMBINE_KINDS}, got {kind!r}")
+    return kinds
+
+
+def running_logits(stage_outputs, kinds: str | Sequence[str] = "sum") -> np.ndarray:
     """Every stage's outputs [S, N, C] (any float type) -> the running logits after each stage, [S, N, C] float64:
-    what `combine` gives stage by stage (cumsum adds in order, as combine does)."""
+    what `combine` gives stage by stage with each stage's kind (one for all, or one per stage)."""
     outputs = np.asarray(stage_outputs, dtype=np.float64)
-    if kind == "sum":
-        return np.cumsum(outputs, axis=0)
-    if kind == "replace":
-        return outputs
-    raise ValueError(f"combine must be one of {COMBINE_KINDS}, got {kind!r}")
+    out = np.empty_like(outputs)
+    running = np.zeros(outputs.shape[1:], np.float64)
+    for s, kind in enumerate(stage_kinds(kinds, len(outputs))):
+        out[s] = running = combine(running, outputs[s], kind)
+    return out
 
 
 def cascade_step(rule: ExitRule, stage: int, running: np.ndarray, logits: np.ndarray, thresholds: np.ndarray,
@@ -83,7 +98,7 @@ def cascade_step(rule: ExitRule, stage: int, running: np.ndarray, logits: np.nda
     """Stage `stage` has produced `logits` for n samples whose running logits before it were `running`.
     thresholds: [n, stages - 1] float64, each sample's exit thresholds; last: [n], each sample's last stage.
     early_exit=False lets samples leave only at their last stage (every stage runs)."""
-    total = combine(running, logits, rule.combine)
+    total = combine(running, logits, rule.combine[stage])
     conf = confidence(total, rule.measure)
     if early_exit:
         leave = leaves_after(stage, rule.num_stages, conf, thresholds, last)

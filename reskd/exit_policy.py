@@ -10,6 +10,7 @@ confidence reaches thresholds[s]; the last stage always answers.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,18 +52,20 @@ def leaves_after(stage: int, num_stages: int, conf: np.ndarray, thresholds: np.n
     return leave
 
 
-def exit_stages(conf: np.ndarray, thresholds) -> np.ndarray:
-    """Index of the stage each sample exits at: the first s < S-1 with conf[s] >= thresholds[s], else S-1."""
+def exit_stages(conf: np.ndarray, thresholds, max_stage: int | None = None) -> np.ndarray:
+    """Index of the stage each sample exits at: the first s < last with conf[s] >= thresholds[s], else last
+    (max_stage, default the final stage S-1)."""
     conf = np.asarray(conf)
     n_stages, n = conf.shape
     thresholds = np.asarray(thresholds, dtype=np.float64)
     if thresholds.shape != (n_stages - 1,):
         raise ValueError(f"need {n_stages - 1} thresholds for {n_stages} stages, got {thresholds.shape[0]}")
     table = np.broadcast_to(thresholds, (n, n_stages - 1))
-    last = np.full(n, n_stages - 1)
+    stop = n_stages - 1 if max_stage is None else max_stage
+    last = np.full(n, stop)
     out = last.astype(np.int64)
     undecided = np.ones(n, dtype=bool)
-    for s in range(n_stages - 1):
+    for s in range(stop):
         leave = undecided & leaves_after(s, n_stages, conf[s], table, last)
         out[leave] = s
         undecided &= ~leave
@@ -77,6 +80,14 @@ class ExitOutcome:
     exit_counts: list[int]
     correct: np.ndarray = field(repr=False)
     exits: np.ndarray = field(repr=False)
+
+
+@dataclass
+class CurvePoint:
+    """An operating point: an id, the last stage a sample may reach, and what the exits give."""
+    id: str
+    max_stage: int
+    outcome: ExitOutcome
 
 
 class CascadeScores:
@@ -94,8 +105,22 @@ class CascadeScores:
         self.cum_flops = np.cumsum(self.stage_flops)
         self.n_stages, self.n = self.conf.shape
 
-    def evaluate(self, thresholds) -> ExitOutcome:
-        exits = exit_stages(self.conf, thresholds)
+    @classmethod
+    def _of(cls, conf: np.ndarray, correct: np.ndarray, stage_flops: np.ndarray) -> CascadeScores:
+        scores = cls.__new__(cls)
+        scores.conf, scores.correct, scores.stage_flops = conf, correct, stage_flops
+        scores.cum_flops = np.cumsum(stage_flops)
+        scores.n_stages, scores.n = conf.shape
+        return scores
+
+    def prefix(self, last: int) -> CascadeScores:
+        """The cascade of stages 0..last alone."""
+        return self._of(self.conf[:last + 1], self.correct[:last + 1], self.stage_flops[:last + 1])
+
+    def evaluate(self, thresholds, max_stage: int | None = None) -> ExitOutcome:
+        """The exits under these thresholds, every sample stopping at max_stage at the latest (default: the final
+        stage)."""
+        exits = exit_stages(self.conf, thresholds, max_stage)
         correct = self.correct[exits, np.arange(self.n)]
         return ExitOutcome([float(t) for t in thresholds], float(correct.mean()), float(self.cum_flops[exits].mean()),
                            np.bincount(exits, minlength=self.n_stages).tolist(), correct, exits)
@@ -179,6 +204,46 @@ class CascadeScores:
             if not improved:
                 break
         return best
+
+    def operating_curve(self, default_thresholds, budgets: Sequence[float],
+                        budget_ids: Sequence[str]) -> list[CurvePoint]:
+        """The accuracy/compute curve, cheapest first: every depth (every sample runs stages 0..m, no early exit;
+        "depth-K" runs K stages), the calibrated `default` thresholds, and for each FLOPs budget (mean FLOPs per
+        sample; its id from budget_ids) the most accurate thresholds within it over every depth of the cascade.
+        A point another point beats on both accuracy and FLOPs is left out, but for the first and last depth and
+        the default; points with the same thresholds and depth are one (the default's id, else the first)."""
+        last = self.n_stages - 1
+        never = [1.0] * last
+        found = [CurvePoint("default", last, self.evaluate(default_thresholds))]
+        found += [CurvePoint(f"depth-{m + 1}", m, self.evaluate(never, max_stage=m)) for m in range(self.n_stages)]
+        for budget, point_id in zip(budgets, budget_ids):
+            if not self.cum_flops[0] < budget < self.cum_flops[-1]:
+                continue
+            best = None
+            for m in range(1, self.n_stages):
+                chosen = self.prefix(m).calibrate(flops_budget=budget)
+                if chosen.mean_flops > budget * (1 + 1e-9):  # nothing within the budget at this depth
+                    continue
+                thresholds = chosen.thresholds + never[m:]
+                o = self.evaluate(thresholds, max_stage=m)
+                if best is None or (-o.accuracy, o.mean_flops) < (-best.outcome.accuracy, best.outcome.mean_flops):
+                    best = CurvePoint(point_id, m, o)
+            if best is not None:
+                found.append(best)
+        unique, seen = [], set()
+        for p in found:
+            key = (p.max_stage, tuple(p.outcome.thresholds))
+            if key not in seen:
+                seen.add(key)
+                unique.append(p)
+        unique.sort(key=lambda p: (p.outcome.mean_flops, -p.outcome.accuracy))
+        kept, best_accuracy = [], -1.0
+        for p in unique:
+            forced = p.id in ("default", "depth-1", f"depth-{self.n_stages}")
+            if forced or p.outcome.accuracy > best_accuracy:
+                kept.append(p)
+            best_accuracy = max(best_accuracy, p.outcome.accuracy)
+        return kept
 
     def drop_vs_full(self, outcome: ExitOutcome) -> dict:
         full = self.correct[-1]

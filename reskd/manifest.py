@@ -80,6 +80,9 @@ class StageSpec(BaseModel):
     # Absent: the stage reads the images and gives logits only (every manifest before stage inputs existed).
     inputs: list[StageInput] = Field(default_factory=lambda: [StageInput(name=IMAGES, source=IMAGES)], min_length=1)
     outputs: list[StageOutput] = Field(default_factory=list)
+    # How this stage's logits make the running logits ("sum": added to them; "replace": they become them, e.g. a
+    # fallback teacher after summed stages). Absent: the cascade's `combine`.
+    combine: Literal["sum", "replace"] | None = None
 
     @model_validator(mode="after")
     def _names(self):
@@ -96,10 +99,23 @@ class StageSpec(BaseModel):
         return [i.source for i in self.inputs]
 
 
+MODEL_REF = r"^[A-Za-z0-9][A-Za-z0-9._-]*:[1-9][0-9]*$"  # NAME:VERSION of a model version in a repository
+
+
 class TeacherSpec(BaseModel):
     model_config = ConfigDict(extra="allow")
     flops: int = Field(gt=0)
     accuracy: float | None = None
+    # The teacher as a model version of the repository, NAME:VERSION (the audit's reference); absent in older
+    # manifests.
+    model: str | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _model_ref(cls, ref):
+        if ref is not None and not re.fullmatch(MODEL_REF, ref):
+            raise ValueError(f"{ref!r} should be NAME:VERSION, e.g. fashion-mnist-teacher:2")
+        return ref
 
 
 class ExitSpec(BaseModel):
@@ -157,6 +173,53 @@ class CalibrationSpec(BaseModel):
     net_samples: int
 
 
+class OperatingPoint(BaseModel):
+    """One point of a version's accuracy/compute curve, measured on the validation split through the runtime: run
+    with these thresholds and this last stage, the split gives exactly these figures."""
+    model_config = ConfigDict(extra="allow")
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    max_stage: int = Field(ge=0)
+    thresholds: list[float]  # one per stage but the last (those from max_stage on are never consulted)
+    accuracy: float = Field(ge=0, le=1)
+    # accuracy minus the full cascade's (every stage run) in points, and its paired bootstrap 95% interval
+    diff_vs_full_pt: float
+    diff_ci95_pt: list[float] = Field(min_length=2, max_length=2)
+    mean_flops: float = Field(gt=0)
+    pct_teacher_flops: float = Field(gt=0)
+    exit_fractions: list[float]  # share of the split leaving at each stage
+
+    @model_validator(mode="after")
+    def _ranges(self):
+        if any(not 0.0 <= t <= 1.0 for t in self.thresholds):
+            raise ValueError("thresholds must lie in [0, 1]")
+        if any(f < 0 for f in self.exit_fractions) or abs(sum(self.exit_fractions) - 1) > 1e-6:
+            raise ValueError("exit_fractions must be >= 0 and sum to 1")
+        return self
+
+
+class OperatingPoints(BaseModel):
+    """The version's validation-calibrated accuracy/compute curve, cheapest point first: from "first stage only"
+    to "every stage", the Pareto-best points between them, and the calibrated point (`default`, the one
+    `exit.thresholds` holds)."""
+    model_config = ConfigDict(extra="allow")
+    split: str
+    n: int = Field(gt=0)
+    default: str
+    points: list[OperatingPoint] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _ids(self):
+        ids = [p.id for p in self.points]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"the points' ids must be unique, got {ids}")
+        if self.default not in ids:
+            raise ValueError(f"default {self.default!r} is not the id of a point (ids: {', '.join(ids)})")
+        return self
+
+    def point(self, point_id: str) -> OperatingPoint:
+        return next(p for p in self.points if p.id == point_id)
+
+
 class StageParity(BaseModel):
     """ONNX against PyTorch on every validation image: the stage's own logits, and the running logits through it
     (absent in manifests written before it was measured)."""
@@ -197,6 +260,9 @@ class Manifest(BaseModel):
     # How a stage's logits make the running logits: "sum" (ResKD: the sum of the stage outputs so far) or
     # "replace" (a confidence cascade of independent models: the latest stage's logits). Absent means sum.
     combine: Literal["sum", "replace"] = "sum"
+    # The accuracy/compute curve on the validation split (export and `reskd calibrate` write it); absent in older
+    # manifests.
+    operating_points: OperatingPoints | None = None
 
     @field_validator("metrics", mode="before")
     @classmethod
@@ -224,6 +290,33 @@ class Manifest(BaseModel):
                                      f"stage (declared: {', '.join(sorted(provided)) or 'none'}; or 'images')")
             provided.update(f"{stage.name}.{o.name}" for o in stage.outputs)
         return self
+
+    @model_validator(mode="after")
+    def _points_fit_the_stages(self):
+        """Every operating point describes this cascade, and the default one is what `exit` holds."""
+        if self.operating_points is None:
+            return self
+        n = len(self.stages)
+        for i, p in enumerate(self.operating_points.points):
+            where = f"operating_points.points.{i} ({p.id})"
+            if len(p.thresholds) != n - 1:
+                raise ValueError(f"{where}.thresholds: needs {n - 1} values (one per stage but the last), has "
+                                 f"{len(p.thresholds)}")
+            if p.max_stage >= n:
+                raise ValueError(f"{where}.max_stage: {p.max_stage} is past the last stage ({n - 1})")
+            if len(p.exit_fractions) != n or any(p.exit_fractions[p.max_stage + 1:]):
+                raise ValueError(f"{where}.exit_fractions: needs {n} values (one per stage), none after max_stage")
+        default = self.operating_points.point(self.operating_points.default)
+        if default.thresholds != self.exit.thresholds or default.max_stage != n - 1:
+            raise ValueError(f"operating_points: the default point {default.id!r} (thresholds {default.thresholds}, "
+                             f"max_stage {default.max_stage}) is not what exit.thresholds holds "
+                             f"({self.exit.thresholds}, every stage); recalibrate with `reskd calibrate`")
+        return self
+
+    @property
+    def stage_combine(self) -> list[str]:
+        """How each stage's logits make the running logits: its own `combine`, else the cascade's."""
+        return [s.combine or self.combine for s in self.stages]
 
     def source_shape(self, source: str) -> tuple[int, ...]:
         """Per-sample shape of a source: the images' [C, H, W], or an earlier stage's declared output shape."""

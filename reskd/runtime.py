@@ -21,7 +21,7 @@ import numpy as np
 from .cascade import CascadeInputError, CascadeResult, CascadeSamples, ExitRule, advance, combine
 from .device import Device
 from .engine import BoundEngine, EngineSpec, HostEngine, Part, Plan, images_part, make_engine
-from .manifest import IMAGES, Manifest, ManifestError, load_manifest
+from .manifest import IMAGES, Manifest, ManifestError, OperatingPoint, load_manifest
 
 StageHook = Callable[[int, int, float], None]
 log = logging.getLogger("reskd")
@@ -48,7 +48,7 @@ class CascadeRuntime:
         m = self.manifest.input
         self.input_shape = (m.channels, m.height, m.width)
         self.num_classes = len(self.manifest.labels)
-        self.rule = ExitRule(self.manifest.exit.measure, len(self.manifest.stages), self.manifest.combine)
+        self.rule = ExitRule(self.manifest.exit.measure, len(self.manifest.stages), self.manifest.stage_combine)
         self.plan = Plan.of(self.manifest)
         self._check_graphs()
         self.engine: HostEngine | BoundEngine = make_engine(self.engine_spec, self.device, self.sessions, self.plan,
@@ -167,22 +167,39 @@ class CascadeRuntime:
         return last
 
     def samples(self, n: int, threshold: float | None | Sequence[float | None] = None,
-                max_stage: int | None | Sequence[int | None] = None) -> CascadeSamples:
+                max_stage: int | None | Sequence[int | None] = None, point: str | None = None) -> CascadeSamples:
         """n samples' exit settings, checked: threshold replaces every calibrated threshold, max_stage stops there
-        at the latest; each given once or per sample (a sequence of n values, None meaning the manifest's)."""
+        at the latest; each given once or per sample (a sequence of n values, None meaning the manifest's). point:
+        the id of one of the manifest's operating points instead (its thresholds and last stage)."""
+        if point is not None:
+            if threshold is not None or max_stage is not None:
+                raise CascadeInputError("an operating point sets the thresholds and max_stage: give it alone")
+            chosen = self.operating_point(point)
+            table = np.tile(np.asarray(chosen.thresholds, dtype=np.float64), (n, 1))
+            return CascadeSamples(table, np.full(n, chosen.max_stage, np.int32), self.num_classes)
         rows = _each(threshold, n, self.thresholds_for, "thresholds")
         last = _each(max_stage, n, self.check_max_stage, "max_stage values")
         table = np.asarray(rows, dtype=np.float64).reshape(n, self.num_stages - 1)
         return CascadeSamples(table, np.asarray(last, dtype=np.int32).reshape(n), self.num_classes)
 
+    def operating_point(self, point: str) -> OperatingPoint:
+        points = self.manifest.operating_points
+        if points is None:
+            raise CascadeInputError(f"{self.manifest.name}:{self.manifest.version} has no operating points "
+                                    "(recalibrate it with `reskd calibrate`)")
+        ids = [p.id for p in points.points]
+        if point not in ids:
+            raise CascadeInputError(f"no operating point {point!r}; the points are {', '.join(ids)}")
+        return points.point(point)
+
     def run(self, images: np.ndarray, *, threshold: float | None | Sequence[float | None] = None,
-            max_stage: int | None | Sequence[int | None] = None, early_exit: bool = True,
+            max_stage: int | None | Sequence[int | None] = None, point: str | None = None, early_exit: bool = True,
             on_stage: StageHook | None = None) -> CascadeResult:
         """Classify a batch (settings as in `samples`). early_exit=False runs every stage (up to max_stage) on
         every sample. on_stage(stage, samples, seconds) is called after each stage that ran (for metrics)."""
         images = self.check_images(images)
         n = len(images)
-        samples = self.samples(n, threshold, max_stage)
+        samples = self.samples(n, threshold, max_stage, point)
         stages = int(samples.last.max(initial=0)) + 1
         for chunk in self._chunks(n):
             with self.engine.lock:  # a bound engine's staging buffer holds this chunk until its last stage
@@ -217,7 +234,7 @@ class CascadeRuntime:
             chunk = images[i:i + batch_size]
             total = np.zeros((len(chunk), self.num_classes), dtype=np.float64)
             for s, logits in enumerate(self.every_stage_logits(chunk)):
-                total = combine(total, logits, self.rule.combine)
+                total = combine(total, logits, self.rule.combine[s])
                 out[s, i:i + batch_size] = total
         return out
 

@@ -13,26 +13,10 @@ import numpy as np
 
 from reskd.cascade import running_logits
 from reskd.exit_policy import CascadeScores, ExitOutcome
+from reskd.stats import Bootstrap
 
 FLOPS_NOTE = ("FLOPs per sample = 2 x multiply-accumulates of one forward pass at batch 1, counted by "
               "torch.utils.flop_counter (convolutions and linear layers)")
-
-
-class Bootstrap:
-    """Paired percentile bootstrap over test samples: one set of resampling indices shared by every statistic."""
-
-    def __init__(self, n: int, samples: int, seed: int = 0):
-        self.idx = np.random.default_rng(seed).integers(0, n, size=(samples, n), dtype=np.int32)
-
-    def interval(self, correct: np.ndarray, minus: np.ndarray | None = None) -> list[float]:
-        stat = correct.astype(np.float32)
-        if minus is not None:
-            stat = stat - minus.astype(np.float32)
-        means = np.empty(len(self.idx))
-        for i in range(0, len(self.idx), 100):  # chunks keep memory flat on ImageNet-size test sets
-            means[i:i + 100] = stat[self.idx[i:i + 100]].mean(axis=1)
-        lo, hi = np.percentile(means, [2.5, 97.5])
-        return [round(float(lo) * 100, 3), round(float(hi) * 100, 3)]
 
 
 def _pct(x: float) -> float:
