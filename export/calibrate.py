@@ -8,9 +8,21 @@ from pathlib import Path
 
 import numpy as np
 
-from reskd.exit_policy import CascadeScores
-from reskd.manifest import CalibrationSpec, ExitSpec, Manifest, MeasuredMetrics, write_manifest
+from reskd.exit_policy import CascadeScores, ExitOutcome
+from reskd.manifest import (CalibrationSpec, ExitSpec, Manifest, MeasuredMetrics, OperatingPoint, OperatingPoints,
+                            write_manifest)
 from reskd.runtime import CascadeRuntime
+from reskd.stats import Bootstrap
+
+# The FLOPs budgets (percent of the teacher's) at which the operating-point curve is calibrated, those between the
+# cascade's cheapest and dearest policy: a few points per doubling of compute, enough to move along the curve in
+# small steps, few enough to calibrate in seconds. A point's id names its budget ("budget-20"), so it stays the
+# same point when the version is recalibrated.
+CURVE_BUDGETS_PCT = (1, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14, 16, 18, 20, 22.5, 25, 30, 35, 40, 45, 50, 60,
+                     70, 80, 90, 100, 120, 150, 200, 300)
+# Resamples of the paired bootstrap behind every point's interval against the full cascade (seeded: the same
+# manifest every time).
+BOOTSTRAP_SAMPLES = 1000
 
 
 @dataclass
@@ -43,11 +55,28 @@ def calibrate_version(version_dir: Path, val: EvalSet, test: EvalSet, *, target_
         full_cascade_accuracy=float(scores.correct[-1].mean()), mean_flops=chosen.mean_flops,
         exit_counts=chosen.exit_counts, **scores.drop_vs_full(chosen))
     exit_spec = ExitSpec(measure=manifest.exit.measure, thresholds=[float(t) for t in chosen.thresholds])
-    rt.manifest = manifest.model_copy(update={"exit": exit_spec, "calibration": calibration})
+    points = operating_points(scores, chosen, manifest.teacher.flops)
+    rt.manifest = manifest.model_copy(update={"exit": exit_spec, "calibration": calibration,
+                                              "operating_points": points})
     metrics = measure_test(rt, test, manifest.teacher.flops, manifest.teacher.accuracy)  # under the new thresholds
     rt.manifest = rt.manifest.model_copy(update={"metrics": metrics})
     write_manifest(version_dir, rt.manifest)
     return rt.manifest
+
+
+def operating_points(scores: CascadeScores, chosen: ExitOutcome, teacher_flops: int) -> OperatingPoints:
+    """The curve of `scores` (a split's exits what-ifs) with `chosen` as the default point, as the manifest
+    stores it."""
+    budgets = [pct / 100 * teacher_flops for pct in CURVE_BUDGETS_PCT]
+    curve = scores.operating_curve(chosen.thresholds, budgets, [f"budget-{pct:g}" for pct in CURVE_BUDGETS_PCT])
+    boot = Bootstrap(scores.n, BOOTSTRAP_SAMPLES)
+    full = scores.correct[-1]
+    return OperatingPoints(split="validation", n=scores.n, default="default", points=[OperatingPoint(
+        id=p.id, max_stage=p.max_stage, thresholds=[float(t) for t in p.outcome.thresholds],
+        accuracy=p.outcome.accuracy, diff_vs_full_pt=round(100 * (p.outcome.accuracy - float(full.mean())), 3),
+        diff_ci95_pt=boot.interval(p.outcome.correct, minus=full), mean_flops=p.outcome.mean_flops,
+        pct_teacher_flops=100 * p.outcome.mean_flops / teacher_flops,
+        exit_fractions=[c / scores.n for c in p.outcome.exit_counts]) for p in curve])
 
 
 def measure_test(rt: CascadeRuntime, test: EvalSet, teacher_flops: int,

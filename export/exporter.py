@@ -12,7 +12,10 @@ graph reading `features`; the student's graph then also outputs `features`, and 
 `inputs` / `outputs`), so the runtime carries the map to the samples that reach the head. Parity is checked for
 every output of every graph. Cascade kinds (--combine): `sum` (ResKD, the default: the student and its
 res-students) or `replace` (a confidence cascade of independent models, e.g. the run's KD baselines; --stages
-names them in order, by default the recipe's `baselines.independent_cascade`).
+names them in order, by default the recipe's `baselines.independent_cascade`). --fallback appends another network
+of the run (typically the teacher) as a last stage whose logits replace the running logits (its stage's `combine`
+is `replace`): the samples no earlier stage is confident about get the fallback's answer. Every cascade names its
+teacher's version (`teacher.model`).
 
 Precision (--precision): fp32, or fp16 (weights and activations in half precision inside the graph; images in and
 logits out stay float32, so nothing else changes). Parity is measured against the fp32 PyTorch networks as for
@@ -184,14 +187,15 @@ class Exporter:
         return self.input.channels, self.input.height, self.input.width
 
     def manifest(self, name: str, version: int, stages: list[StageSpec], teacher_accuracy: float | None,
-                 combine: str | None = None) -> Manifest:
+                 combine: str | None = None, teacher_model: str | None = None) -> Manifest:
         """A version's manifest before calibration: every threshold 1.0 (no early exit), nothing measured."""
         # precision is written only when reduced, combine only for cascades: other manifests stay as they were
         optional = {"precision": self.precision} if self.precision != "fp32" else {}
         if combine is not None:
             optional["combine"] = combine
+        teacher = {"model": teacher_model} if teacher_model else {}
         return Manifest(name=name, version=version, labels=self.labels, input=self.input, stages=stages,
-                        teacher=TeacherSpec(flops=self.flops["teacher"], accuracy=teacher_accuracy),
+                        teacher=TeacherSpec(flops=self.flops["teacher"], accuracy=teacher_accuracy, **teacher),
                         exit=ExitSpec(measure=self.evaluation.exit_measure, thresholds=[1.0] * (len(stages) - 1)),
                         source=self.source, **optional)
 
@@ -246,8 +250,7 @@ class Exporter:
                     out[s].setdefault(name, []).append(value.numpy())
         return [{name: np.concatenate(v) for name, v in o.items()} for o in out]
 
-    def check_parity(self, rt: CascadeRuntime, combine: str = "sum") -> tuple[dict[str, StageParity],
-                                                                            list[np.ndarray]]:
+    def check_parity(self, rt: CascadeRuntime) -> tuple[dict[str, StageParity], list[np.ndarray]]:
         """ONNX against PyTorch on every validation image, stage by stage: each stage's own logits, the running
         logits through it (what exits and answers are made of), and every other output it declares (within
         MAX_RELATIVE_DIFF). fp32 must agree on every argmax; reduced precision on the running logits' argmax within
@@ -256,8 +259,9 @@ class Exporter:
         report, torch_outs = {}, []
         stages = rt.manifest.stages
         refs, gots = self.torch_outputs(stages), rt.graph_outputs(self.val.images)
-        ref_running = running_logits([r["logits"] for r in refs], combine)
-        got_running = running_logits([g["logits"] for g in gots], combine)
+        kinds = rt.manifest.stage_combine
+        ref_running = running_logits([r["logits"] for r in refs], kinds)
+        got_running = running_logits([g["logits"] for g in gots], kinds)
         floor = MIN_AGREEMENT[self.precision]
         for i, stage in enumerate(stages):
             n = stage.name
@@ -306,18 +310,21 @@ class Exporter:
         return manifest
 
     def cascade(self, folder: Path, names: list[str], name: str, version: int, teacher_accuracy: float, *,
-                target_drop_pt: float | None, flops_budget_pct: float | None, combine: str = "sum") -> Manifest:
-        """The stages (the student and res-students, or independent models) as one cascade, calibrated through
-        the runtime."""
-        write_manifest(folder, self.manifest(name, version, self.write_stages(folder, names), teacher_accuracy,
-                                             combine))
+                target_drop_pt: float | None, flops_budget_pct: float | None, combine: str = "sum",
+                fallback: str | None = None, teacher_model: str | None = None) -> Manifest:
+        """The stages (the student and res-students, or independent models) as one cascade, and the fallback
+        network after them as a replacing last stage, calibrated through the runtime."""
+        stages = self.write_stages(folder, names + ([fallback] if fallback else []))
+        if fallback:
+            stages[-1].combine = "replace"
+        write_manifest(folder, self.manifest(name, version, stages, teacher_accuracy, combine, teacher_model))
         rt = _runtime(folder)
-        parity, torch_outs = self.check_parity(rt, combine)
+        parity, torch_outs = self.check_parity(rt)
         manifest = calibrate_version(folder, self.val, self.test, target_drop_pt=target_drop_pt,
                                      flops_budget_pct=flops_budget_pct, bound=self.evaluation.bound,
                                      z=self.evaluation.bound_z, runtime=rt)
         # The exits PyTorch's logits would give under the calibrated thresholds must be the runtime's.
-        running = running_logits(torch_outs, combine)
+        running = running_logits(torch_outs, rt.manifest.stage_combine)
         torch_exits = exit_stages(confidence(running, manifest.exit.measure), manifest.exit.thresholds)
         rt_exits = rt.run(self.val.images).exit_stage
         differ = int((torch_exits != rt_exits).sum())
@@ -364,18 +371,19 @@ def independent_stages(recipe) -> list[str]:
 def export_run(run_dir: str | Path, repo: str | Path, name: str, version: int | None = None, *,
                target_drop_pt: float | None = None, flops_budget_pct: float | None = None,
                model: str | None = None, precision: Precision = "fp32", stages: list[str] | None = None,
-               combine: str = "sum", log=print) -> dict:
+               combine: str = "sum", fallback: str | None = None, log=print) -> dict:
     """model=None: the cascade as NAME and its teacher as NAME-teacher. model="kd-resnet8" (any checkpoint of the
     run): that one network alone as a one-stage NAME, measured against the run's teacher (for baselines).
     stages: the cascade's networks in order (default: the student and res-students for combine "sum", the recipe's
-    independent-models cascade for "replace"). precision: of every version written (the teacher's too, so
-    comparisons stay fair)."""
+    independent-models cascade for "replace"). fallback: a network of the run (e.g. "teacher") appended as a last
+    stage that replaces the running logits. precision: of every version written (the teacher's too, so comparisons
+    stay fair)."""
     if precision not in MIN_AGREEMENT:
         raise ExportError(f"precision must be one of {', '.join(MIN_AGREEMENT)}, got {precision!r}")
     if combine not in COMBINE_KINDS:
         raise ExportError(f"combine must be one of {', '.join(COMBINE_KINDS)}, got {combine!r}")
-    if model is not None and (stages or combine != "sum"):
-        raise ExportError("--model exports one network: it takes neither --stages nor --combine")
+    if model is not None and (stages or combine != "sum" or fallback):
+        raise ExportError("--model exports one network: it takes neither --stages, --combine nor --fallback")
     repo = Path(repo)
     run = RunDir(run_dir)
     try:
@@ -393,6 +401,11 @@ def export_run(run_dir: str | Path, repo: str | Path, name: str, version: int | 
             raise ExportError(f"the run has no model {network!r} to export (checkpoints: {have})")
     if model is None and len(set(stages)) != len(stages):
         raise ExportError(f"--stages names a network twice: {', '.join(stages)}")
+    if fallback is not None and not run.has_checkpoint(fallback):
+        raise ExportError(f"--fallback: the run has no network {fallback!r} (checkpoints: "
+                          f"{', '.join(run.checkpoint_names()) or 'none'})")
+    if fallback is not None and fallback in stages:
+        raise ExportError(f"--fallback: {fallback} is already a stage of the cascade ({', '.join(stages)})")
     repo.mkdir(parents=True, exist_ok=True)
     cascade_version = version or next_version(repo, name)
     teacher_name = f"{name}-teacher"
@@ -404,9 +417,12 @@ def export_run(run_dir: str | Path, repo: str | Path, name: str, version: int | 
 
     stage_names = [model] if model else stages
     try:
-        exporter = open_run(run, info, recipe, stage_names, log, precision)
+        exporter = open_run(run, info, recipe, stage_names + ([fallback] if fallback else []), log, precision)
     except RunDirError as err:
         raise ExportError(str(err)) from None
+    if fallback in exporter.reads:
+        raise ExportError(f"--fallback: {fallback} reads {exporter.reads[fallback]}, not the image: a fallback is a "
+                          "network on its own")
 
     if model is not None:
         out, manifest = export_network(exporter, model, repo, name, cascade_version)
@@ -415,7 +431,7 @@ def export_run(run_dir: str | Path, repo: str | Path, name: str, version: int | 
         target_drop_pt = recipe.evaluation.target_drop_pt
     (cascade_dir, cascade), (teacher_dir, teacher) = export_cascade(
         exporter, stage_names, repo, name, cascade_version, teacher_version, target_drop_pt=target_drop_pt,
-        flops_budget_pct=flops_budget_pct, combine=combine)
+        flops_budget_pct=flops_budget_pct, combine=combine, fallback=fallback)
     return {"cascade": str(cascade_dir), "teacher": str(teacher_dir), "cascade_manifest": cascade,
             "teacher_manifest": teacher}
 
@@ -431,8 +447,9 @@ def export_network(exporter: Exporter, network: str, repo: Path, name: str, vers
 
 def export_cascade(exporter: Exporter, stage_names: list[str], repo: Path, name: str, version: int,
                    teacher_version: int, *, target_drop_pt: float | None, flops_budget_pct: float | None,
-                   combine: str = "sum") -> tuple[tuple[Path, Manifest], tuple[Path, Manifest]]:
-    """The teacher as NAME-teacher, then the cascade as NAME: both or neither."""
+                   combine: str = "sum", fallback: str | None = None
+                   ) -> tuple[tuple[Path, Manifest], tuple[Path, Manifest]]:
+    """The teacher as NAME-teacher, then the cascade as NAME (naming that teacher version): both or neither."""
     teacher_name = f"{name}-teacher"
     teacher_dir, teacher = write_version(
         repo, teacher_name, teacher_version,
@@ -442,7 +459,8 @@ def export_cascade(exporter: Exporter, stage_names: list[str], repo: Path, name:
             repo, name, version,
             lambda tmp: exporter.cascade(tmp, stage_names, name, version, teacher.metrics.adaptive_accuracy,
                                          target_drop_pt=target_drop_pt, flops_budget_pct=flops_budget_pct,
-                                         combine=combine))
+                                         combine=combine, fallback=fallback,
+                                         teacher_model=f"{teacher_name}:{teacher_version}"))
     except BaseException:
         shutil.rmtree(teacher_dir, ignore_errors=True)
         raise

@@ -90,7 +90,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         out = export_run(args.run, args.repo, args.name, args.version, target_drop_pt=args.target_drop,
                          flops_budget_pct=args.flops_budget, model=args.model, precision=args.precision,
                          stages=args.stages.split(",") if args.stages else None, combine=args.combine,
-                         log=lambda msg: print(msg, file=sys.stderr))
+                         fallback=args.fallback, log=lambda msg: print(msg, file=sys.stderr))
     except (ExportError, ManifestError, DatasetError, FileNotFoundError) as err:
         print(f"reskd export: {err}", file=sys.stderr)
         return 2
@@ -102,6 +102,42 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compose(args: argparse.Namespace) -> int:
+    from reskd.export.compose import compose_fallback
+    from reskd.export.exporter import ExportError
+    from reskd.manifest import ManifestError
+    from reskd.training.data import DatasetError
+
+    try:
+        out, manifest = compose_fallback(args.repo, args.name, cascade=args.cascade, fallback=args.fallback,
+                                         keep=args.keep, version=args.version, target_drop_pt=args.target_drop,
+                                         flops_budget_pct=args.flops_budget,
+                                         log=lambda msg: print(msg, file=sys.stderr))
+    except (ExportError, ManifestError, DatasetError, FileNotFoundError) as err:
+        print(f"reskd compose: {err}", file=sys.stderr)
+        return 2
+    _print_metrics(str(out), manifest)
+    return 0
+
+
+def _print_curve(path, manifest) -> None:
+    """The operating points as a table, cheapest first."""
+    points = manifest.operating_points
+    if points is None:
+        print(f"{path}: no operating points (calibrated before they were stored; `reskd calibrate` adds them)")
+        return
+    print(f"{path}: operating points on the {points.split} split ({points.n} images); accuracy difference against "
+          "every stage run, with its paired bootstrap 95% interval")
+    print(f"{'id':<14} {'max_stage':>9} {'accuracy %':>10} {'diff pt':>8} {'95% interval':>17} {'% teacher':>9} "
+          f"{'MFLOPs':>8}  exits per stage  thresholds")
+    for p in points.points:
+        mark = "  (default)" if p.id == points.default else ""
+        lo, hi = p.diff_ci95_pt
+        print(f"{p.id:<14} {p.max_stage:>9} {100 * p.accuracy:>10.2f} {p.diff_vs_full_pt:>+8.2f} "
+              f"[{lo:+6.2f}, {hi:+6.2f}] {p.pct_teacher_flops:>9.2f} {p.mean_flops / 1e6:>8.2f}  "
+              f"{'/'.join(f'{f:.3f}' for f in p.exit_fractions)}  {[round(t, 4) for t in p.thresholds]}{mark}")
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from reskd.export.calibrate import calibrate_version
     from reskd.export.exporter import ExportError, eval_sets
@@ -111,6 +147,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     try:
         name, version = parse_model_ref(args.model)
         path, manifest = ModelRepository(args.repo).load(name, version)
+        if args.list:
+            _print_curve(path, manifest)
+            return 0
         if len(manifest.stages) < 2:
             raise ManifestError(f"{name} has a single stage: there is no exit to calibrate")
         if manifest.source is None:
@@ -126,6 +165,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print(f"reskd calibrate: {err}", file=sys.stderr)
         return 2
     _print_metrics(str(path), new)
+    _print_curve(path, new)
     return 0
 
 
@@ -245,14 +285,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", metavar="A,B,...",
                    help="the run's networks to cascade, in order (default: student and res-students for sum, the "
                         "recipe's baselines.independent_cascade for replace; e.g. student,kd-resnet8,kd-resnet14)")
+    p.add_argument("--fallback", metavar="NETWORK",
+                   help="append this network of the run (e.g. teacher) as a last stage whose logits replace the "
+                        "running logits: what no earlier stage is confident about gets its answer")
     _calibration_args(p)
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("compose", help="a new cascade version from a repository's versions: a cascade's stages "
+                                       "and a fallback model after them",
+                       description="Write REPO/NAME/VERSION from versions already in REPO, without their run: the "
+                                   "first --keep stages of --cascade (stage files copied as they are) and the "
+                                   "one-stage --fallback (e.g. the teacher) as a last stage whose logits replace "
+                                   "the running logits; thresholds and the operating-point curve calibrated "
+                                   "through the runtime on the cascade's validation split, the test set measured. "
+                                   "Needs the train extra (the split is rebuilt from the manifest's source.data).")
+    p.add_argument("--repo", required=True, metavar="REPO")
+    p.add_argument("--name", required=True, metavar="NAME", help="the new version's model name")
+    p.add_argument("--version", type=int, metavar="N", help="default: one above the highest existing")
+    p.add_argument("--cascade", required=True, metavar="NAME[:VERSION]", help="the cascade whose stages come first")
+    p.add_argument("--keep", type=int, metavar="K", help="keep its first K stages (default: all)")
+    p.add_argument("--fallback", required=True, metavar="NAME[:VERSION]",
+                   help="a one-stage model of the same data (e.g. the cascade's teacher version)")
+    _calibration_args(p)
+    p.set_defaults(func=cmd_compose)
+
     p = sub.add_parser("calibrate", help="choose exit thresholds on the validation split, through the runtime",
-                       description="Recalibrate a model version's exit thresholds on its validation split (from "
-                                   "the manifest's source.data) and re-measure the test set; rewrites its manifest.")
+                       description="Recalibrate a model version's exit thresholds and its operating-point curve "
+                                   "on its validation split (from the manifest's source.data) and re-measure the "
+                                   "test set; rewrites its manifest. --list prints the stored curve.")
     p.add_argument("--repo", required=True, metavar="REPO")
     p.add_argument("--model", required=True, metavar="NAME[:VERSION]")
+    p.add_argument("--list", action="store_true",
+                   help="print the version's stored operating points (the accuracy/compute curve) and change nothing")
     _calibration_args(p)
     p.set_defaults(func=cmd_calibrate)
 

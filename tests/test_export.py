@@ -218,7 +218,7 @@ def test_export_command_errors_say_what_to_fix(tiny_run, tmp_path, capsys):
     assert main([*base, "--stages", "student,res1,student"]) == 2
     assert "--stages names a network twice: student, res1, student" in capsys.readouterr().err
     assert main([*base, "--model", "res1", "--combine", "replace"]) == 2
-    assert "--model exports one network: it takes neither --stages nor --combine" in capsys.readouterr().err
+    assert "--model exports one network: it takes neither --stages, --combine nor --fallback" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*base, "--combine", "average"])
     assert "invalid choice: 'average'" in capsys.readouterr().err
@@ -240,7 +240,9 @@ def test_one_network_of_a_run_exports_as_a_one_stage_model(tiny_run, exported, t
     manifest = out["model_manifest"]
     assert [s.name for s in manifest.stages] == [kd] and manifest.exit.thresholds == []
     cascade = exported[1]["cascade_manifest"]
-    assert manifest.teacher == cascade.teacher  # measured against the same teacher
+    # measured against the same teacher; no teacher version is written beside it, so none is named
+    assert (manifest.teacher.flops, manifest.teacher.accuracy) == (cascade.teacher.flops, cascade.teacher.accuracy)
+    assert manifest.teacher.model is None and cascade.teacher.model == "tiny-teacher:1"
     assert manifest.parity.stages[kd].argmax_agreement == 1.0
     rt = CascadeRuntime(tmp_path / "tiny-kd" / "1")
     assert rt.num_stages == 1
