@@ -75,12 +75,16 @@ def _metadata(model: ServedModel, versions: list[int]) -> dict:
                     # samples that reach it) and the outputs it gives besides logits
                     "inputs": [{"name": x.name, "source": x.source} for x in s.inputs],
                     "outputs": [{"name": "logits", "shape": [len(m.labels)]},
-                                *({"name": o.name, "shape": o.shape} for o in s.outputs)]}
-                   for i, s in enumerate(m.stages)],
+                                *({"name": o.name, "shape": o.shape} for o in s.outputs)],
+                    # how its logits make the running logits: added ("sum") or in their place ("replace")
+                    "combine": kind}
+                   for i, (s, kind) in enumerate(zip(m.stages, m.stage_combine))],
         "combine": m.combine,
         "exit_measure": m.exit.measure,
         "teacher_flops": m.teacher.flops,
+        "teacher_model": m.teacher.model,
         "metrics": m.metrics.model_dump() if m.metrics else {},
+        "operating_points": m.operating_points.model_dump() if m.operating_points else None,
     }
 
 
@@ -117,8 +121,20 @@ def _config(model: ServedModel, state: ServerState) -> dict:
         "parameters": {"stages": {"string_value": str(model.runtime.num_stages)},
                        "scheduler": {"string_value": model.scheduler.policy},
                        "combine": {"string_value": model.manifest.combine},
-                       "exit_measure": {"string_value": model.manifest.exit.measure}},
+                       "stage_combine": {"string_value": ",".join(model.manifest.stage_combine)},
+                       "exit_measure": {"string_value": model.manifest.exit.measure},
+                       **_points_parameters(model.manifest)},
     }
+
+
+def _points_parameters(manifest) -> dict:
+    """The operating points as Triton config parameters (string values): the default point's id and the whole
+    curve as JSON. None for a version without them."""
+    points = manifest.operating_points
+    if points is None:
+        return {}
+    return {"default_operating_point": {"string_value": points.default},
+            "operating_points": {"string_value": points.model_dump_json()}}
 
 
 @router.get("/v2/models/{name}/config", summary="Model configuration (Triton's JSON form)")
