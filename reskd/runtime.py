@@ -189,7 +189,8 @@ class CascadeRuntime:
                                     "(recalibrate it with `reskd calibrate`)")
         ids = [p.id for p in points.points]
         if point not in ids:
-            raise CascadeInputError(f"no operating point {point!r}; the points are {', '.join(ids)}")
+            shown = point if len(point) <= 64 else point[:64] + "..."
+            raise CascadeInputError(f"no operating point {shown!r}; the points are {', '.join(ids)}")
         return points.point(point)
 
     def run(self, images: np.ndarray, *, threshold: float | None | Sequence[float | None] = None,

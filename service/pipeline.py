@@ -64,14 +64,14 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
 
 
 async def run_cascade(state: ServerState, model: ServedModel, admission: Admission, images: np.ndarray,
-                      threshold: float | None, max_stage: int | None) -> CascadeResult:
-    """Queue and inference. threshold and max_stage are range-checked where they are used, by the runtime
-    (CascadeInputError -> 422); more images than the queue ever holds -> 413; a batch that failed on the server's
+                      threshold: float | None, max_stage: int | None, point: str | None = None) -> CascadeResult:
+    """Queue and inference. threshold and max_stage (or an operating point of the version instead) are checked
+    where they are used, by the runtime (CascadeInputError -> 422); more images than the queue ever holds -> 413; a batch that failed on the server's
     side -> 500."""
     gauge = model.metrics.inflight
     gauge.inc()
     try:
-        future = model.scheduler.submit(images, threshold, max_stage, admission)
+        future = model.scheduler.submit(images, threshold, max_stage, admission, point=point)
         return await future
     except NeverFits as err:
         raise too_large(str(err)) from None

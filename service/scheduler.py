@@ -319,11 +319,12 @@ class CascadeScheduler:
         return Admission(self)
 
     def submit(self, images: np.ndarray, threshold: float | None = None, max_stage: int | None = None,
-               admission: Admission | None = None) -> asyncio.Future:
+               admission: Admission | None = None, *, point: str | None = None) -> asyncio.Future:
         """Queue one request; the future resolves to its CascadeResult, or fails with InferenceFailed or (at
         shutdown) QueueFull. Cancelling the future (the client went away) drops the request's samples still
         queued. Raises NeverFits for more images than the queue's bound, QueueFull at the bound, and
-        CascadeInputError for a threshold or max_stage out of range. admission: the request's, from admit()
+        CascadeInputError for a threshold or max_stage out of range or an unknown operating point (`point`, the
+        id of one of the manifest's, instead of threshold and max_stage). admission: the request's, from admit()
         (without one, e.g. in-process users, it enters the workload here)."""
         q, n = self.queues[0], len(images)
         if n > q.bound:
@@ -333,7 +334,7 @@ class CascadeScheduler:
         if q.size + n > q.bound:
             raise QueueFull(f"model {self.model} version {self.version} has {q.size} images queued (limit "
                             f"{q.bound}); retry shortly")
-        samples = self.runtime.samples(n, threshold, max_stage)
+        samples = self.runtime.samples(n, threshold, max_stage, point)
         future = asyncio.get_running_loop().create_future()
         request = Request(images, samples, future)
         if admission is not None:

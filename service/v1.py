@@ -87,7 +87,7 @@ def response_body(model: ServedModel, result: CascadeResult, top_k: int, filenam
 
 
 async def _classify(request: Request, state: ServerState, name: str, version: str | None, top_k: int,
-                    threshold: float | None, max_stage: int | None) -> Response:
+                    threshold: float | None, max_stage: int | None, point: str | None) -> Response:
     model = state.model(request, name, version)
     s = state.settings
     with admit(state, model) as admission:
@@ -96,7 +96,7 @@ async def _classify(request: Request, state: ServerState, name: str, version: st
         async def classify() -> CascadeResult:
             images = await decode_batch(state.decoding, blobs, names, model.manifest.input, s.max_pixels,
                                         s.max_request_pixels)
-            return await run_cascade(state, model, admission, images, threshold, max_stage)
+            return await run_cascade(state, model, admission, images, threshold, max_stage, point)
 
         result = await until_disconnected(request, classify())
     return Response(response_body(model, result, top_k, filenames), media_type="application/json")
@@ -106,23 +106,28 @@ TopK = Query(1, ge=1, description="how many classes to list per image (capped at
 Threshold = Query(None, ge=0.0, le=1.0, description="one exit threshold for every non-final stage, replacing the "
                                                     "calibrated ones for this request")
 MaxStage = Query(None, ge=0, description="stop at this stage at the latest (0 = the student)")
+Point = Query(None, alias="operating_point", min_length=1, max_length=64,
+              description="the id of one of the version's operating points (its thresholds and last stage, from "
+                          "its manifest; GET /v2/models/{name} lists them), instead of threshold and max_stage")
 COMMON = dict(response_model=ClassifyResponse, responses=ERROR_RESPONSES, openapi_extra=_BODY_DOC)
 
 
 @router.post("/v1/models/{name}/classify", **COMMON, summary="Classify images with the highest version")
 async def classify(request: Request, name: str, top_k: int = TopK, threshold: float | None = Threshold,
-                   max_stage: int | None = MaxStage, state: ServerState = Depends(get_state)):
-    return await _classify(request, state, name, None, top_k, threshold, max_stage)
+                   max_stage: int | None = MaxStage, point: str | None = Point,
+                   state: ServerState = Depends(get_state)):
+    return await _classify(request, state, name, None, top_k, threshold, max_stage, point)
 
 
 @router.post("/v1/models/{name}/versions/{version}/classify", **COMMON, summary="Classify images with one version")
 async def classify_version(request: Request, name: str, version: str, top_k: int = TopK,
                            threshold: float | None = Threshold, max_stage: int | None = MaxStage,
-                           state: ServerState = Depends(get_state)):
-    return await _classify(request, state, name, version, top_k, threshold, max_stage)
+                           point: str | None = Point, state: ServerState = Depends(get_state)):
+    return await _classify(request, state, name, version, top_k, threshold, max_stage, point)
 
 
 @router.post("/v1/classify", **COMMON, summary="Classify images with the default model (RESKD_DEFAULT_MODEL)")
 async def classify_default(request: Request, top_k: int = TopK, threshold: float | None = Threshold,
-                           max_stage: int | None = MaxStage, state: ServerState = Depends(get_state)):
-    return await _classify(request, state, state.settings.default_model, None, top_k, threshold, max_stage)
+                           max_stage: int | None = MaxStage, point: str | None = Point,
+                           state: ServerState = Depends(get_state)):
+    return await _classify(request, state, state.settings.default_model, None, top_k, threshold, max_stage, point)

@@ -2,7 +2,8 @@
 
 Inputs: `images` FP32 [N, C, H, W] (normalised as the manifest says) or `image_bytes` BYTES [N] (encoded images;
 base64 strings when sent as JSON). Outputs: `logits` FP32 [N, classes], `class_id` INT64 [N], `exit_stage` INT32
-[N], `flops` INT64 [N]. Request parameters `threshold` and `max_stage` act as the v1 query parameters do.
+[N], `flops` INT64 [N]. Request parameters `threshold`, `max_stage` and `operating_point` act as the v1 query
+parameters do.
 """
 
 from __future__ import annotations
@@ -177,7 +178,10 @@ _SCHEMAS["InferRequest"]["properties"]["inputs"]["maxItems"] = 1
 _SCHEMAS["InferRequest"]["properties"]["parameters"]["properties"].update({
     "threshold": {"type": "number", "minimum": 0, "maximum": 1,
                   "description": "one exit threshold for every non-final stage, for this request"},
-    "max_stage": {"type": "integer", "minimum": 0, "description": "stop at this stage at the latest"}})
+    "max_stage": {"type": "integer", "minimum": 0, "description": "stop at this stage at the latest"},
+    "operating_point": {"type": "string", "minLength": 1, "maxLength": 64,
+                        "description": "the id of one of the version's operating points, instead of threshold and "
+                                       "max_stage"}})
 _SCHEMAS["TensorIn"]["properties"]["name"]["enum"] = list(INPUTS)
 _SCHEMAS["OutputRequest"]["properties"]["name"]["enum"] = list(OUTPUTS)
 _SCHEMAS["InferRequest"]["examples"] = [{  # one black 28 x 28 PNG; the model resizes any other size
@@ -230,6 +234,8 @@ def _parameter(params: dict, key: str, kind: type):
         raise invalid(f"parameter {key!r} must be an integer, got {kserve.clip(value)!r}")
     if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
         raise invalid(f"parameter {key!r} must be a number, got {kserve.clip(value)!r}")
+    if kind is str and not isinstance(value, str):
+        raise invalid(f"parameter {key!r} must be a string, got {kserve.clip(value)!r}")
     try:
         return kind(value)
     except OverflowError:  # an integer beyond any float
@@ -300,8 +306,9 @@ async def _infer_body(request: Request, state: ServerState, model: ServedModel, 
                                     model.manifest.input, s.max_pixels, s.max_request_pixels)
     threshold = _parameter(req.parameters, "threshold", float)
     max_stage = _parameter(req.parameters, "max_stage", int)
+    point = _parameter(req.parameters, "operating_point", str)
     wanted = _outputs(req)
-    result = await run_cascade(state, model, admission, images, threshold, max_stage)
+    result = await run_cascade(state, model, admission, images, threshold, max_stage, point)
 
     values = {"logits": result.logits, "class_id": result.class_id, "exit_stage": result.exit_stage,
               "flops": result.flops}
