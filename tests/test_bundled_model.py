@@ -4,6 +4,7 @@ Fashion-MNIST test set as its manifest claims."""
 from __future__ import annotations
 
 import io
+import json
 import shutil
 from pathlib import Path
 
@@ -38,6 +39,11 @@ def test_bundled_repository_is_small_and_loads():
         assert (cascade.input.channels, cascade.input.height, cascade.input.width) == (1, 28, 28)
     assert repo.load("fashion-mnist", 2)[1].stages[1].sources == ["student.features"]
     assert repo.load("fashion-mnist-independent")[1].combine == "replace"
+    _, fallback = repo.load("fashion-mnist-fallback", 1)  # fashion-mnist/2 with fashion-mnist-teacher/2 after it
+    _, features = repo.load("fashion-mnist", 2)
+    assert fallback.stages[:2] == features.stages and fallback.stages[2].combine == "replace"
+    assert fallback.stages[2].sha256 == repo.load("fashion-mnist-teacher", 2)[1].stages[0].sha256
+    assert fallback.teacher.model == "fashion-mnist-teacher:2"
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +105,28 @@ def test_bundled_metrics_hold_through_the_server(real_test_set, runtime_answers)
             check_claims(rt.manifest, real_test_set.labels, **got)
             np.testing.assert_array_equal(got["class_id"], result.class_id)
             np.testing.assert_array_equal(got["exit_stage"], result.exit_stage)
+        # what a client reads about the fallback version: each stage's combine, its teacher, its curve
+        manifest = ModelRepository(MODELS).load("fashion-mnist-fallback", 1)[1]
+        meta = client.get_model_metadata("fashion-mnist-fallback", "1")
+        assert [s["combine"] for s in meta["stages"]] == ["sum", "sum", "replace"] and meta["combine"] == "sum"
+        assert meta["teacher_model"] == "fashion-mnist-teacher:2"
+        assert meta["operating_points"] == manifest.operating_points.model_dump()
+        params = client.get_model_config("fashion-mnist-fallback", "1")["parameters"]
+        assert params["stage_combine"]["string_value"] == "sum,sum,replace"
+        assert params["default_operating_point"]["string_value"] == "default"
+        assert json.loads(params["operating_points"]["string_value"]) == manifest.operating_points.model_dump()
+        assert "operating_points" not in client.get_model_config("fashion-mnist", "2")["parameters"]
+        # a request may ask for any point of the curve: the server answers as the runtime does at that point
+        rt = runtime_answers["fashion-mnist-fallback", 1][0]
+        x = triton.InferInput("images", [250, 1, 28, 28], "FP32")
+        x.set_data_from_numpy(real_test_set.images[:250], binary_data=True)
+        for point in ("depth-1", "budget-20", "depth-3"):
+            out = client.infer("fashion-mnist-fallback", [x], model_version="1", parameters={"operating_point": point})
+            want = rt.run(real_test_set.images[:250], point=point)
+            np.testing.assert_array_equal(out.as_numpy("exit_stage"), want.exit_stage)
+            np.testing.assert_array_equal(out.as_numpy("class_id"), want.class_id)
+        with pytest.raises(triton.InferenceServerException, match="no operating point 'fastest'; the points are"):
+            client.infer("fashion-mnist-fallback", [x], model_version="1", parameters={"operating_point": "fastest"})
 
 
 @pytest.mark.real_data

@@ -1,6 +1,7 @@
 """Stage inputs and cascade kinds, on the bundled versions that use them: fashion-mnist/2 (a ResKD cascade whose
-res-student reads the student's feature map, `combine: sum`) and fashion-mnist-independent/1 (independent models,
-`combine: replace`). Old manifests load unchanged; what a manifest declares is checked against its graphs; the
+res-student reads the student's feature map, `combine: sum`), fashion-mnist-independent/1 (independent models,
+`combine: replace`) and fashion-mnist-fallback/1 (the first one's two stages summed, then the teacher as a stage
+whose own `combine: replace` sets the running logits to its logits). Old manifests load unchanged; what a manifest declares is checked against its graphs; the
 runtime, both engines and every scheduler policy give the same answers for per-request thresholds and max_stage,
 and those answers are what the graphs' outputs combine to."""
 
@@ -23,12 +24,14 @@ from server_process import BUNDLED
 
 FEATURES = BUNDLED / "fashion-mnist" / "2"
 INDEPENDENT = BUNDLED / "fashion-mnist-independent" / "1"
+FALLBACK = BUNDLED / "fashion-mnist-fallback" / "1"
 BUCKETS = (1, 4, 16, 64)
+KINDS = {"features-sum": FEATURES, "independent-replace": INDEPENDENT, "sum-then-replace": FALLBACK}
 
 
-@pytest.fixture(scope="module", params=["features-sum", "independent-replace"])
+@pytest.fixture(scope="module", params=list(KINDS))
 def version(request):
-    return FEATURES if request.param == "features-sum" else INDEPENDENT
+    return KINDS[request.param]
 
 
 def runtime(path, engine="host"):
@@ -83,6 +86,7 @@ def _edited(tmp_path, source, edit):
     (lambda m: m["stages"][0].pop("outputs"), r"'student.features' is not an output of an earlier stage"),
     (lambda m: m["stages"][0]["outputs"].append({"name": "logits", "shape": [10]}), r"not 'logits'"),
     (lambda m: m.update(combine="average"), r"combine"),
+    (lambda m: m["stages"][1].update(combine="average"), r"stages\.1\.combine: Input should be 'sum' or 'replace'"),
 ])
 def test_a_manifest_that_declares_impossible_inputs_is_refused_naming_the_field(tmp_path, edit, message):
     with pytest.raises(ManifestError, match=message):
@@ -108,8 +112,13 @@ def reference(rt, x, threshold, max_stage):
     """What the graphs' outputs combine to, computed here from the sessions' own outputs: the running logits are
     the sum of the stage logits (sum) or the latest stage's (replace); exit at the first stage whose max
     probability reaches its threshold, or at max_stage."""
-    outs = [o["logits"].astype(np.float64) for o in rt.graph_outputs(x)]
-    running = np.cumsum(outs, axis=0) if rt.manifest.combine == "sum" else np.stack(outs)
+    raw = json.loads((rt.path / "manifest.json").read_text())
+    kinds = [stage.get("combine", raw.get("combine", "sum")) for stage in raw["stages"]]
+    running, total = [], 0.0
+    for out, kind in zip(rt.graph_outputs(x), kinds):
+        total = out["logits"].astype(np.float64) + (total if kind == "sum" else 0.0)
+        running.append(total)
+    running = np.stack(running)
     thresholds = rt.manifest.exit.thresholds if threshold is None else [threshold] * (rt.num_stages - 1)
     last = rt.num_stages - 1 if max_stage is None else max_stage
     exits = np.full(len(x), last)
@@ -163,13 +172,16 @@ def test_survivors_keep_only_what_a_later_stage_reads(version):
     keep = np.zeros(16, bool)
     keep[[2, 5, 11]] = True
     after = rt.survivors(0, images_part(block, np.arange(16)), run.carried, keep)
-    if version == FEATURES:  # the head reads the student's features only: the images are let go
-        assert set(after) == {"student.features"}
+    if version in (FEATURES, FALLBACK):  # the head reads the student's features: they are carried
+        # the images only while a later stage still reads them (the fallback teacher does, the head does not)
+        assert set(after) == ({"student.features", "images"} if version == FALLBACK else {"student.features"})
         features, rows = after["student.features"]
         assert features.value is not None and features.rows == 16  # a block of its own (kept past this call)
         np.testing.assert_array_equal(rows, [2, 5, 11])
         head = rt.engine.run(1, [after]).logits
         np.testing.assert_allclose(head, rt.graph_outputs(x[[2, 5, 11]])[1]["logits"], atol=1e-5)
+        if version == FALLBACK:  # after the head, only the images go on to the teacher
+            assert set(rt.survivors(1, after, {}, np.ones(3, bool))) == {"images"}
     else:
         assert set(after) == {"images"} and run.carried == {}
     assert rt.survivors(rt.num_stages - 1, after, {}, np.ones(3, bool)) == {}  # nothing read after the last
