@@ -227,7 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", required=True, help="a recipe TOML file, or the name of a bundled recipe "
                                                    "(fashion-mnist, fashion-mnist-cpu, cifar10, cifar100, tiny-imagenet)")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (checkpoints, logits, report)")
-    p.add_argument("--resume", action="store_true", help="load finished stages from RUN_DIR instead of training")
+    p.add_argument("--resume", action="store_true",
+                   help="load finished stages from RUN_DIR instead of training, and continue an interrupted stage "
+                        "from its last finished epoch")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda when present")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field, e.g. --set teacher.epochs=2 (repeatable)")

@@ -1,5 +1,6 @@
 """One training loop for every stage: SGD + Nesterov, a one-cycle or cosine schedule, bf16 autocast and
-channels_last on CUDA, a progress bar with loss and accuracy. What a stage optimises is its `step` function."""
+channels_last on CUDA, a progress bar with loss and accuracy. What a stage optimises is its `step` function.
+After every epoch the loop hands out where it stands (Progress); given that back it goes on from the next epoch."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import contextlib
 import math
 import sys
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -17,6 +19,36 @@ from .recipe import TrainConfig
 
 # step(images, labels) -> (loss, logits used for the running accuracy)
 StepFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class Progress:
+    """Training after a finished epoch: enough for `fit` to go on with the next epoch as if it had never stopped
+    (the batches of an epoch depend on the seed and the epoch alone)."""
+
+    history: list[dict]  # one entry per finished epoch
+    model: dict[str, torch.Tensor]
+    optimizer: dict
+    schedule: dict
+    rng: dict[str, torch.Tensor]  # "cpu", and "cuda" when training there: dropout draws from the global RNG
+
+    @property
+    def epoch(self) -> int:
+        """Epochs finished."""
+        return len(self.history)
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def autocast(device: torch.device):
@@ -52,8 +84,11 @@ def make_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch:
 
 
 def fit(model: torch.nn.Module, step: StepFn, train: Split, cfg: TrainConfig, *, normalizer: Normalizer,
-        device: torch.device, seed: int, desc: str) -> list[dict]:
-    """Train `model` in place; returns the per-epoch history [{epoch, loss, accuracy, lr}]."""
+        device: torch.device, seed: int, desc: str, resume: Progress | None = None,
+        on_epoch: Callable[[Progress], None] | None = None) -> list[dict]:
+    """Train `model` in place; returns the per-epoch history [{epoch, loss, accuracy, lr, seconds}].
+    on_epoch receives the Progress after every epoch (its tensors are the live ones: save or copy them at once);
+    resume, one such Progress of an earlier call with the same arguments, continues from the epoch after it."""
     steps_per_epoch = len(train) // cfg.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"{desc}: batch_size {cfg.batch_size} exceeds the {len(train)} training images")
@@ -64,7 +99,14 @@ def fit(model: torch.nn.Module, step: StepFn, train: Split, cfg: TrainConfig, *,
     history = []
     channels_last = device.type == "cuda"
     started = time.time()
-    for epoch in range(cfg.epochs):
+    if resume is not None:
+        model.load_state_dict(resume.model)
+        opt.load_state_dict(resume.optimizer)
+        sched.load_state_dict(resume.schedule)
+        set_rng_state(resume.rng, device)
+        history = list(resume.history)
+        started -= history[-1]["seconds"]  # the history's seconds count on from where the earlier call stopped
+    for epoch in range(len(history), cfg.epochs):
         model.train()
         total_loss = torch.zeros((), device=device)
         total_correct = torch.zeros((), device=device, dtype=torch.long)
@@ -96,6 +138,9 @@ def fit(model: torch.nn.Module, step: StepFn, train: Split, cfg: TrainConfig, *,
         history.append(record)
         print(f"{desc} epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f} train-acc {record['accuracy']:.4f} "
               f"({record['seconds']:.0f} s)", file=sys.stderr, flush=True)
+        if on_epoch is not None:
+            on_epoch(Progress(list(history), model.state_dict(), opt.state_dict(), sched.state_dict(),
+                              rng_state(device)))
     model.eval()
     return history
 

@@ -1,7 +1,8 @@
 """`reskd train`: teacher -> student (KD) -> res-students (residual) -> baselines -> evaluation -> report.
 
-Every stage is checkpointed in the run directory (training.rundir) as soon as it finishes; with
---resume a finished stage is loaded instead of trained, after checking that the recipe still trains it the same
+Every stage is checkpointed in the run directory (training.rundir) as soon as it finishes, and after each of its
+epochs while it trains (a partial checkpoint); with --resume a finished stage is loaded instead of trained and an
+interrupted one continues from its last finished epoch, after checking that the recipe still trains it the same
 way (its fingerprint). Earlier stages are frozen in eval mode while later ones train, so their weights and
 batch-norm statistics never move.
 """
@@ -29,7 +30,17 @@ from .losses import cross_entropy, kd_loss, reach_weights, residual_mse, residua
 from .models import ModelSpec, build_model
 from .recipe import Recipe, ResStudentConfig
 from .report import analyse, plot_pareto, render_markdown
-from .rundir import Checkpoint, RunDir, RunDirError, read_weights
+from .rundir import Checkpoint, PartialCheckpoint, RunDir, RunDirError, read_weights
+
+
+@dataclass
+class Attempt:
+    """A stage being trained by this process: the fingerprint it trains under, when its training began (earlier,
+    interrupted attempts' seconds included) and, with --resume, where the last of those attempts left it."""
+
+    fingerprint: str
+    started: float
+    resumed: PartialCheckpoint | None = None
 
 
 @dataclass
@@ -45,6 +56,7 @@ class Stage:
     history: list[dict] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
     trained_now: bool = False
+    attempt: Attempt | None = None  # set when it is trained rather than loaded
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """This stage's output for images x (through the stage it reads, which is frozen)."""
@@ -112,7 +124,7 @@ class Trainer:
     # -- run directory ------------------------------------------------------------------------------------------
     def _check_run_dir(self) -> None:
         out = self.run_dir.path
-        if self.run_dir.checkpoint_names() and not self.resume:
+        if (self.run_dir.checkpoint_names() or self.run_dir.partial_names()) and not self.resume:
             raise RunDirError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
         if self.resume and self.run_dir.run_file.is_file():
             previous = self.run_dir.read_run_info()["recipe"]
@@ -156,6 +168,16 @@ class Trainer:
         model.eval()
         return ckpt
 
+    def _load_partial(self, name: str, fingerprint: str) -> PartialCheckpoint | None:
+        if not self.run_dir.has_partial(name):
+            return None
+        partial = self.run_dir.load_partial(name)
+        if partial.fingerprint != fingerprint:
+            raise RunDirError(f"{self.run_dir.partial_path(name)} was trained with other settings than the recipe "
+                              f"now gives for stage {name!r}; delete that partial checkpoint to train the stage "
+                              "from its first epoch, or use another --out")
+        return partial
+
     def _save_checkpoint(self, stage: Stage, fingerprint: str, in_channels: int, data: DataBundle) -> None:
         self.run_dir.save_checkpoint(Checkpoint(
             stage.name, stage.kind, stage.spec.arch, stage.spec.width, in_channels, len(data.labels),
@@ -173,20 +195,35 @@ class Trainer:
             print(f"[resume] {name}: loaded {self.run_dir.checkpoint_path(name)}", file=sys.stderr)
             stage = Stage(name, kind, spec, model, seed, reads, ckpt.history, ckpt.extra)
         else:
-            started = time.time()
             stage = Stage(name, kind, spec, model, seed, reads, trained_now=True)
-            if reads is not None:
+            partial = self._load_partial(name, fingerprint)
+            if partial is not None:
+                stage.extra = partial.extra  # what the interrupted attempt computed before its first epoch
+            elif reads is not None:
                 stage.extra["reads"] = f"{reads.name}.features"  # export refuses what the manifest cannot say yet
+            stage.attempt = Attempt(fingerprint, time.time() - (partial.seconds if partial else 0.0), partial)
             train_fn(stage)
-            stage.extra["train_seconds"] = round(time.time() - started, 1)
+            stage.extra["train_seconds"] = round(time.time() - stage.attempt.started, 1)
             self._save_checkpoint(stage, fingerprint, in_channels, data)
         stage.model.eval()
         stage.model.requires_grad_(False)  # frozen from here on: later stages only read it
         return stage
 
     def _fit(self, stage: Stage, step, cfg, data: DataBundle, normalizer: Normalizer) -> None:
+        """loop.fit, continuing from the stage's partial checkpoint (--resume) and rewriting it after every epoch."""
+        attempt = stage.attempt
+        resume = attempt.resumed.progress if attempt.resumed else None
+        if resume is not None:
+            where = f"epoch {resume.epoch + 1}/{cfg.epochs}" if resume.epoch < cfg.epochs else \
+                f"all {cfg.epochs} epochs trained"
+            print(f"[resume] {stage.name}: {where} from {self.run_dir.partial_path(stage.name)}", file=sys.stderr)
+
+        def save(progress: loop.Progress) -> None:
+            self.run_dir.save_partial(PartialCheckpoint(stage.name, attempt.fingerprint, progress, stage.extra,
+                                                        round(time.time() - attempt.started, 1)))
+
         stage.history = loop.fit(stage.model, step, data.train, cfg, normalizer=normalizer, device=self.device,
-                                 seed=stage.seed, desc=stage.name)
+                                 seed=stage.seed, desc=stage.name, resume=resume, on_epoch=save)
 
     def teacher(self, data: DataBundle, normalizer: Normalizer) -> Stage:
         r = self.recipe
@@ -227,12 +264,14 @@ class Trainer:
             return sum(s.logits(x).float() for s in frozen)
 
         def train(stage: Stage) -> None:
-            # A zero output layer makes the new stage start as a no-op: the cascade is exactly as good as before
-            # and the residual is learned from there, instead of first undoing random logits.
-            torch.nn.init.zeros_(stage.model.fc.weight)
-            torch.nn.init.zeros_(stage.model.fc.bias)
-            scale_sq = self._residual_scale(rcfg, teacher, cascade_so_far, cfg, data, normalizer, stage.seed)
-            stage.extra["residual_scale_sq"] = scale_sq
+            if stage.attempt.resumed is None:  # a resumed stage has its weights and scale from its first attempt
+                # A zero output layer makes the new stage start as a no-op: the cascade is exactly as good as
+                # before and the residual is learned from there, instead of first undoing random logits.
+                torch.nn.init.zeros_(stage.model.fc.weight)
+                torch.nn.init.zeros_(stage.model.fc.bias)
+                stage.extra["residual_scale_sq"] = self._residual_scale(rcfg, teacher, cascade_so_far, cfg, data,
+                                                                        normalizer, stage.seed)
+            scale_sq = stage.extra["residual_scale_sq"]
 
             def step(x, y):
                 with torch.no_grad():

@@ -4,6 +4,9 @@ checkpoint format.
     RUN_DIR/run.json              the recipe, the data's facts (labels, shape, normalisation, validation ids)
                                   and the machine
     RUN_DIR/checkpoints/NAME.pt   one trained network each (teacher, student, res1.., kd-TAG): Checkpoint below
+    RUN_DIR/checkpoints/partial/NAME.pt
+                                  a stage still in training, rewritten after each of its epochs and removed when
+                                  its NAME.pt is written: PartialCheckpoint below
     RUN_DIR/logits.npz            validation and test logits of every network ("val/NAME", "test/labels", ...)
     RUN_DIR/report.json, report.md, pareto.png
 
@@ -12,6 +15,7 @@ Checkpoints and run.json are written atomically (reskd.files): a killed run leav
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,9 +25,11 @@ import torch
 
 from reskd.files import replacing, write_atomic
 
+from .loop import Progress
 from .models import ModelSpec, build_model
 
 CHECKPOINT_DIR = "checkpoints"
+PARTIAL_DIR = "partial"  # in CHECKPOINT_DIR
 RUN_FILE = "run.json"
 LOGITS_FILE = "logits.npz"
 REPORT_FILES = ("report.json", "report.md", "pareto.png")
@@ -60,10 +66,24 @@ class Checkpoint:
         return model.eval()
 
 
+@dataclass
+class PartialCheckpoint:
+    """A stage whose training was interrupted, as it stood after its last finished epoch: the training state
+    (weights, optimizer, schedule, RNG, history), the stage's extra so far (what it computed before its first epoch,
+    e.g. residual_scale_sq), the seconds spent on it until then, and the fingerprint it trains under."""
+
+    name: str
+    fingerprint: str
+    progress: Progress
+    extra: dict
+    seconds: float
+
+
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.checkpoints = self.path / CHECKPOINT_DIR
+        self.partials = self.checkpoints / PARTIAL_DIR
         self.run_file = self.path / RUN_FILE
         self.logits_file = self.path / LOGITS_FILE
         self.report_file = self.path / REPORT_FILES[0]
@@ -79,16 +99,42 @@ class RunDir:
         return self.checkpoint_path(name).is_file()
 
     def save_checkpoint(self, ckpt: Checkpoint) -> None:
+        """Also removes the stage's partial checkpoint, which the finished one supersedes, and the partial folder
+        once it is empty: a finished run's checkpoints/ holds its checkpoints alone."""
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in ckpt.state_dict.items()}
         with replacing(self.checkpoint_path(ckpt.name)) as tmp:
             torch.save({**asdict(ckpt), "state_dict": state}, tmp)
+        self.partial_path(ckpt.name).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # absent, or still holding another stage's partial checkpoint
+            self.partials.rmdir()
 
     def load_checkpoint(self, name: str, map_location: str | torch.device = "cpu") -> Checkpoint:
         path = self.checkpoint_path(name)
         if not path.is_file():
             raise RunDirError(f"{path} is missing: is the run finished? (reskd train --resume completes it)")
         return Checkpoint(**torch.load(path, map_location=map_location, weights_only=True))
+
+    # -- partial checkpoints: stages interrupted mid-training ---------------------------------------------------
+    def partial_path(self, name: str) -> Path:
+        return self.partials / f"{name}.pt"
+
+    def partial_names(self) -> list[str]:
+        return sorted(p.stem for p in self.partials.glob("*.pt"))
+
+    def has_partial(self, name: str) -> bool:
+        return self.partial_path(name).is_file()
+
+    def save_partial(self, partial: PartialCheckpoint) -> None:
+        self.partials.mkdir(parents=True, exist_ok=True)
+        with replacing(self.partial_path(partial.name)) as tmp:
+            torch.save(asdict(partial), tmp)
+
+    def load_partial(self, name: str) -> PartialCheckpoint:
+        """On the CPU, where the RNG states must be; loading the weights and optimizer state into the model moves
+        them to its device."""
+        saved = torch.load(self.partial_path(name), map_location="cpu", weights_only=True)
+        return PartialCheckpoint(**{**saved, "progress": Progress(**saved["progress"])})
 
     # -- run.json -----------------------------------------------------------------------------------------------
     def write_run_info(self, info: dict) -> None:
