@@ -316,7 +316,7 @@ class Exporter:
         network after them as a replacing last stage, calibrated through the runtime."""
         stages = self.write_stages(folder, names + ([fallback] if fallback else []))
         if fallback:
-            stages[-1].combine = "replace"
+            stages[-1] = stages[-1].model_copy(update={"combine": "replace"})
         write_manifest(folder, self.manifest(name, version, stages, teacher_accuracy, combine, teacher_model))
         rt = _runtime(folder)
         parity, torch_outs = self.check_parity(rt)

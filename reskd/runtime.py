@@ -21,7 +21,7 @@ import numpy as np
 from .cascade import CascadeInputError, CascadeResult, CascadeSamples, ExitRule, advance, combine
 from .device import Device
 from .engine import BoundEngine, EngineSpec, HostEngine, Part, Plan, images_part, make_engine
-from .manifest import IMAGES, Manifest, ManifestError, OperatingPoint, load_manifest
+from .manifest import IMAGES, Manifest, ManifestError, load_manifest
 
 StageHook = Callable[[int, int, float], None]
 log = logging.getLogger("reskd")
@@ -153,45 +153,49 @@ class CascadeRuntime:
                                     f"{list(images.shape)}")
         return np.ascontiguousarray(images, dtype=np.float32)
 
-    def thresholds_for(self, threshold: float | None) -> np.ndarray:
+    def thresholds_for(self, threshold: float | None, base: Sequence[float] | None = None) -> np.ndarray:
+        """One threshold for every non-final stage, checked; None: `base` (default the manifest's thresholds)."""
         if threshold is None:
-            return np.asarray(self.manifest.exit.thresholds, dtype=np.float64)
+            return np.asarray(self.manifest.exit.thresholds if base is None else base, dtype=np.float64)
         if not 0.0 <= threshold <= 1.0:
             raise CascadeInputError(f"threshold must be between 0 and 1, got {threshold}")
         return np.full(self.num_stages - 1, threshold, dtype=np.float64)
 
-    def check_max_stage(self, max_stage: int | None) -> int:
-        last = self.num_stages - 1 if max_stage is None else int(max_stage)
+    def check_max_stage(self, max_stage: int | None, base: int | None = None) -> int:
+        """The last stage a sample may reach, checked; None: `base` (default the final stage)."""
+        if max_stage is None:
+            return self.num_stages - 1 if base is None else base
+        last = int(max_stage)
         if not 0 <= last < self.num_stages:
             raise CascadeInputError(f"max_stage must be between 0 and {self.num_stages - 1}, got {max_stage}")
         return last
 
     def samples(self, n: int, threshold: float | None | Sequence[float | None] = None,
                 max_stage: int | None | Sequence[int | None] = None, point: str | None = None) -> CascadeSamples:
-        """n samples' exit settings, checked: threshold replaces every calibrated threshold, max_stage stops there
-        at the latest; each given once or per sample (a sequence of n values, None meaning the manifest's). point:
-        the id of one of the manifest's operating points instead (its thresholds and last stage)."""
-        if point is not None:
-            if threshold is not None or max_stage is not None:
-                raise CascadeInputError("an operating point sets the thresholds and max_stage: give it alone")
-            chosen = self.operating_point(point)
-            table = np.tile(np.asarray(chosen.thresholds, dtype=np.float64), (n, 1))
-            return CascadeSamples(table, np.full(n, chosen.max_stage, np.int32), self.num_classes)
-        rows = _each(threshold, n, self.thresholds_for, "thresholds")
-        last = _each(max_stage, n, self.check_max_stage, "max_stage values")
+        """n samples' exit settings, checked. point: the id of one of the manifest's operating points, whose
+        thresholds and last stage replace the calibrated ones; then threshold replaces every threshold and max_stage
+        the last stage; each given once or per sample (a sequence of n values, None keeping what the point or the
+        manifest says)."""
+        thresholds, last_stage = self.point_settings(point) if point is not None else (None, None)
+        rows = _each(threshold, n, lambda t: self.thresholds_for(t, thresholds), "thresholds")
+        last = _each(max_stage, n, lambda m: self.check_max_stage(m, last_stage), "max_stage values")
         table = np.asarray(rows, dtype=np.float64).reshape(n, self.num_stages - 1)
         return CascadeSamples(table, np.asarray(last, dtype=np.int32).reshape(n), self.num_classes)
 
-    def operating_point(self, point: str) -> OperatingPoint:
+    def point_settings(self, point: str) -> tuple[list[float], int]:
+        """(thresholds, last stage) of one of the manifest's operating points. "default" always exists: the
+        calibrated thresholds with every stage, also in a version calibrated before curves were stored."""
         points = self.manifest.operating_points
-        if points is None:
-            raise CascadeInputError(f"{self.manifest.name}:{self.manifest.version} has no operating points "
-                                    "(recalibrate it with `reskd calibrate`)")
-        ids = [p.id for p in points.points]
+        if points is None and point == "default":
+            return self.manifest.exit.thresholds, self.num_stages - 1
+        ids = [p.id for p in points.points] if points else ["default"]
         if point not in ids:
             shown = point if len(point) <= 64 else point[:64] + "..."
-            raise CascadeInputError(f"no operating point {shown!r}; the points are {', '.join(ids)}")
-        return points.point(point)
+            older = "" if points else " (it was calibrated before curves were stored: `reskd calibrate` adds them)"
+            raise CascadeInputError(f"{self.manifest.name}:{self.manifest.version} has no operating point "
+                                    f"{shown!r}; its points are {', '.join(ids)}{older}")
+        chosen = points.point(point)
+        return chosen.thresholds, chosen.max_stage
 
     def run(self, images: np.ndarray, *, threshold: float | None | Sequence[float | None] = None,
             max_stage: int | None | Sequence[int | None] = None, point: str | None = None, early_exit: bool = True,

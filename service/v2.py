@@ -179,7 +179,7 @@ _SCHEMAS["InferRequest"]["properties"]["parameters"]["properties"].update({
     "threshold": {"type": "number", "minimum": 0, "maximum": 1,
                   "description": "one exit threshold for every non-final stage, for this request"},
     "max_stage": {"type": "integer", "minimum": 0, "description": "stop at this stage at the latest"},
-    "operating_point": {"type": "string", "minLength": 1, "maxLength": 64,
+    "operating_point": {"type": "string", "maxLength": 64, "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]*$",
                         "description": "the id of one of the version's operating points, instead of threshold and "
                                        "max_stage"}})
 _SCHEMAS["TensorIn"]["properties"]["name"]["enum"] = list(INPUTS)

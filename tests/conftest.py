@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 from pathlib import Path
 
@@ -160,3 +161,28 @@ def exported(tiny_run, tmp_path_factory):
     repo = tmp_path_factory.mktemp("repo")
     result = export_run(run_dir, repo, "tiny", log=lambda msg: None)
     return repo, result
+
+
+def session_reference(rt, x, threshold=None, max_stage=None):
+    """What a version's graphs give, computed here from its sessions' own outputs and its manifest file as written,
+    not through the runtime: running logits are added (a stage whose combine is "sum") or replaced ("replace"; a
+    stage without its own combine takes the cascade's); a sample exits at the first stage whose max probability
+    reaches its threshold (the manifest's, or `threshold` for every stage), or at max_stage.
+    -> (running logits at the exit stage, exit stages)."""
+    raw = json.loads((rt.path / "manifest.json").read_text())
+    kinds = [stage.get("combine", raw.get("combine", "sum")) for stage in raw["stages"]]
+    running, total = [], 0.0
+    for out, kind in zip(rt.graph_outputs(x), kinds):
+        total = out["logits"].astype(np.float64) + (total if kind == "sum" else 0.0)
+        running.append(total)
+    running = np.stack(running)
+    thresholds = raw["exit"]["thresholds"] if threshold is None else [threshold] * (len(kinds) - 1)
+    last = len(kinds) - 1 if max_stage is None else max_stage
+    exits = np.full(len(x), last)
+    for i in range(len(x)):
+        for s in range(last):
+            z = running[s, i] - running[s, i].max()
+            if np.exp(z).max() / np.exp(z).sum() >= thresholds[s]:
+                exits[i] = s
+                break
+    return running[exits, np.arange(len(x))], exits

@@ -125,7 +125,7 @@ def test_bundled_metrics_hold_through_the_server(real_test_set, runtime_answers)
             want = rt.run(real_test_set.images[:250], point=point)
             np.testing.assert_array_equal(out.as_numpy("exit_stage"), want.exit_stage)
             np.testing.assert_array_equal(out.as_numpy("class_id"), want.class_id)
-        with pytest.raises(triton.InferenceServerException, match="no operating point 'fastest'; the points are"):
+        with pytest.raises(triton.InferenceServerException, match="has no operating point 'fastest'; its points are"):
             client.infer("fashion-mnist-fallback", [x], model_version="1", parameters={"operating_point": "fastest"})
 
 

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import load_stage, real_fashion_mnist_or_fail, real_test_images
+from conftest import load_stage, real_fashion_mnist_or_fail, real_test_images, session_reference
 from reskd.cli import main
 from reskd.device import Device
+from reskd.exit_policy import confidence, exit_stages
 from reskd.export.compose import compose_fallback
 from reskd.export.exporter import ExportError, eval_sets, export_run
 from reskd.manifest import ManifestError, ModelRepository, load_manifest, sha256_file
@@ -24,25 +25,6 @@ from reskd.scoring.output import read_output
 from server_process import BUNDLED
 
 FALLBACK = BUNDLED / "fashion-mnist-fallback" / "1"
-
-
-def session_reference(rt: CascadeRuntime, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Running logits at the exit stage and the exit stages under the manifest's thresholds, computed here from the
-    sessions' own outputs and the manifest file as written: a stage without `combine` takes the cascade's."""
-    raw = json.loads((rt.path / "manifest.json").read_text())
-    kinds = [s.get("combine", raw.get("combine", "sum")) for s in raw["stages"]]
-    running, total = [], 0.0
-    for out, kind in zip(rt.graph_outputs(images), kinds):
-        total = out["logits"].astype(np.float64) + (total if kind == "sum" else 0.0)
-        running.append(total)
-    exits = np.full(len(images), len(kinds) - 1)
-    for i in range(len(images)):
-        for s, t in enumerate(raw["exit"]["thresholds"]):
-            p = np.exp(running[s][i] - running[s][i].max())
-            if p.max() / p.sum() >= t:
-                exits[i] = s
-                break
-    return np.stack(running)[exits, np.arange(len(images))], exits
 
 
 # -- the manifest ------------------------------------------------------------------------------------------------
@@ -146,10 +128,9 @@ def test_every_stored_operating_point_is_what_the_runtime_does_on_validation(val
     assert default.thresholds == rt.manifest.exit.thresholds and default.max_stage == 2
     assert default.accuracy == rt.manifest.calibration.accuracy
     assert default.mean_flops == rt.manifest.calibration.mean_flops
-    with pytest.raises(ValueError, match="no operating point 'fastest'; the points are depth-1, "):
+    with pytest.raises(ValueError, match="fashion-mnist-fallback:1 has no operating point 'fastest'; its points "
+                                         "are depth-1, "):
         rt.run(validation.images[:2], point="fastest")
-    with pytest.raises(ValueError, match="an operating point sets the thresholds and max_stage"):
-        rt.run(validation.images[:2], point="default", max_stage=1)
 
 
 def test_calibrate_list_prints_the_stored_curve_and_changes_nothing(capsys):
@@ -183,6 +164,27 @@ def test_scoring_the_fallback_version_gives_the_sessions_answer(tmp_path):
     assert [r["exit_stage"] for r in rows] == exits.tolist()
     assert [r["class_id"] for r in rows] == logits.argmax(-1).tolist()
     assert [r["flops"] for r in rows] == rt.cum_flops[exits].tolist()
+
+
+def test_a_point_gives_the_defaults_that_threshold_and_max_stage_override():
+    """A request's operating point replaces the calibrated thresholds and last stage; an explicit max_stage or
+    threshold then replaces the point's. "default" is the calibrated point, on a version without a curve too."""
+    rt = CascadeRuntime(FALLBACK, device=Device.cpu())
+    x = np.random.default_rng(5).normal(size=(200, 1, 28, 28)).astype(np.float32)
+    point = rt.manifest.operating_points.point("budget-20")
+    conf = confidence(rt.all_stage_logits(x), rt.manifest.exit.measure)
+    capped = rt.run(x, point="budget-20", max_stage=1)
+    np.testing.assert_array_equal(capped.exit_stage, exit_stages(conf, point.thresholds, max_stage=1))
+    assert 0 < (capped.exit_stage == 1).sum() < 200
+    overridden = rt.run(x, point="depth-1", threshold=0.9)
+    np.testing.assert_array_equal(overridden.exit_stage, exit_stages(conf, [0.9, 0.9], max_stage=0))
+    np.testing.assert_array_equal(rt.run(x, point="default").exit_stage, rt.run(x).exit_stage)
+    old = CascadeRuntime(BUNDLED / "fashion-mnist" / "2", device=Device.cpu())
+    assert old.manifest.operating_points is None
+    np.testing.assert_array_equal(old.run(x, point="default").exit_stage, old.run(x).exit_stage)
+    with pytest.raises(ValueError, match=r"fashion-mnist:2 has no operating point 'budget-20'; its points are "
+                                         r"default \(it was calibrated before curves were stored"):
+        old.run(x, point="budget-20")
 
 
 # -- reskd compose: a fallback from a repository's versions ------------------------------------------------------

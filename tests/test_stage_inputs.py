@@ -20,6 +20,7 @@ from reskd.engine import EngineSpec, images_part
 from reskd.manifest import ManifestError, load_manifest, write_manifest
 from reskd.runtime import CascadeRuntime
 from reskd.service.scheduler import CascadeScheduler
+from conftest import session_reference
 from server_process import BUNDLED
 
 FEATURES = BUNDLED / "fashion-mnist" / "2"
@@ -108,29 +109,6 @@ def test_a_manifest_that_does_not_match_its_graphs_is_refused_when_opened(tmp_pa
         CascadeRuntime(folder, device=Device.cpu(), check_folder_name=False)
 
 
-def reference(rt, x, threshold, max_stage):
-    """What the graphs' outputs combine to, computed here from the sessions' own outputs: the running logits are
-    the sum of the stage logits (sum) or the latest stage's (replace); exit at the first stage whose max
-    probability reaches its threshold, or at max_stage."""
-    raw = json.loads((rt.path / "manifest.json").read_text())
-    kinds = [stage.get("combine", raw.get("combine", "sum")) for stage in raw["stages"]]
-    running, total = [], 0.0
-    for out, kind in zip(rt.graph_outputs(x), kinds):
-        total = out["logits"].astype(np.float64) + (total if kind == "sum" else 0.0)
-        running.append(total)
-    running = np.stack(running)
-    thresholds = rt.manifest.exit.thresholds if threshold is None else [threshold] * (rt.num_stages - 1)
-    last = rt.num_stages - 1 if max_stage is None else max_stage
-    exits = np.full(len(x), last)
-    for i in range(len(x)):
-        for s in range(last):
-            z = running[s, i] - running[s, i].max()
-            if np.exp(z).max() / np.exp(z).sum() >= thresholds[s]:
-                exits[i] = s
-                break
-    return running[exits, np.arange(len(x))], exits
-
-
 SETTINGS = [(None, None), (1.0, None), (0.0, None), (0.9, 1), (None, 0), (0.6, None), (1.0, 0)]
 
 
@@ -140,7 +118,7 @@ def test_the_runtime_combines_each_kind_as_its_manifest_says(version, engine):
     x = images(40, seed=1)
     for threshold, max_stage in SETTINGS:
         got = rt.run(x, threshold=threshold, max_stage=max_stage)
-        logits, exits = reference(rt, x, threshold, max_stage)
+        logits, exits = session_reference(rt, x, threshold, max_stage)
         np.testing.assert_array_equal(got.exit_stage, exits)
         np.testing.assert_allclose(got.logits, logits, atol=1e-4)
         np.testing.assert_array_equal(got.flops, rt.cum_flops[exits])

@@ -61,12 +61,12 @@ class Evidence:
     def correct(self, name: str, split: str = "test") -> np.ndarray:
         return self.logits[f"{split}/{name}"].argmax(-1) == self.labels(split)
 
-    def scores(self, names: list[str], split: str, running: bool) -> CascadeScores:
-        """Exit what-ifs of a cascade of `names`; running=True sums their logits (ResKD), False uses each as it is
-        (a cascade of independent models)."""
+    def scores(self, names: list[str], split: str, kinds: str | list[str]) -> CascadeScores:
+        """Exit what-ifs of a cascade of `names`, each stage's logits combined as `kinds` says (reskd.cascade:
+        "sum" for ResKD, "replace" for independent models, or one kind per stage, e.g. a fallback after a sum)."""
         stacked = np.stack([self.logits[f"{split}/{n}"] for n in names])
-        return CascadeScores(running_logits(stacked) if running else stacked, self.labels(split),
-                             [self.flops[n] for n in names], self.exit_measure)
+        return CascadeScores(running_logits(stacked, kinds), self.labels(split), [self.flops[n] for n in names],
+                             self.exit_measure)
 
 
 def analyse(recipe, data, stages, logits: dict, flops: dict, params: dict, environment: dict | None = None) -> dict:
@@ -82,7 +82,7 @@ def analyse(recipe, data, stages, logits: dict, flops: dict, params: dict, envir
     if "student" not in models:
         return head
     names = ["student"] + [s.name for s in stages if s.kind == "res_student"]
-    val_scores, test_scores = evidence.scores(names, "val", True), evidence.scores(names, "test", True)
+    val_scores, test_scores = evidence.scores(names, "val", "sum"), evidence.scores(names, "test", "sum")
     adaptive, chosen = calibrated(evidence, val_scores, test_scores, ev)
     on_test = test_scores.evaluate(chosen.thresholds)
     grid = kd_grid(models, stages, recipe)
@@ -157,7 +157,7 @@ def independent_cascade(evidence: Evidence, stages, recipe,
     if not order or len(chosen) < len(order):  # none asked for, or its models are not trained (yet)
         return None, None
     names = [s.name for s in sorted(chosen, key=lambda s: order.index(s.spec))]
-    val, test = evidence.scores(names, "val", False), evidence.scores(names, "test", False)
+    val, test = evidence.scores(names, "val", "replace"), evidence.scores(names, "test", "replace")
     matched = val.calibrate(flops_budget=adaptive_val_flops)
     on_test = test.evaluate(matched.thresholds)
     section = {"models": names, "stage_flops": [evidence.flops[n] for n in names], "curve": _curve(val, test),
