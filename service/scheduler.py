@@ -324,7 +324,7 @@ class CascadeScheduler:
         shutdown) QueueFull. Cancelling the future (the client went away) drops the request's samples still
         queued. Raises NeverFits for more images than the queue's bound, QueueFull at the bound, and
         CascadeInputError for a threshold or max_stage out of range or an unknown operating point (`point`, the
-        id of one of the manifest's, instead of threshold and max_stage). admission: the request's, from admit()
+        id of one of the manifest's: the defaults threshold and max_stage override). admission: the request's, from admit()
         (without one, e.g. in-process users, it enters the workload here)."""
         q, n = self.queues[0], len(images)
         if n > q.bound:

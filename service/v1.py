@@ -108,7 +108,8 @@ Threshold = Query(None, ge=0.0, le=1.0, description="one exit threshold for ever
 MaxStage = Query(None, ge=0, description="stop at this stage at the latest (0 = the student)")
 Point = Query(None, alias="operating_point", max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
               description="the id of one of the version's operating points (its thresholds and last stage, from "
-                          "its manifest; GET /v2/models/{name} lists them), instead of threshold and max_stage")
+                          "its manifest; GET /v2/models/{name} lists them; `default` in every version) instead "
+                          "of the calibrated ones; threshold and max_stage, when given, still override it")
 COMMON = dict(response_model=ClassifyResponse, responses=ERROR_RESPONSES, openapi_extra=_BODY_DOC)
 
 

@@ -180,8 +180,9 @@ _SCHEMAS["InferRequest"]["properties"]["parameters"]["properties"].update({
                   "description": "one exit threshold for every non-final stage, for this request"},
     "max_stage": {"type": "integer", "minimum": 0, "description": "stop at this stage at the latest"},
     "operating_point": {"type": "string", "maxLength": 64, "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]*$",
-                        "description": "the id of one of the version's operating points, instead of threshold and "
-                                       "max_stage"}})
+                        "description": "the id of one of the version's operating points (`default` in every "
+                                       "version): its thresholds and last stage for this request, which threshold "
+                                       "and max_stage still override"}})
 _SCHEMAS["TensorIn"]["properties"]["name"]["enum"] = list(INPUTS)
 _SCHEMAS["OutputRequest"]["properties"]["name"]["enum"] = list(OUTPUTS)
 _SCHEMAS["InferRequest"]["examples"] = [{  # one black 28 x 28 PNG; the model resizes any other size
