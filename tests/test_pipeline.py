@@ -214,3 +214,47 @@ def test_res_students_that_read_the_students_features(tiny_run, tiny_idx, tmp_pa
         export_run(out, tmp_path / "repo", "y", stages=["res1", "student"], log=lambda m: None)
     with pytest.raises(ExportError, match="res1 reads student.features"):
         export_run(out, tmp_path / "repo", "z", model="res1", log=lambda m: None)
+
+
+def test_cpu_precision_settings_change_the_fingerprint_only_when_set(tiny_idx, tmp_path):
+    """train.autocast and train.channels_last came after runs existed: left at their defaults they leave every
+    fingerprint as it was (earlier runs stay resumable); set, they change every stage's (the weights differ)."""
+    base = tiny_recipe_dict(tiny_idx)
+    fingerprints = {}
+    for label, extra in {"absent": {}, "defaults": {"autocast": "auto"}, "bf16": {"autocast": "bf16"},
+                         "channels_last": {"channels_last": True}}.items():
+        recipe = parse_recipe({**base, "train": {**base["train"], **extra}})
+        fingerprints[label] = Trainer(recipe, tmp_path / label, device="cpu").fingerprints()
+    assert fingerprints["defaults"] == fingerprints["absent"]
+    for label in ("bf16", "channels_last"):
+        assert all(fingerprints[label][k] != v for k, v in fingerprints["absent"].items()), label
+
+
+@pytest.mark.parametrize("autocast, channels_last", [("auto", None), ("bf16", True), ("fp32", False)])
+def test_training_steps_run_in_the_precision_and_memory_format_the_recipe_asks(autocast, channels_last):
+    """On the CPU: bf16 autocast only when the recipe says bf16 ("auto" is fp32 here), channels_last batches and
+    weights only when it says so; what the step computes trains the model either way."""
+    from reskd.training.data import TensorSplit
+    from reskd.training.recipe import TrainConfig
+
+    torch.manual_seed(0)
+    # three channels: a one-channel batch is channels_last and contiguous at once, which would prove nothing
+    split = TensorSplit(torch.randint(0, 256, (100, 3, 12, 12), dtype=torch.uint8), torch.randint(0, 10, (100,)),
+                        np.arange(100))
+    cfg = TrainConfig(epochs=2, batch_size=50, lr=0.05, autocast=autocast, channels_last=channels_last)
+    device = torch.device("cpu")
+    model = loop.prepare(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(),
+                                             torch.nn.Linear(400, 10)), device, loop.uses_channels_last(device, cfg))
+    seen = []
+
+    def step(x, y):
+        logits = model(x)
+        seen.append((torch.is_autocast_enabled("cpu"), x.is_contiguous(memory_format=torch.channels_last),
+                     logits.dtype))
+        return torch.nn.functional.cross_entropy(logits.float(), y), logits
+
+    loop.fit(model, step, split, cfg, normalizer=Normalizer([0.5] * 3, [0.25] * 3, device), device=device, seed=0,
+             desc="t")
+    bf16 = autocast == "bf16"
+    assert seen == [(bf16, bool(channels_last), torch.bfloat16 if bf16 else torch.float32)] * 4
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last) == bool(channels_last)

@@ -1,5 +1,5 @@
 """One training loop for every stage: SGD + Nesterov, a one-cycle or cosine schedule, bf16 autocast and
-channels_last on CUDA, a progress bar with loss and accuracy. What a stage optimises is its `step` function.
+channels_last (on CUDA; on the CPU where the recipe asks), a progress bar with loss and accuracy. What a stage optimises is its `step` function.
 After every epoch the loop hands out where it stands (Progress); given that back it goes on from the next epoch."""
 
 from __future__ import annotations
@@ -51,15 +51,27 @@ def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def uses_bf16(device: torch.device, cfg: TrainConfig) -> bool:
+    """Whether training steps compute in bf16 autocast: the recipe's `autocast`, "auto" meaning on CUDA only."""
+    return cfg.autocast == "bf16" or (cfg.autocast == "auto" and device.type == "cuda")
+
+
+def uses_channels_last(device: torch.device, cfg: TrainConfig) -> bool:
+    """Whether models and batches are channels_last: the recipe's `channels_last`, absent meaning on CUDA only."""
+    return device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
+
+
+def autocast(device: torch.device, bf16: bool | None = None):
+    """bf16 autocast on `device` when bf16 (default: on CUDA, where it is always used), else nothing."""
+    if bf16 if bf16 is not None else device.type == "cuda":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
-def prepare(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+def prepare(model: torch.nn.Module, device: torch.device, channels_last: bool | None = None) -> torch.nn.Module:
+    """The model on `device`, channels_last when asked (default: on CUDA)."""
     model = model.to(device)
-    if device.type == "cuda":
+    if channels_last if channels_last is not None else device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     return model
 
@@ -97,7 +109,7 @@ def fit(model: torch.nn.Module, step: StepFn, train: Split, cfg: TrainConfig, *,
                           weight_decay=cfg.weight_decay)
     sched = make_schedule(opt, cfg, steps_per_epoch)
     history = []
-    channels_last = device.type == "cuda"
+    bf16, channels_last = uses_bf16(device, cfg), uses_channels_last(device, cfg)
     started = time.time()
     if resume is not None:
         model.load_state_dict(resume.model)
@@ -118,7 +130,7 @@ def fit(model: torch.nn.Module, step: StepFn, train: Split, cfg: TrainConfig, *,
         for i, (x, y) in enumerate(bar):
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(device):
+            with autocast(device, bf16):
                 loss, logits = step(x, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()

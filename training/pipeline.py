@@ -100,7 +100,7 @@ def pick_device(name: str = "auto") -> torch.device:
 
 # Settings added after run directories existed enter a fingerprint only when they are set to something else than
 # their default (the value that reproduces the earlier training), so earlier runs stay resumable.
-LATER_SETTINGS = {"random_erasing": (None, 0.0)}
+LATER_SETTINGS = {"random_erasing": (None, 0.0), "autocast": (None, "auto"), "channels_last": (None,)}
 
 
 def settled(cfg) -> dict:
@@ -154,7 +154,8 @@ class Trainer:
     # -- stages -------------------------------------------------------------------------------------------------
     def _build(self, spec: ModelSpec, seed: int, in_channels: int, data: DataBundle) -> torch.nn.Module:
         torch.manual_seed(seed)
-        return loop.prepare(build_model(spec, in_channels, len(data.labels)), self.device)
+        return loop.prepare(build_model(spec, in_channels, len(data.labels)), self.device,
+                            loop.uses_channels_last(self.device, self.recipe.train))
 
     def _load_checkpoint(self, name: str, fingerprint: str, model: torch.nn.Module) -> Checkpoint | None:
         if not self.run_dir.has_checkpoint(name):
@@ -308,7 +309,7 @@ class Trainer:
                                            augmentation=Augmentation.of(cfg))):
             if i == 20:
                 break
-            with loop.autocast(self.device):
+            with loop.autocast(self.device, loop.uses_bf16(self.device, cfg)):
                 target = residual_target(teacher.model(x).float(), cascade_so_far(x))
             total += float((target ** 2).sum())
             count += len(x)

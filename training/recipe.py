@@ -65,6 +65,11 @@ class TrainConfig(_Strict):
     random_erasing: float = Field(0.0, ge=0, le=1)  # probability of erasing a random rectangle (Zhong et al. 2017)
     eval_batch_size: int = Field(512, ge=1)
     grad_clip: float | None = Field(None, gt=0)  # max global gradient norm; None = no clipping
+    # The arithmetic of training steps: "auto" is bf16 autocast on CUDA and fp32 on the CPU; "bf16" or "fp32" ask
+    # for one everywhere (bf16 on a CPU with avx512_bf16 / AMX roughly halves a step). Evaluation stays as "auto".
+    autocast: Literal["auto", "bf16", "fp32"] = "auto"
+    # Models and batches in channels_last memory format; absent: on CUDA only. A run-wide setting ([train] only).
+    channels_last: bool | None = None
 
 
 class _StageOverrides(_Strict):
