@@ -117,6 +117,39 @@ def test_report_files_and_figures(tiny_run):
     assert report["models"]["teacher"]["pct_teacher_flops"] == 100.0
 
 
+def test_the_report_measures_each_cascade_with_the_teacher_as_its_fallback(tiny_run):
+    """The fallback section, recomputed here from logits.npz: the ResKD cascade's summed logits, then the teacher's
+    in their place; a sample leaves at the first stage whose max probability reaches its threshold."""
+    run_dir, _, report, _ = tiny_run
+    fb = report["fallback"]
+    assert list(fb["cascades"]) == ["ResKD + teacher", "student + teacher", "independent + teacher"]
+    reskd = fb["cascades"]["ResKD + teacher"]
+    assert reskd["stages"] == ["student", "res1", "res2", "teacher"]
+    assert reskd["combine"] == ["sum", "sum", "sum", "replace"]
+    assert fb["cascades"]["independent + teacher"]["stages"] == ["student", "kd-resnet8x0.375", "teacher"]
+    logits = np.load(run_dir / "logits.npz")
+    labels = logits["test/labels"]
+    summed = np.cumsum([logits[f"test/{n}"].astype(np.float64) for n in ("student", "res1", "res2")], axis=0)
+    running = [*summed, logits["test/teacher"].astype(np.float64)]
+    flops = np.cumsum([report["models"][n]["flops"] for n in reskd["stages"]])
+    for key, point in reskd["points"].items():
+        exits = np.full(len(labels), 3)
+        for i in range(len(labels)):
+            for s, t in enumerate(point["thresholds"]):
+                p = np.exp(running[s][i] - running[s][i].max())
+                if p.max() / p.sum() >= t:
+                    exits[i] = s
+                    break
+        answer = np.array([running[e][i].argmax() for i, e in enumerate(exits)])
+        assert point["test"]["accuracy"] == pytest.approx(100 * (answer == labels).mean(), abs=1e-3), key
+        assert point["test"]["mean_flops"] == pytest.approx(flops[exits].mean()), key
+        assert point["test"]["full_cascade_accuracy"] == report["models"]["teacher"]["test_accuracy"]
+    assert list(reskd["points"]) == ["calibrated", *(f"{p}%" for p in fb["budgets_pct"])]
+    assert [d["what"].split(",")[0] for d in fb["differences"]][-1].startswith("ResKD + teacher (calibrated)")
+    assert len(fb["differences"]) == len(fb["budgets_pct"]) + 1
+    assert "## With the teacher as a fallback stage" in (run_dir / "report.md").read_text()
+
+
 def test_resume_skips_finished_stages(tiny_run, tmp_path, monkeypatch):
     run_dir, recipe, report, _ = tiny_run
     copy = tmp_path / "run"

@@ -94,6 +94,7 @@ def analyse(recipe, data, stages, logits: dict, flops: dict, params: dict, envir
         "adaptive": adaptive, "adaptive_curve": _curve(val_scores, test_scores), "kd_grid": grid,
         "independent_cascade": independent,
         "differences": differences(evidence, on_test, test_scores.correct[-1], grid, independent_correct),
+        "fallback": fallback(evidence, ev, names, independent["models"] if independent else None),
     }
 
 
@@ -165,6 +166,61 @@ def independent_cascade(evidence: Evidence, stages, recipe,
                                      "test": _outcome(on_test, evidence.teacher_flops, list(test.stage_flops),
                                                       evidence.boot, None)}}
     return section, on_test.correct
+
+
+# Budgets (percent of the teacher's FLOPs) at which the cascades with a teacher fallback are compared.
+FALLBACK_BUDGETS_PCT = (10, 15, 20, 30, 40, 50)
+
+
+def fallback(evidence: Evidence, ev, reskd: list[str], independent: list[str] | None) -> dict:
+    """Each cascade with the teacher appended as a last stage whose logits replace the running logits (what
+    `reskd export --fallback teacher` serves): the ResKD cascade, the independent-models cascade (when trained)
+    and the student alone before the teacher. For each: the calibrated point (the recipe's rule, on validation)
+    and the most accurate thresholds within each budget of FALLBACK_BUDGETS_PCT, measured on test; then the
+    paired differences that say whether the cascade matches its teacher, beats the independent models at equal
+    compute, and whether its res-students earn their place between student and teacher."""
+    z = ev.bound_z if ev.bound == "upper" else 0.0
+    cascades = {"ResKD + teacher": reskd, "student + teacher": ["student"]}
+    if independent:
+        cascades["independent + teacher"] = independent
+    section, correct = {"budgets_pct": list(FALLBACK_BUDGETS_PCT), "cascades": {}}, {}
+    for label, names in cascades.items():
+        stages = [*names, "teacher"]
+        kinds = ["sum" if label.startswith("ResKD") else "replace"] * len(names) + ["replace"]
+        val, test = evidence.scores(stages, "val", kinds), evidence.scores(stages, "test", kinds)
+        chosen = val.calibrate(target_drop=ev.target_drop_pt / 100, z=z)
+        points = {"calibrated": (chosen.thresholds, chosen.mean_flops)}
+        for pct in FALLBACK_BUDGETS_PCT:
+            budget = val.calibrate(flops_budget=pct / 100 * evidence.teacher_flops)
+            points[f"{pct}%"] = (budget.thresholds, budget.mean_flops)
+        rows = {}
+        for key, (thresholds, val_flops) in points.items():
+            on_test = test.evaluate(thresholds)
+            correct[label, key] = on_test.correct
+            rows[key] = {"thresholds": thresholds, "val_mean_flops": val_flops,
+                         "vs_teacher": {"delta_pt": _pct(on_test.accuracy - evidence.correct("teacher").mean()),
+                                        "ci95": evidence.boot.interval(on_test.correct, evidence.correct("teacher"))},
+                         "test": _outcome(on_test, evidence.teacher_flops, list(test.stage_flops), evidence.boot,
+                                          test.correct[-1])}
+        section["cascades"][label] = {"stages": stages, "combine": kinds, "points": rows}
+    diffs = []
+
+    def diff(label: str, a: np.ndarray, b: np.ndarray) -> None:
+        diffs.append({"what": label, "delta_pt": _pct(a.mean() - b.mean()), "ci95": evidence.boot.interval(a, b)})
+
+    if independent:
+        for pct in FALLBACK_BUDGETS_PCT:
+            diff(f"ResKD + teacher - independent + teacher, at {pct}% of the teacher's FLOPs (validation budget)",
+                 correct["ResKD + teacher", f"{pct}%"], correct["independent + teacher", f"{pct}%"])
+    # the res-students against nothing between student and teacher, at the calibrated point's validation FLOPs
+    two_stage = evidence.scores(["student", "teacher"], "val", "replace")
+    matched = two_stage.calibrate(flops_budget=section["cascades"]["ResKD + teacher"]["points"]["calibrated"][
+        "val_mean_flops"])
+    two_correct = evidence.scores(["student", "teacher"], "test", "replace").evaluate(matched.thresholds).correct
+    diff("ResKD + teacher (calibrated) - student + teacher at its validation FLOPs",
+         correct["ResKD + teacher", "calibrated"], two_correct)
+    section["differences"] = diffs
+    return section
 
 
 def differences(evidence: Evidence, adaptive: ExitOutcome, full: np.ndarray, grid: list[dict],
@@ -266,6 +322,22 @@ def render_markdown(r: dict) -> str:
                   f"Models {' → '.join(ind['models'])}; at the adaptive ResKD cascade's validation FLOPs: test "
                   f"accuracy {it['accuracy']:.2f} {_ci(it['ci95'])} at {it['pct_teacher_flops']:.2f}% of teacher "
                   f"FLOPs, exits {it['exit_counts']}."]
+    fb = r.get("fallback")
+    if fb:
+        lines += ["", "## With the teacher as a fallback stage (its logits replace the running logits)", "",
+                  "Thresholds on validation: the recipe's rule (`calibrated`), or the most accurate within a FLOPs "
+                  "budget; measured once on test.", "",
+                  "| cascade | point | test acc | 95% CI | % teacher | − teacher, pt [95% CI] | exits per stage |",
+                  "|---|---|---:|---|---:|---|---|"]
+        for label, c in fb["cascades"].items():
+            for key, p in c["points"].items():
+                t, d = p["test"], p["vs_teacher"]
+                lines.append(f"| {label} | {key} | {t['accuracy']:.2f} | {_ci(t['ci95'])} | "
+                             f"{t['pct_teacher_flops']:.2f} | {d['delta_pt']:+.2f} {_ci(d['ci95'])} | "
+                             f"{t['exit_counts']} |")
+        lines += ["", "| comparison | Δ pt | 95% CI |", "|---|---:|---|"]
+        for d in fb["differences"]:
+            lines.append(f"| {d['what']} | {d['delta_pt']:+.2f} | {_ci(d['ci95'])} |")
     lines += ["", "## Adaptive curve (thresholds calibrated on validation per FLOPs budget)", "",
               "| val FLOPs | val acc | test FLOPs | % teacher | test acc | exits |", "|---:|---:|---:|---:|---:|---|"]
     for c in r["adaptive_curve"]:
@@ -305,6 +377,13 @@ def plot_pareto(r: dict, path: Path) -> None:
         ic = sorted(r["independent_cascade"]["curve"], key=lambda c: c["test_mean_flops"])
         ax.plot([100 * c["test_mean_flops"] / tf for c in ic], [c["test_accuracy"] for c in ic], "x-", color="C1",
                 label="independent-students cascade (no residual sum)")
+    for (label, c), color in zip((r.get("fallback") or {}).get("cascades", {}).items(), ("C4", "C5", "C6")):
+        points = sorted((p["test"] for k, p in c["points"].items() if k != "calibrated"),
+                        key=lambda t: t["pct_teacher_flops"])
+        ax.plot([t["pct_teacher_flops"] for t in points], [t["accuracy"] for t in points], ".-", color=color,
+                label=f"{label} (fallback), per FLOPs budget")
+        t = c["points"]["calibrated"]["test"]
+        ax.plot([t["pct_teacher_flops"]], [t["accuracy"]], "*", ms=11, color=color)
     teacher = r["models"]["teacher"]
     ax.axhline(teacher["test_accuracy"], color="k", lw=0.8, ls=":")
     ax.plot([100.0], [teacher["test_accuracy"]], "kD", label=f"teacher ({teacher['tag']})")
