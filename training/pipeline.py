@@ -201,7 +201,7 @@ class Trainer:
             if partial is not None:
                 stage.extra = partial.extra  # what the interrupted attempt computed before its first epoch
             elif reads is not None:
-                stage.extra["reads"] = f"{reads.name}.features"  # export refuses what the manifest cannot say yet
+                stage.extra["reads"] = f"{reads.name}.features"  # export declares it as the stage's input
             stage.attempt = Attempt(fingerprint, time.time() - (partial.seconds if partial else 0.0), partial)
             train_fn(stage)
             stage.extra["train_seconds"] = round(time.time() - stage.attempt.started, 1)
