@@ -276,9 +276,18 @@ def test_export_appends_the_runs_teacher_and_answers_as_pytorch_does(tiny_run, t
         x = torch.from_numpy(test.images)
         summed = sum(load_stage(run_dir, n)[0](x).double() for n in ("student", "res1", "res2"))
         teacher = load_stage(run_dir, "teacher")[0](x).double().numpy()
-    got = CascadeRuntime(tmp_path / "tiny" / "1").run(test.images, threshold=1.0)
+    rt = CascadeRuntime(tmp_path / "tiny" / "1")
+    got = rt.run(test.images, threshold=1.0)
     np.testing.assert_allclose(got.logits, teacher, atol=1e-4)  # not summed.numpy() + teacher
     assert not np.allclose(summed.numpy(), teacher, atol=1e-2)
+    # the curve export stored is what the runtime does on the validation split, point by point
+    val = eval_sets(manifest.source.data, manifest.input)[0]
+    points = manifest.operating_points
+    assert points.n == len(val.labels) and points.point(points.default).thresholds == manifest.exit.thresholds
+    for p in points.points:
+        run = rt.run(val.images, point=p.id)
+        assert (run.class_id == val.labels).mean() == p.accuracy and run.flops.mean() == p.mean_flops, p.id
+        assert (np.bincount(run.exit_stage, minlength=4) / len(val.labels)).tolist() == p.exit_fractions, p.id
 
 
 @pytest.mark.parametrize("kwargs, message", [
