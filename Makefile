@@ -85,12 +85,16 @@ run: setup-serve
 train: setup-train data
 	$(BIN)/reskd train --recipe fashion-mnist-cpu --out $(RUN_DIR) --resume
 
-# The converged CPU reference (training/recipes/fashion-mnist-reference.toml, about 4 h on 2 idle cores): started or
-# resumed (inside a stage too) in REFERENCE_DIR, outside the work tree, at the lowest priority so that other work
-# on the machine goes first. Pause it for timings: kill -STOP / kill -CONT its process.
+# The converged CPU reference (training/sweeps/fashion-mnist-reference.toml: the recipe's teacher once, every later
+# stage at its epochs and at twice them; about 7 h 30 min on 2 idle cores): started or resumed (inside a stage too)
+# in REFERENCE_DIR, outside the work tree, at the lowest priority so that other work on the machine goes first.
+# Started in a session of its own (setsid, a detached terminal), Linux's autogroup scheduling would still give it
+# half the machine whatever its nice value: then also `echo 19 > /proc/PID/autogroup` (docs/reference.md).
+# Pause it for timings: kill -STOP / kill -CONT its process.
 REFERENCE_DIR ?= $(HOME)/reskd-runs/reference
 train-reference: setup-train data
-	nice -n 19 $(BIN)/reskd train --recipe fashion-mnist-reference --out $(REFERENCE_DIR) --resume --device cpu
+	nice -n 19 $(BIN)/reskd sweep --sweep training/sweeps/fashion-mnist-reference.toml --out $(REFERENCE_DIR) \
+		--device cpu
 
 test: setup-test data docker-tools
 	$(BIN)/python -m pytest -q
