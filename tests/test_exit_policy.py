@@ -81,3 +81,29 @@ def test_a_single_stage_has_nothing_to_calibrate():
     scores = CascadeScores(logits[:1], labels, [10])
     for chosen in (scores.calibrate(target_drop=0.001), scores.calibrate(flops_budget=5)):
         assert chosen.thresholds == [] and chosen.mean_flops == 10 and chosen.exit_counts == [len(labels)]
+
+
+def test_the_operating_curve_runs_from_the_first_stage_to_every_stage_each_point_better_than_the_cheaper():
+    logits, labels = _synthetic(n=1500)
+    scores = CascadeScores(logits, labels, [10, 3, 3])
+    default = scores.calibrate(target_drop=0.005)
+    budgets = [11.0, 12.0, 13.0, 14.0, 15.0, 40.0]  # 40: dearer than every stage, left to depth-3
+    curve = scores.operating_curve(default.thresholds, budgets, [f"b{b:g}" for b in budgets])
+    ids = [p.id for p in curve]
+    assert ids[0] == "depth-1" and ids[-1] == "depth-3" and "default" in ids and "b40" not in ids
+    assert len(set(ids)) == len(ids)
+    flops = [p.outcome.mean_flops for p in curve]
+    assert flops == sorted(flops)
+    for i, p in enumerate(curve):
+        again = scores.evaluate(p.outcome.thresholds, max_stage=p.max_stage)
+        assert (again.accuracy, again.mean_flops, again.exit_counts) == \
+            (p.outcome.accuracy, p.outcome.mean_flops, p.outcome.exit_counts)
+        assert again.exit_counts[p.max_stage + 1:] == [0] * (2 - p.max_stage)
+        if p.id.startswith("b"):
+            assert p.outcome.mean_flops <= float(p.id[1:]) * (1 + 1e-9)
+            assert p.outcome.accuracy > max(q.outcome.accuracy for q in curve[:i])  # on the Pareto front
+    assert next(p for p in curve if p.id == "default").outcome.thresholds == default.thresholds
+    # Every depth is searched: with a dear last stage, stopping after stage 1 is the best use of a small budget.
+    dear = CascadeScores(logits, labels, [10, 3, 60])
+    curve = dear.operating_curve(dear.calibrate(target_drop=0.005).thresholds, [11.0, 12.0], ["b11", "b12"])
+    assert [(p.id, p.max_stage) for p in curve if p.id.startswith("b")] == [("b11", 1), ("b12", 1)]
