@@ -75,7 +75,11 @@ class ServeSettings(BaseSettings):
     # within body_timeout_s of its headers (408 otherwise). At max_connections the oldest connection not running a
     # request is closed to admit a new one; with none such the new one gets 503 (the process's file-descriptor limit
     # is never reached, so health checks and scrapes still get through).
-    keep_alive_s: float = Field(5.0, gt=0)
+    # 75 s (nginx's keep-alive): longer than the idle time after which clients' pools drop a connection (httpx 5 s,
+    # aiohttp 15 s) and load balancers' idle timeouts (60 s), so the client or proxy closes an idle connection first.
+    # At 5 s, httpx reused connections the server was closing that very moment: a request now and then got no
+    # response (1 of 2,836 in bench/overload.py, seen twice).
+    keep_alive_s: float = Field(75.0, gt=0)
     header_timeout_s: float = Field(10.0, gt=0)
     body_timeout_s: float = Field(30.0, gt=0)
     max_connections: int = Field(1000, gt=0)
