@@ -20,7 +20,8 @@ from reskd.manifest import (ExitSpec, Manifest, ManifestError, ModelRepository, 
 from reskd.runtime import CascadeRuntime
 
 from .calibrate import calibrate_version
-from .exporter import ExportError, eval_sets, next_version, write_version
+from .errors import ExportError
+from .runs import eval_sets
 
 
 def _ref(manifest: Manifest) -> str:
@@ -72,7 +73,7 @@ def compose_fallback(repo: str | Path, name: str, *, cascade: str, fallback: str
     extra = fb.stages[0]
     if extra.name in {s.name for s in kept}:
         raise ExportError(f"--fallback: its stage is named {extra.name!r}, like a stage of {_ref(base)}")
-    version = version or next_version(Path(repo), name)
+    version = version or repository.next_version(name)
     if (Path(repo) / name / str(version)).exists():
         raise ExportError(f"{Path(repo) / name / str(version)} already exists: versions are never overwritten")
     val, test = eval_sets(base.source.data, base.input)
@@ -106,7 +107,7 @@ def compose_fallback(repo: str | Path, name: str, *, cascade: str, fallback: str
         return calibrate_version(folder, val, test, target_drop_pt=target, flops_budget_pct=flops_budget_pct,
                                  bound=bound, z=z, runtime=rt)
 
-    out, manifest = write_version(Path(repo), name, version, build)
+    out, manifest = repository.write_version(name, version, build)
     try:
         repository.load(name, version)  # final check: as a server would load it
     except ManifestError:

@@ -82,7 +82,8 @@ def cmd_device_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from reskd.export.exporter import ExportError, export_run
+    from reskd.export.command import export_run
+    from reskd.export.errors import ExportError
     from reskd.manifest import ManifestError
     from reskd.training.data import DatasetError
 
@@ -104,7 +105,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_compose(args: argparse.Namespace) -> int:
     from reskd.export.compose import compose_fallback
-    from reskd.export.exporter import ExportError
+    from reskd.export.errors import ExportError
     from reskd.manifest import ManifestError
     from reskd.training.data import DatasetError
 
@@ -140,7 +141,8 @@ def _print_curve(path, manifest) -> None:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from reskd.export.calibrate import calibrate_version
-    from reskd.export.exporter import ExportError, eval_sets
+    from reskd.export.errors import ExportError
+    from reskd.export.runs import eval_sets
     from reskd.manifest import ManifestError, ModelRepository, parse_model_ref
     from reskd.training.data import DatasetError
 

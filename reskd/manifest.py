@@ -8,6 +8,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -371,28 +374,68 @@ def write_manifest(version_dir: Path, manifest: Manifest) -> None:
     write_atomic(Path(version_dir) / MANIFEST, manifest.model_dump_json(indent=1, exclude_unset=True) + "\n")
 
 
-class ModelRepository:
-    """REPO/NAME/VERSION/ folders. The highest version is used unless one is named."""
+class VersionExists(ManifestError):
+    """A version folder is there already: versions are never overwritten."""
 
-    def __init__(self, root: str | Path):
+
+class ModelRepository:
+    """REPO/NAME/VERSION/ folders, VERSION a positive integer without leading zeros (VERSION_FOLDER): the one rule
+    for what a version folder is, for reading and writing alike. A version is served once its manifest.json is
+    there; the highest version is used unless one is named."""
+
+    VERSION_FOLDER = re.compile(r"[1-9][0-9]*")
+
+    def __init__(self, root: str | Path, create: bool = False):
+        """create: make the folder when it is missing (writing), instead of refusing it (serving)."""
         self.root = Path(root)
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True)
         if not self.root.is_dir():
             raise ManifestError(f"model repository {self.root} does not exist")
 
     def models(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and self.versions(p.name))
 
-    def versions(self, name: str) -> list[int]:
+    def folders(self, name: str) -> list[Path]:
+        """Every version folder of the model, finished (with a manifest) or not."""
         d = self.root / name
         if not d.is_dir():
             return []
-        return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and re.fullmatch(r"[1-9][0-9]*", p.name)
-                      and (p / MANIFEST).is_file())
+        return sorted((p for p in d.iterdir() if p.is_dir() and self.VERSION_FOLDER.fullmatch(p.name)),
+                      key=lambda p: int(p.name))
+
+    def versions(self, name: str) -> list[int]:
+        return [int(p.name) for p in self.folders(name) if (p / MANIFEST).is_file()]
 
     def unfinished_versions(self) -> list[Path]:
         """Version folders (REPO/NAME/N) without a manifest.json: not served, worth a warning."""
-        return sorted(p for d in self.root.iterdir() if d.is_dir() for p in d.iterdir()
-                      if p.is_dir() and re.fullmatch(r"[1-9][0-9]*", p.name) and not (p / MANIFEST).is_file())
+        return sorted(p for d in self.root.iterdir() if d.is_dir() for p in self.folders(d.name)
+                      if not (p / MANIFEST).is_file())
+
+    def next_version(self, name: str) -> int:
+        """One above every version folder of the model, finished or not."""
+        return max((int(p.name) for p in self.folders(name)), default=0) + 1
+
+    def write_version(self, name: str, version: int, build: Callable[[Path], Manifest]) -> tuple[Path, Manifest]:
+        """build(tmp) fills a temporary folder beside the version's and returns its manifest; the folder is renamed
+        to NAME/VERSION only if build succeeds, so a server never sees half a version. Raises VersionExists."""
+        final = self.root / name / str(version)
+        if not self.VERSION_FOLDER.fullmatch(str(version)):
+            raise ManifestError(f"version {version!r} is not a positive integer")
+        if final.exists():
+            raise VersionExists(f"{final} already exists: versions are never overwritten; pick another version")
+        (self.root / name).mkdir(parents=True, exist_ok=True)
+        # mkdir, not mkdtemp: the folder gets the umask's permissions (mkdtemp's 0700 would keep a server running
+        # as another user, e.g. in a container, from reading the version). A dot folder is no version folder.
+        tmp = self.root / name / f".{version}-{uuid.uuid4().hex[:12]}"
+        tmp.mkdir()
+        try:
+            manifest = build(tmp)
+            tmp.rename(final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return final, manifest
 
     def resolve(self, name: str, version: int | None = None) -> Path:
         versions = self.versions(name)

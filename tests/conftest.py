@@ -155,7 +155,7 @@ def tiny_run(tiny_idx, tmp_path_factory):
 @pytest.fixture(scope="session")
 def exported(tiny_run, tmp_path_factory):
     """The tiny run exported once per session: (repo, export result)."""
-    from reskd.export.exporter import export_run
+    from reskd.export.command import export_run
 
     run_dir = tiny_run[0]
     repo = tmp_path_factory.mktemp("repo")

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from conftest import real_fashion_mnist_or_fail
-from reskd.export.exporter import eval_sets
+from reskd.export.runs import eval_sets
 from reskd.manifest import ModelRepository
 from reskd.preprocess import preprocess
 from reskd.runtime import CascadeRuntime

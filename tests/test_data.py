@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 from conftest import make_images, real_fashion_mnist_or_fail
-from reskd.training.data import (Augmentation, DatasetError, FolderSplit, Normalizer, TensorSplit, augment, batches,
-                                 carve_validation, load_dataset, random_erase)
+from reskd.training.batches import Augmentation, Normalizer, augment, batches, random_erase
+from reskd.training.data import DatasetError, FolderSplit, TensorSplit, carve_validation, load_dataset
 from reskd.training.recipe import DataConfig
 
 

@@ -12,7 +12,10 @@ import torch
 
 from conftest import load_stage
 from reskd.export import exporter
-from reskd.export.exporter import ExportError, eval_sets, export_run
+from reskd.export.command import export_run
+from reskd.export.errors import ExportError
+from reskd.export.parity import MIN_AGREEMENT
+from reskd.export.runs import eval_sets
 from reskd.manifest import InputSpec, ManifestError, ModelRepository, load_manifest, sha256_file
 from reskd.runtime import CascadeRuntime
 
@@ -232,7 +235,8 @@ def test_export_command_errors_say_what_to_fix(tiny_run, tmp_path, capsys):
 
 
 def test_one_network_of_a_run_exports_as_a_one_stage_model(tiny_run, exported, tmp_path):
-    from reskd.export.exporter import ExportError, export_run
+    from reskd.export.command import export_run
+    from reskd.export.errors import ExportError
 
     run_dir = tiny_run[0]
     kd = sorted(p.stem for p in (run_dir / "checkpoints").glob("kd-*.pt"))[0]
@@ -268,8 +272,8 @@ def test_fp16_export_keeps_float32_io_records_parity_and_calibrates_on_fp16(tiny
     m = load_manifest(fp16_dir)
     for parity in m.parity.stages.values():  # measured against the fp32 PyTorch network: rounding shows
         assert 0 < parity.max_abs_logit_diff < 0.05
-        assert parity.running_argmax_agreement >= exporter.MIN_AGREEMENT["fp16"]
-    assert m.parity.exit_stage_agreement >= exporter.MIN_AGREEMENT["fp16"]
+        assert parity.running_argmax_agreement >= MIN_AGREEMENT["fp16"]
+    assert m.parity.exit_stage_agreement >= MIN_AGREEMENT["fp16"]
     assert m.calibration is not None  # thresholds chosen on the fp16 graph itself
     half, full = CascadeRuntime(fp16_dir), CascadeRuntime(fp32_dir)
     a, b = half.run(test_set.images, early_exit=False), full.run(test_set.images, early_exit=False)

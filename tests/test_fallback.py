@@ -17,7 +17,9 @@ from reskd.cli import main
 from reskd.device import Device
 from reskd.exit_policy import confidence, exit_stages
 from reskd.export.compose import compose_fallback
-from reskd.export.exporter import ExportError, eval_sets, export_run
+from reskd.export.command import export_run
+from reskd.export.errors import ExportError
+from reskd.export.runs import eval_sets
 from reskd.manifest import ManifestError, ModelRepository, load_manifest, sha256_file
 from reskd.runtime import CascadeRuntime
 from reskd.scoring import ScoreOptions, score

@@ -12,7 +12,8 @@ import torch
 
 from conftest import load_stage, tiny_recipe_dict
 from reskd.training import loop, pipeline
-from reskd.training.data import Normalizer, batches, load_dataset
+from reskd.training.batches import Normalizer, batches
+from reskd.training.data import load_dataset
 from reskd.training.pipeline import RunDirError, Trainer, train
 from reskd.training.recipe import parse_recipe
 
@@ -202,7 +203,8 @@ def test_res_students_that_read_the_students_features(tiny_run, tiny_idx, tmp_pa
     student(x) + head(student.features(x)); its FLOPs are the head's alone; reach weighting and a stage seed
     train it; export writes the student with a `features` output and the head reading it, and the runtime gives
     what PyTorch gives."""
-    from reskd.export.exporter import ExportError, export_run
+    from reskd.export.command import export_run
+    from reskd.export.errors import ExportError
     from reskd.runtime import CascadeRuntime
     from reskd.training.flops import count_flops
 

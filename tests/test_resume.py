@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from conftest import tiny_recipe_dict
 from reskd.training import loop
-from reskd.training.data import Normalizer, TensorSplit
+from reskd.training.batches import Normalizer
+from reskd.training.data import TensorSplit
 from reskd.training.pipeline import Trainer, train
 from reskd.training.recipe import TrainConfig, parse_recipe
 from reskd.training.rundir import PartialCheckpoint, RunDir, RunDirError

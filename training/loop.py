@@ -14,7 +14,8 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .data import Augmentation, Normalizer, Split, batches
+from .batches import Augmentation, Normalizer, batches
+from .data import Split
 from .recipe import TrainConfig
 
 # step(images, labels) -> (loss, logits used for the running accuracy)

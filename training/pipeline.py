@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from . import loop
-from .data import Augmentation, DataBundle, Normalizer, batches, load_dataset
+from .batches import Augmentation, Normalizer, batches
+from .data import DataBundle, load_dataset
 from .flops import count_flops, count_params
 from .losses import cross_entropy, kd_loss, reach_weights, residual_mse, residual_target
 from .models import ModelSpec, build_model
