@@ -1,6 +1,6 @@
 """One step of a cascade: the only code that turns a stage's output into running logits, confidence and exits.
 
-The runtime's run loop (reskd.runtime), the server's stage scheduler (reskd.service.scheduler) and, through the
+The runtime's run loop (reskd.runtime), the server's stage scheduler (reskd.service.serving.scheduler) and, through the
 same exit rule, calibration (reskd.exit_policy) all go through here, so what is calibrated is exactly what is
 served. numpy only.
 

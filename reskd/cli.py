@@ -7,6 +7,9 @@ import argparse
 import sys
 import tomllib
 
+# Where a command runs (training, serving, scoring): auto picks CUDA when present (reskd.device, ServeSettings).
+DEVICES = ("auto", "cpu", "cuda")
+
 
 def _parse_set(items: list[str]) -> dict:
     """--set a.b=VALUE, VALUE read as a TOML value (numbers, booleans, quoted strings, arrays), else a string."""
@@ -175,7 +178,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from reskd.manifest import ManifestError
-    from reskd.service.server import serve
+    from reskd.service.launch import serve
     from reskd.service.settings import ServeSettings
     from reskd.validation import describe
 
@@ -232,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="load finished stages from RUN_DIR instead of training, and continue an interrupted stage "
                         "from its last finished epoch")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda when present")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="default: cuda when present")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field, e.g. --set teacher.epochs=2 (repeatable)")
     p.set_defaults(func=cmd_train)
@@ -244,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", required=True, metavar="FILE", help="sweep TOML, e.g. training/sweeps/fashion-mnist-gpu.toml")
     p.add_argument("--out", required=True, metavar="DIR", help="one run directory per variant is made under it")
     p.add_argument("--tiny", action="store_true", help="apply the file's [tiny] overrides: a CPU smoke run of the grid")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--only", metavar="LABEL[,LABEL...]",
                    help="train and evaluate only these variants (e.g. in a second process beside a first); the "
                         "others are read back where up to date, so stages are still shared and summarised")
@@ -259,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a plan file, or a bundled plan's name (default: %(default)s)")
     p.add_argument("--out", required=True, metavar="DIR", help="one run directory per step's runs is made here")
     p.add_argument("--tiny", action="store_true", help="apply the plan's [tiny] overrides: a CPU rehearsal")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--data-root", metavar="DIR", help="the dataset's files (data.root of every recipe)")
     p.add_argument("--pack", metavar="DIR",
                    help="after every step, OUT as DIR/run.tar.partNNN of at most 15 MiB each; restore with "
@@ -331,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repo", metavar="REPO", help="model repository (default: RESKD_REPO, else the bundled models/)")
     p.add_argument("--host", help="bind address (default 127.0.0.1; 0.0.0.0 in containers)")
     p.add_argument("--port", type=int, help="default 8000")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"],
+    p.add_argument("--device", choices=DEVICES,
                    help="auto: the CUDA EP when onnxruntime offers it, else CPU (default auto)")
     p.add_argument("--model-control", choices=["none", "poll", "explicit"],
                    help="none: load the repository once at start; poll: pick up new, changed and removed versions "
@@ -374,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, help="decode processes (default: cores - 1, at least 1; 0: decode "
                                                "in the main process)")
     g.add_argument("--threads", type=int, help="onnxruntime threads per stage (default: onnxruntime's)")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+    g.add_argument("--device", choices=DEVICES, default="auto",
                    help="auto: the CUDA EP when onnxruntime offers it, else CPU (default auto)")
     g = p.add_argument_group("ray engine")
     g.add_argument("--actors", type=int, default=1, help="actors holding the cascade (default 1)")

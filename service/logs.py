@@ -9,7 +9,7 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 def log_config(log_format: str, level: str, worker: int | None = None) -> dict:
     """A logging.config.dictConfig dict; uvicorn.run(log_config=...) applies it before the server starts. worker:
-    the index of a worker of several (service/workers.py), in every line it writes."""
+    the index of a worker of several (service/supervisor.py), in every line it writes."""
     if log_format == "json":
         from pythonjsonlogger.core import RESERVED_ATTRS
 

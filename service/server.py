@@ -1,83 +1,38 @@
-"""The FastAPI application and `reskd serve`.
+"""One server process: the application (service/rest/app.py) under uvicorn, on its own port or, as one worker of
+several, on the supervisor's socket.
 
 Start-up: every model is loaded (manifests, sha256 of every file, an onnxruntime session per stage) before the
 port opens, so a broken model fails `reskd serve` at once with status 2 and a message naming it. The server then
 answers liveness at once and turns ready after every model is warmed up. Connections are guarded
-(service/connections.py) and shutdown drains (Server).
+(service/rest/connections.py) and shutdown drains (Server).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import logging.config
 import resource
 import signal
 import socket
 import threading
 import time
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import contextmanager
 
 import uvicorn
 from fastapi import FastAPI
 
-import reskd
 from reskd.manifest import ManifestError
 
-from . import errors, ops, v1, v2
-from .connections import REFUSAL_MARGIN, ConnectionGuard
-from .decoding import release_large_allocations
-from .logs import log_config
-from .metrics import Metrics
-from .middlewares import BearerAuth, BodyLimit, RequestMetrics
-from .models import ServingDevice, engine_spec
+from .link import WorkerLink
+from .rest.app import create_app
+from .rest.connections import REFUSAL_MARGIN, ConnectionGuard
+from .serving.decoding import release_large_allocations
+from .serving.metrics import Metrics
+from .serving.models import ServingDevice, engine_spec
+from .serving.state import ServerState
 from .settings import ServeSettings
-from .state import ServerState
-from .workers import Supervisor, WorkerLink, worker_count
 
 log = logging.getLogger("reskd.service")
-
-DESCRIPTION = """Sample-adaptive early-exit classification with ResKD cascades. Every prediction says which stage
-answered and the compute it used and saved. `/v1` is the simple API (multipart or raw images); `/v2` is the KServe v2
-/ Triton HTTP protocol, binary tensor extension included."""
-
-
-def create_app(settings: ServeSettings | None = None, serving: ServingDevice | None = None,
-               worker: WorkerLink | None = None) -> FastAPI:
-    """serving: the device and thread budget, resolved by `serve` for the whole process; by default resolved
-    here, with a pool per session (an app inside another process, e.g. a test). worker: the app of one worker of
-    several (service/workers.py)."""
-    settings = settings or ServeSettings()
-    state = ServerState(settings, serving or ServingDevice.resolve(settings), worker)
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        if worker is not None:
-            worker.attach(asyncio.get_running_loop(), state.control, state.on_lost)
-        loading = asyncio.create_task(state.start())  # live at once, ready after warm-up
-        if worker is not None and worker.restarted:
-            # A restarted worker: the others answer meanwhile, so it takes connections only once warm.
-            await asyncio.shield(loading)
-        yield
-        loading.cancel()
-        await asyncio.gather(loading, return_exceptions=True)
-        await state.stop()
-
-    app = FastAPI(title="reskd", version=reskd.__version__, description=DESCRIPTION, lifespan=lifespan)
-    app.state.reskd = state
-    errors.install(app)
-    app.include_router(v1.router)
-    app.include_router(v2.router)
-    app.include_router(ops.router)
-    v2.document(app)
-    # Starlette wraps in reverse order of addition: RequestMetrics is outermost, so 401s and 413s are counted.
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, budget_bytes=settings.max_inflight_body_bytes,
-                       retry_after_s=settings.retry_after_s)
-    if settings.auth_token is not None:
-        app.add_middleware(BearerAuth, token=settings.auth_token.get_secret_value())
-    app.add_middleware(RequestMetrics, metrics=state.metrics, state=state)
-    return app
-
 
 def connection_guard(settings: ServeSettings, metrics: Metrics, max_connections: int) -> ConnectionGuard:
     return ConnectionGuard(keep_alive_s=settings.keep_alive_s, header_timeout_s=settings.header_timeout_s,
@@ -172,20 +127,9 @@ class Server(uvicorn.Server):
         return await super().on_tick(counter)
 
 
-def serve(settings: ServeSettings) -> int:
-    """Run `reskd serve` until signalled; -> the exit status. Raises ManifestError (a model that cannot load, named
-    with its file), ValueError or RuntimeError before the port opens. Several workers (RESKD_WORKERS): the
-    supervisor (service/workers.py) runs them."""
-    config = log_config(settings.log_format, settings.log_level)
-    logging.config.dictConfig(config)
-    cuda = settings.device == "cuda" or (settings.device == "auto" and cuda_offered())
-    count = worker_count(settings, cuda)
-    if count > 1:
-        sock = listen_socket(settings)
-        try:
-            return Supervisor(settings, count, cuda).run(sock)
-        finally:
-            sock.close()
+def run_single(settings: ServeSettings, config: dict) -> int:
+    """`reskd serve` as one process: open every version, then serve until signalled; -> the exit status. Raises
+    ManifestError, ValueError or RuntimeError before the port opens."""
     # Raises under --device cuda without the CUDA EP. One onnxruntime thread pool for every stage of every model:
     # the thread budget, with no idle pool spinning; it must exist before the first session.
     serving = ServingDevice.resolve(settings, shared_pool=True)
@@ -241,24 +185,3 @@ def _run(settings: ServeSettings, app: FastAPI, state: ServerState, config: dict
     server = Server(uv, state)
     server.run(sockets=[sock] if sock is not None else None)
     return server.exit_status
-
-
-def listen_socket(settings: ServeSettings) -> socket.socket:
-    """The port the workers share: bound here, listened on by the workers once they are ready. Raises
-    RuntimeError when it cannot be bound."""
-    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
-    sock = socket.socket(family)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((settings.host, settings.port))
-    except OSError as err:
-        sock.close()
-        raise RuntimeError(f"cannot bind {settings.host}:{settings.port}: {(err.strerror or str(err)).lower()}")
-    sock.set_inheritable(True)
-    return sock
-
-
-def cuda_offered() -> bool:
-    import onnxruntime as ort
-
-    return "CUDAExecutionProvider" in ort.get_available_providers()

@@ -32,8 +32,8 @@ class ServeSettings(BaseSettings):
     max_request_pixels: int = Field(100_000_000, gt=0, description="decoded pixels per request, all its images "
                                     "together (413 above); read from the image headers before any decoding")
 
-    # Scheduling (service/scheduler.py): "stage" re-batches survivors per stage; "request" batches whole requests
-    # (Triton's way); "none" runs each request alone; "auto" picks per device what measured best there
+    # Scheduling (service/serving/scheduler.py): "stage" re-batches survivors per stage; "request" batches whole
+    # requests (Triton's way); "none" runs each request alone; "auto" picks per device what measured best there
     # (docs/serving.md): stage on CPU, request on CUDA.
     scheduler: Literal["auto", "stage", "request", "none"] = "auto"
     # A batch closes at max_batch_size samples or max_queue_delay_ms after its oldest sample arrived. The
@@ -42,8 +42,8 @@ class ServeSettings(BaseSettings):
     max_queue_delay_ms: float = Field(2.0, ge=0)
     stage_max_batch_size: list[int] | None = None
     stage_max_queue_delay_ms: list[float] | None = None
-    # Admission (service/pipeline.py), before a request's body is read: 503 + Retry-After when the images already
-    # admitted would keep a newcomer waiting over max_queue_wait_ms at the rate the model answers while busy (0:
+    # Admission (service/serving/pipeline.py), before a request's body is read: 503 + Retry-After when the images
+    # already admitted would keep a newcomer waiting over max_queue_wait_ms at the rate the model answers while busy (0:
     # off), or when a stage queue holds max_queue_images (bounded memory; a request larger than that gets 413).
     # The wait limit is the latency bound under overload: set it to what a client may wait before its work starts.
     max_queue_wait_ms: float = Field(250.0, ge=0)
@@ -52,7 +52,7 @@ class ServeSettings(BaseSettings):
 
     # One thread budget: `inference_threads` stage batches run at once (the pipeline depth), each with
     # `intra_op_threads` onnxruntime threads. 0 = auto: two batches at once (one on a single core), each with half
-    # the cores (service/models.py thread_budget says why).
+    # the cores (service/serving/models.py thread_budget says why).
     inference_threads: int = Field(0, ge=0)
     intra_op_threads: int = Field(0, ge=0, description="0: cores / inference_threads")
     decode_workers: int = Field(2, gt=0, description="threads decoding and preprocessing images")
@@ -70,7 +70,7 @@ class ServeSettings(BaseSettings):
     max_gather_blocks: int = Field(8, gt=0, description="stage-0 batches one later-stage batch may draw from")
     cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "EXHAUSTIVE"
 
-    # Connections (service/connections.py). A connection that sends nothing for keep_alive_s (new or between
+    # Connections (service/rest/connections.py). A connection that sends nothing for keep_alive_s (new or between
     # requests) is closed; a request's headers must arrive within header_timeout_s of its first byte and its body
     # within body_timeout_s of its headers (408 otherwise). At max_connections the oldest connection not running a
     # request is closed to admit a new one; with none such the new one gets 503 (the process's file-descriptor limit
@@ -90,8 +90,8 @@ class ServeSettings(BaseSettings):
     drain_s: float = Field(5.0, ge=0)
     shutdown_timeout_s: float = Field(20.0, ge=0)
 
-    # Model control, as Triton's --model-control-mode (service/control.py). "none": every version in the repository
-    # is loaded at start, a broken one stops the server (status 2), later changes need a restart. "poll": the
+    # Model control, as Triton's --model-control-mode (service/serving/control.py). "none": every version in the
+    # repository is loaded at start, a broken one stops the server (status 2), later changes need a restart. "poll": the
     # repository is scanned every repository_poll_s seconds and on SIGHUP; new and changed versions are verified
     # and warmed, then take traffic; removed ones are drained and unloaded; a broken one is refused and whatever
     # served before goes on. "explicit": the same, on request: POST /v2/repository/models/{name}/load|unload.
@@ -99,7 +99,7 @@ class ServeSettings(BaseSettings):
     model_control: Literal["none", "poll", "explicit"] = "none"
     repository_poll_s: float = Field(15.0, gt=0, description="poll: seconds between repository scans")
 
-    # Server processes sharing the port (service/workers.py): each one a whole server with its own event loop,
+    # Server processes sharing the port (service/supervisor.py): each one a whole server with its own event loop,
     # sessions, schedulers and the limits above; metrics are aggregated (any worker's /metrics shows them all) and
     # model control is coordinated (every worker switches versions together). 0 = auto: one per GPU under CUDA;
     # on CPU one per available core, at most 8. docs/serving.md, "Workers", says how to size it.

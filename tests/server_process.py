@@ -179,7 +179,7 @@ class InProcessServer(Loopback):
 
         import uvicorn
 
-        from reskd.service.server import create_app
+        from reskd.service.rest.app import create_app
         from reskd.service.settings import ServeSettings
 
         self.app = create_app(ServeSettings(**{"device": "cpu", "intra_op_threads": 1, "max_queue_wait_ms": 0,

@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from prometheus_process import tool_or_fail
-from reskd.service.metrics import Metrics
-from reskd.service.server import create_app
+from reskd.service.serving.metrics import Metrics
+from reskd.service.rest.app import create_app
 from reskd.service.settings import ServeSettings
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""service/multipart.py: the multipart/form-data splitter of the v1 API, against the bodies real clients send
+"""service/rest/multipart.py: the multipart/form-data splitter of the v1 API, against the bodies real clients send
 (httpx, curl's form) and the ways a body can be broken."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from reskd.service.multipart import MultipartError, parse
+from reskd.service.rest.multipart import MultipartError, parse
 
 
 def encoded(files=None, data=None) -> tuple[bytes, str]:

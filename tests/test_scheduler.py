@@ -17,9 +17,9 @@ from reskd.cascade import CascadeResult
 from reskd.device import Device
 from reskd.engine import EngineSpec, HostEngine
 from reskd.runtime import CascadeRuntime
-from reskd.service.metrics import Metrics
-from reskd.service.models import thread_budget
-from reskd.service.scheduler import CascadeScheduler, InferenceFailed, QueueFull, Workload
+from reskd.service.serving.metrics import Metrics
+from reskd.service.serving.models import thread_budget
+from reskd.service.serving.scheduler import CascadeScheduler, InferenceFailed, QueueFull, Workload
 from reskd.service.settings import ServeSettings
 from server_process import MODELS
 
@@ -293,7 +293,7 @@ def test_one_thread_budget():
 
 
 def test_auto_scheduling_picks_per_device_and_the_config_says_which():
-    from reskd.service.models import scheduling_policy
+    from reskd.service.serving.models import scheduling_policy
 
     cpu = Device.cpu()
     cuda = Device("cuda", (("CUDAExecutionProvider", {}), "CPUExecutionProvider"))  # described, never started

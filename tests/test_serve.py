@@ -310,7 +310,7 @@ def test_metrics_carry_the_calibrated_references(client):
 
 
 def test_an_uncalibrated_cascade_has_no_reference_to_compare_against():
-    from reskd.service.metrics import Metrics
+    from reskd.service.serving.metrics import Metrics
 
     manifest = load_manifest(CASCADE).model_copy(update={"calibration": None})
     metrics = Metrics()

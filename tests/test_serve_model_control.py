@@ -3,7 +3,7 @@ explicit, tritonclient for the repository API): new and changed versions take ov
 request, broken versions are refused while the old one answers, unloading drains. Each version in these tests
 behaves distinctly (its labels carry a prefix, its thresholds send every image to stage 0 or to the last stage),
 so every response shows which version computed it. Each test runs with one server process and with two workers
-(RESKD_WORKERS=2, service/workers.py), whose clients open a new connection per request so that their requests
+(RESKD_WORKERS=2, service/supervisor.py), whose clients open a new connection per request so that their requests
 land on either worker: a change must reach both at once."""
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ import zlib
 
 import pytest
 
-from reskd.service import kserve
-from reskd.service.errors import ApiError
+from reskd.service.rest import kserve
+from reskd.service.serving.errors import ServingError as ApiError
 from server_process import ServerProcess
 
 INFER = "/v2/models/fashion-mnist/infer"

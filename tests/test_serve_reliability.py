@@ -296,7 +296,7 @@ def test_a_request_over_the_pixel_budget_is_refused_before_decoding():
 def test_decoding_takes_requests_in_turn_so_a_large_one_cannot_starve_a_small_one():
     """The decode pool hands out one image at a time per request, round robin: a one-image request that arrives
     behind a 40-image one has its image decoded after at most the images already running, not after all 40."""
-    from reskd.service.decoding import DecodePool
+    from reskd.service.serving.decoding import DecodePool
 
     order: list[str] = []
 
@@ -322,7 +322,7 @@ def test_decoding_takes_requests_in_turn_so_a_large_one_cannot_starve_a_small_on
 
 def test_every_item_is_run_once_and_its_result_lands_in_its_place():
     """Turns handed out together run their own items: each item once, each result at its index."""
-    from reskd.service.decoding import DecodePool
+    from reskd.service.serving.decoding import DecodePool
 
     calls: list[int] = []
 
@@ -345,7 +345,7 @@ def test_every_item_is_run_once_and_its_result_lands_in_its_place():
 
 
 def test_a_turn_is_a_requests_next_images_up_to_the_pixel_budget_and_at_least_one():
-    from reskd.service.decoding import _Job
+    from reskd.service.serving.decoding import _Job
 
     job = _Job(None, list("abcdefg"), [784, 784, 784, 5_000_000, 784, 784, 784], 2000, None)
     turns = []
@@ -358,7 +358,7 @@ DECODE_PEAK_SCRIPT = """
 import asyncio, io, sys
 from PIL import Image
 from reskd.manifest import ModelRepository
-from reskd.service.decoding import DecodePool, decode_batch
+from reskd.service.serving.decoding import DecodePool, decode_batch
 
 def peak_mb():
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")) / 1024
@@ -393,7 +393,7 @@ def test_decoded_pixels_are_freed_image_by_image_not_held_for_the_whole_request(
 
 
 def test_one_bad_image_stops_its_request_without_decoding_the_rest():
-    from reskd.service.decoding import DecodePool
+    from reskd.service.serving.decoding import DecodePool
 
     calls: list[int] = []
 
@@ -538,7 +538,8 @@ def test_a_warm_up_failure_after_the_port_opened_stops_the_server_with_status_2(
     stay up, not live and not ready, forever)."""
     import uvicorn
 
-    from reskd.service.server import Server, create_app
+    from reskd.service.rest.app import create_app
+    from reskd.service.server import Server
     from reskd.service.settings import ServeSettings
 
     app = create_app(ServeSettings(device="cpu", intra_op_threads=1))

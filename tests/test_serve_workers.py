@@ -1,4 +1,4 @@
-"""Several worker processes on one port (RESKD_WORKERS, service/workers.py), against a real `reskd serve` on
+"""Several worker processes on one port (RESKD_WORKERS, service/supervisor.py), against a real `reskd serve` on
 loopback: both workers answer, any worker's /metrics shows the whole server, a killed worker is replaced while the
 other answers and its counts are kept, SIGTERM stops them all with status 0, a worker whose supervisor is gone stops
 itself, and a broken model stops the start with status 2. Model control with two workers runs in
@@ -157,7 +157,7 @@ def test_available_cores_read_cgroup_v1_and_no_cgroup(tmp_path, monkeypatch):
 
 
 def test_worker_count_auto_and_explicit(monkeypatch):
-    from reskd.service import workers
+    from reskd.service import supervisor as workers
     from reskd.service.settings import ServeSettings
 
     monkeypatch.setattr(workers, "available_cores", lambda: 2)

@@ -19,7 +19,7 @@ from reskd.device import Device
 from reskd.engine import EngineSpec, images_part
 from reskd.manifest import ManifestError, load_manifest, write_manifest
 from reskd.runtime import CascadeRuntime
-from reskd.service.scheduler import CascadeScheduler
+from reskd.service.serving.scheduler import CascadeScheduler
 from conftest import session_reference
 from server_process import BUNDLED
 

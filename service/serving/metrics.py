@@ -8,7 +8,7 @@ and is what that version's scheduler reports to (its SchedulerObserver). What de
 (reskd_model_info, the calibration references, reskd_model_refused) is read from the routing table at each scrape
 (ModelStateCollector), so it can never disagree with what is served.
 
-Several worker processes (RESKD_WORKERS, service/workers.py) share one metrics folder (prometheus_client's
+Several worker processes (RESKD_WORKERS, service/supervisor.py) share one metrics folder (prometheus_client's
 multiprocess mode, PROMETHEUS_MULTIPROC_DIR set by the supervisor): counters and histograms are summed over every
 worker that ever ran (a restarted worker's counts are kept, so rates never see a reset), queue depths, in-flight
 requests and connections over the live ones, reskd_ready is their minimum (1 only when every worker is ready), and
@@ -33,7 +33,9 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from reskd.cascade import CascadeResult
 from reskd.manifest import Manifest
 
-from .connections import REASONS
+# Why the server closed a connection (service/rest/connections.py): the `reason` label of
+# reskd_connections_closed_total, every value present from the start.
+REASONS = ("idle", "header_timeout", "body_timeout", "evicted", "refused")
 
 # The *_created companion series only clutter a scrape; rates do not need them.
 prometheus_client.disable_created_metrics()
@@ -84,7 +86,7 @@ class Metrics:
                                          buckets=CONFIDENCE_BUCKETS, registry=r)
         self.dropped_images = Counter("reskd_dropped_images_total", "images not classified because their client "
                                       "went away first (the request counts as code 499)", M, registry=r)
-        # Model control (service/control.py): every load of a version.
+        # Model control (service/serving/control.py): every load of a version.
         self.model_loads = Counter("reskd_model_loads_total", "model versions loaded, refused (verification or "
                                    "warm-up failed; the version served before goes on) or unloaded",
                                    [*M, "result"], registry=r)
@@ -96,7 +98,7 @@ class Metrics:
         self.connections = Gauge("reskd_open_connections", "HTTP connections open", registry=r,
                                  multiprocess_mode="livesum")
         self.connections_closed = Counter("reskd_connections_closed_total", "connections the server closed or "
-                                          "refused, by reason (service/connections.py)", ["reason"], registry=r)
+                                          "refused, by reason (service/rest/connections.py)", ["reason"], registry=r)
         for reason in REASONS:
             self.connections_closed.labels(reason)
 

@@ -17,7 +17,7 @@ from reskd.runtime import CascadeRuntime
 from .errors import not_found
 from .metrics import Metrics, ModelMetrics
 from .scheduler import CascadeScheduler, Policy
-from .settings import ServeSettings
+from ..settings import ServeSettings
 
 log = logging.getLogger("reskd.service")
 
@@ -30,7 +30,7 @@ class ServedModel:
     runtime: CascadeRuntime
     scheduler: CascadeScheduler
     metrics: ModelMetrics
-    # What the version's folder held when it was loaded (service/control.py): a change means a new load.
+    # What the version's folder held when it was loaded (service/serving/control.py): a change means a new load.
     fingerprint: Any = None
 
     @property
@@ -56,7 +56,7 @@ def thread_budget(settings: ServeSettings, cuda: bool, cores: int | None = None)
     GPU work of the other; on CPU two batches keep the cores busy between one batch's Python steps, and on two
     cores each batch runs on its calling thread, with no onnxruntime pool busy-waiting beside the event loop
     (2 x 1 served 1.5x the v2 images/s of 1 x 2 with the same per-request CPU, docs/serving.md).
-    cores: this process's share (a worker's, service/workers.py); default every core available to it."""
+    cores: this process's share (a worker's, service/supervisor.py); default every core available to it."""
     cores = cores or available_cores()
     workers = settings.inference_threads or (2 if cuda or cores >= 2 else 1)
     intra = settings.intra_op_threads or max(1, cores // workers)
@@ -110,7 +110,7 @@ def engine_spec(s: ServeSettings, device: Device) -> EngineSpec:
 class ModelStore:
     """The routing table: which ServedModel answers each model name and version. Only the event loop changes or
     reads it, and a request resolves its model once, so swapping an entry is atomic: requests that resolved the old
-    one finish on it (service/control.py drains it), later ones get the new one."""
+    one finish on it (service/serving/control.py drains it), later ones get the new one."""
 
     def __init__(self, settings: ServeSettings, metrics: Metrics, executor: Executor, serving: ServingDevice):
         self.settings = settings

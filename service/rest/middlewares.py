@@ -8,8 +8,9 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import send_error, too_large, unavailable
-from .metrics import Metrics
+from ..serving.errors import too_large, unavailable
+from ..serving.metrics import Metrics
+from .errors import send_error
 
 # Always open, even with auth on: probes, scrapes and the API documentation.
 OPEN_PATHS = ("/v2/health/", "/metrics", "/docs", "/redoc", "/openapi.json")
@@ -57,7 +58,7 @@ class BodyLimit:
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > limit:
-                    raise too_large(message)  # turned into a 413 by the app's ApiError handler
+                    raise too_large(message)  # turned into a 413 by the app's ServingError handler
                 if seen > reserved:  # a chunked body (or one longer than declared, which h11 refuses anyway)
                     if self.held + seen - reserved > self.budget_bytes:
                         raise unavailable(self._over_budget(), self.retry_after_s)

@@ -6,7 +6,8 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from .state import ServerState, get_state
+from ..serving.state import ServerState
+from .deps import get_state
 
 router = APIRouter(tags=["operations"])
 

@@ -1,5 +1,7 @@
 """Every error leaves as JSON {"error": "<what is wrong and how to fix it>"} with the status docs/design.md ("Errors")
-names. No stack trace ever reaches a client; unexpected exceptions are logged here and answered with a 500."""
+names: the serving layer's ServingError with its own status (and Retry-After when it says when to try again), FastAPI's
+validation and routing errors in the same form. No stack trace ever reaches a client; unexpected exceptions are
+logged here and answered with a 500."""
 
 from __future__ import annotations
 
@@ -16,46 +18,15 @@ from starlette.types import Send
 
 from reskd.validation import describe
 
+from ..serving.errors import ServingError
+
 log = logging.getLogger("reskd.service")
 
 CLIENT_CLOSED_REQUEST = 499
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers or {}
-
-
-def bad_request(message: str) -> ApiError:
-    return ApiError(400, message)
-
-
-def not_found(message: str) -> ApiError:
-    return ApiError(404, message)
-
-
-def too_large(message: str) -> ApiError:
-    return ApiError(413, message)
-
-
-def unsupported(message: str) -> ApiError:
-    return ApiError(415, message)
-
-
-def invalid(message: str) -> ApiError:
-    return ApiError(422, message)
-
-
-def internal(message: str) -> ApiError:
-    """The server failed (logged where it happened); the message says so without a stack trace."""
-    return ApiError(500, message)
-
-
-def unavailable(message: str, retry_after_s: int) -> ApiError:
-    return ApiError(503, message, {"Retry-After": str(retry_after_s)})
+def retry_headers(err: ServingError) -> dict[str, str]:
+    return {} if err.retry_after_s is None else {"Retry-After": str(err.retry_after_s)}
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -72,9 +43,9 @@ async def send_error(send: Send, status: int, message: str, headers: dict[str, s
 
 
 def install(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def _api_error(_: Request, err: ApiError):
-        return error_response(err.status, err.message, err.headers)
+    @app.exception_handler(ServingError)
+    async def _serving_error(_: Request, err: ServingError):
+        return error_response(err.status, err.message, retry_headers(err))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, err: RequestValidationError):

@@ -54,7 +54,7 @@ class InferenceFailed(Exception):
 
 
 class SchedulerObserver(Protocol):
-    """What the scheduler measures, as it happens (the server's is reskd.service.metrics.ModelMetrics)."""
+    """What the scheduler measures, as it happens (the server's is reskd.service.serving.metrics.ModelMetrics)."""
 
     def queue_depth(self, stage: int, images: int) -> None: ...
 

@@ -1,29 +1,27 @@
-"""What the routes share: settings, metrics, the model store, the worker pools and readiness."""
+"""What every front end shares in one server process: settings, metrics, the model store and its control, the
+inference and decoding pools, readiness."""
 
 from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
-from fastapi import Request
-
-from .control import ModelControl
+from ..settings import ServeSettings
+from .control import Coordinator, ModelControl
 from .decoding import DecodePool
 from .errors import unavailable
 from .metrics import Metrics
 from .models import ModelStore, ServedModel, ServingDevice
-from .settings import ServeSettings
 
-if TYPE_CHECKING:
-    from .workers import WorkerLink
 
 log = logging.getLogger("reskd.service")
 
 
 class ServerState:
-    def __init__(self, settings: ServeSettings, serving: ServingDevice, worker: WorkerLink | None = None):
-        """worker: this process is one of several workers (service/workers.py): its link to the supervisor."""
+    def __init__(self, settings: ServeSettings, serving: ServingDevice, worker: Coordinator | None = None):
+        """worker: this process is one of several workers (service/supervisor.py): its link to the supervisor
+        (service/link.py)."""
         self.settings = settings
         self.metrics = Metrics()
         # One thread budget for every model: `workers` stage batches at once, each with the device's onnxruntime
@@ -43,12 +41,12 @@ class ServerState:
         self.draining = False  # shutting down: readiness answers 503, responses close their connections
         # Called when loading or warming up fails after the port opened (`reskd serve` then exits with status 2).
         self.on_failure: Callable[[], None] = lambda: None
-        # Called when the supervisor of this worker is gone (service/workers.py): shut down as on SIGTERM.
+        # Called when the supervisor of this worker is gone (service/supervisor.py): shut down as on SIGTERM.
         self.on_lost: Callable[[], None] = lambda: None
 
     async def start(self) -> None:
         """Open every version (unless `reskd serve` did before the port opened), warm each up in the inference
-        thread and start serving it (service/control.py); ready after."""
+        thread and start serving it (service/serving/control.py); ready after."""
         try:
             if not self.control.opened_all:
                 self.control.open_all()
@@ -84,14 +82,9 @@ class ServerState:
             why = "loading the models failed (see the server log)" if self.failed else "models are still loading"
             raise unavailable(f"not ready: {why}", self.settings.retry_after_s)
 
-    def model(self, request: Request, name: str, version: str | None = None) -> ServedModel:
+    def model(self, name: str, version: str | None = None) -> ServedModel:
+        """The version a request goes to (the highest when none is named), once ready and after any model change
+        the other workers have applied (service/serving/control.py)."""
         self.require_ready()
         self.control.sync()
-        model = self.store.get(name, version)
-        request.scope["reskd.model"] = (model.name, model.version)
-        return model
-
-
-async def get_state(request: Request) -> ServerState:
-    # async: FastAPI runs a plain function dependency in a worker thread, a round trip of 0.1-0.3 ms per request.
-    return request.app.state.reskd
+        return self.store.get(name, version)

@@ -10,13 +10,15 @@ from fastapi.responses import Response
 
 from reskd.cascade import CascadeResult
 
+from ..serving.decoding import decode_batch
+from ..serving.errors import bad_request, too_large, unsupported
+from ..serving.models import ServedModel
+from ..serving.pipeline import admit, run_cascade
+from ..serving.state import ServerState
 from . import multipart
-from .decoding import decode_batch
-from .errors import bad_request, too_large, unsupported
-from .models import ServedModel
-from .pipeline import admit, run_cascade, until_disconnected
+from .deps import get_state, served
+from .disconnects import until_disconnected
 from .schemas import ERROR_RESPONSES, ClassifyResponse
-from .state import ServerState, get_state
 
 router = APIRouter(tags=["classify"])
 
@@ -88,7 +90,7 @@ def response_body(model: ServedModel, result: CascadeResult, top_k: int, filenam
 
 async def _classify(request: Request, state: ServerState, name: str, version: str | None, top_k: int,
                     threshold: float | None, max_stage: int | None, point: str | None) -> Response:
-    model = state.model(request, name, version)
+    model = served(request, state, name, version)
     s = state.settings
     with admit(state, model) as admission:
         blobs, names, filenames = await read_images(request, s.max_images)

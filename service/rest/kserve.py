@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from reskd.validation import describe
 
-from .errors import bad_request, too_large, unsupported
+from ..serving.errors import bad_request, too_large, unsupported
 
 HEADER_LENGTH = "inference-header-content-length"
 INT64_MAX = 2**63 - 1

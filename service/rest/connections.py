@@ -29,8 +29,6 @@ from .errors import send_error
 REFUSAL_MARGIN = 64
 # How long a connection closed with a response keeps reading (and discarding) what its client still sends.
 LINGER_S = 2.0
-# Closing reasons, the `reason` label of reskd_connections_closed_total.
-REASONS = ("idle", "header_timeout", "body_timeout", "evicted", "refused")
 
 
 def raw_response(status: int, reason: str, message: str, headers: dict[str, str] | None = None) -> bytes:

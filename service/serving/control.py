@@ -18,7 +18,7 @@ tried again until its folder changes (poll) or it is loaded explicitly.
 
 A scan runs in two steps: prepare (look at the folders; verify, open and warm what is new or changed, not yet
 routed to) and apply (route to the prepared versions, refuse, drain, in one step on the event loop). With several
-worker processes (service/workers.py) the supervisor runs both: it has every worker prepare, checks that all saw the
+worker processes (service/supervisor.py) the supervisor runs both: it has every worker prepare, checks that all saw the
 same folders (else it aborts and tries again), refuses everywhere a version any worker refused, and then applies
 the change everywhere at once through a shared generation number: each worker applies it before it routes its next
 request, so no client gets an older version after a newer one from any worker. Polls, SIGHUP and the repository API
@@ -41,10 +41,9 @@ import numpy as np
 from reskd.manifest import MANIFEST, ManifestError
 from reskd.runtime import CascadeRuntime
 
-from .errors import ApiError, bad_request, not_found
 from .metrics import Metrics
 from .models import ModelStore, ServedModel
-from .settings import ServeSettings
+from ..settings import ServeSettings
 
 log = logging.getLogger("reskd.service")
 
@@ -120,8 +119,38 @@ class Change:
                 "refused": {**self.known_refused, **{v: why for v, (_, why) in self.refusals.items()}}}
 
 
+class ControlError(Exception):
+    """A repository request model control cannot carry out, said so the client can act on it. The kinds below are
+    answered by every front end alike (service/serving/repository.py)."""
+
+
+class WrongMode(ControlError):
+    """The request needs another RESKD_MODEL_CONTROL."""
+
+
+class UnknownModel(ControlError):
+    """The repository holds no such model."""
+
+
+class LoadRefused(ControlError):
+    """Versions of the model could not be loaded (the others are served)."""
+
+
+class ControlUnavailable(ControlError):
+    """The change could not be carried out now (no worker serving, the folders changing meanwhile); try again."""
+
+
 class Coordinator(Protocol):
-    """A worker's line to its supervisor (service/workers.py)."""
+    """A worker's line to its supervisor (service/link.py): who this worker is, and the requests the supervisor
+    carries out in every worker. request raises a ControlError."""
+
+    index: int  # 0 counts model loads
+    generation: Any  # multiprocessing.Value: the model change every worker applies before routing a request
+    unloaded: set[str]  # models unloaded through the API before this worker started
+    restarted: bool  # a worker started again
+
+    def attach(self, loop: Any, control: ModelControl, lost: Any) -> None:
+        """Serve the supervisor's commands to `control` from now on; lost() runs on `loop` if it goes away."""
 
     async def request(self, kind: str, name: str) -> Any: ...
 
@@ -342,7 +371,7 @@ class ModelControl:
         self.draining_stops.add(task)
         task.add_done_callback(self.draining_stops.discard)
 
-    # --- a worker of several: the supervisor's side of a change (service/workers.py) -------------------------
+    # --- a worker of several: the supervisor's side of a change (service/supervisor.py) -------------------------
     async def prepare(self, names: list[str] | None, force: bool) -> dict[str, dict]:
         """Prepare a scan; -> each model's summary. Applied later by decide + the generation, or discarded by
         abort."""
@@ -422,7 +451,7 @@ class ModelControl:
     # --- the repository API (explicit) ---------------------------------------------------------------------
     def _explicit_only(self, what: str) -> None:
         if self.mode != "explicit":
-            raise bad_request(f"{what} needs RESKD_MODEL_CONTROL=explicit (this server runs with {self.mode!r}"
+            raise WrongMode(f"{what} needs RESKD_MODEL_CONTROL=explicit (this server runs with {self.mode!r}"
                               + (": it picks up repository changes itself" if self.mode == "poll" else "") + ")")
 
     async def load(self, name: str) -> None:
@@ -431,7 +460,7 @@ class ModelControl:
         are served)."""
         self._explicit_only("loading a model")
         if not self.store.repo.versions(name):
-            raise not_found(f"no model {name!r} in the model repository (models: "
+            raise UnknownModel(f"no model {name!r} in the model repository (models: "
                             f"{', '.join(self.store.repo.models()) or 'none'}); copy its version folder there first")
         if self.coordinator is not None:
             refused = await self.coordinator.request("load", name)
@@ -440,8 +469,8 @@ class ModelControl:
         if refused:
             detail = "; ".join(f"version {v}: {why}" for v, why in sorted(refused.items()))
             served = self.store.versions(name)
-            raise ApiError(400, f"failed to load {name!r}: {detail} (serving: "
-                                f"{', '.join(map(str, served)) or 'no version'})")
+            raise LoadRefused(f"failed to load {name!r}: {detail} (serving: "
+                              f"{', '.join(map(str, served)) or 'no version'})")
 
     async def unload(self, name: str) -> None:
         """POST .../unload: stop routing to every version of the model at once (new requests get 404), then wait
@@ -449,7 +478,7 @@ class ModelControl:
         repository does not hold either is a 404."""
         self._explicit_only("unloading a model")
         if not self.store.versions(name) and not self.store.repo.versions(name):
-            raise not_found(f"no model {name!r} (served: {', '.join(self.store.names()) or 'none'})")
+            raise UnknownModel(f"no model {name!r} (served: {', '.join(self.store.names()) or 'none'})")
         if self.coordinator is not None:
             await self.coordinator.request("unload", name)
             return

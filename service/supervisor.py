@@ -8,10 +8,10 @@ listening socket: a busy worker accepts less.
 
 - Start: every worker verifies and opens every version; the port is listened on only once all have (a broken
   model stops `reskd serve` with status 2 before, as with one process). Warm-up and readiness follow per worker.
-- Metrics: one multiprocess folder for all (service/metrics.py): any worker's /metrics shows the whole server.
+- Metrics: one multiprocess folder for all (service/serving/metrics.py): any worker's /metrics shows the whole server.
 - Model control: the supervisor polls (RESKD_MODEL_CONTROL=poll, and on SIGHUP) and carries out the repository API
   requests a worker receives; each change is prepared in every worker, checked to be the same everywhere, and
-  applied everywhere at once (service/control.py).
+  applied everywhere at once (service/serving/control.py). A worker's end of the line is service/link.py.
 - Signals: SIGTERM and SIGINT go to every worker (each drains as a single server does); a second one makes them
   exit at once. A worker that dies is started again (its counters are kept); one that fails its first start stops
   the server with status 2. A worker whose supervisor is gone shuts itself down.
@@ -19,7 +19,6 @@ listening socket: a busy worker accepts less.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 import logging.config
@@ -31,15 +30,15 @@ import signal
 import socket
 import sys
 import tempfile
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from reskd.machine import available_cores, visible_gpus
 
-from .errors import ApiError
+from .link import WorkerLink
 from .logs import log_config
+from .serving.control import ControlError, ControlUnavailable
 from .settings import ServeSettings
 
 log = logging.getLogger("reskd.service")
@@ -63,96 +62,6 @@ def worker_count(settings: ServeSettings, cuda: bool) -> int:
     return min(available_cores(), MAX_AUTO_WORKERS)
 
 
-# --- the worker side -------------------------------------------------------------------------------------------
-@dataclass
-class WorkerLink:
-    """A worker's line to the supervisor: commands come down (model changes), requests go up (the repository
-    API's load and unload, which the supervisor carries out in every worker)."""
-
-    index: int
-    conn: Any  # multiprocessing Connection
-    generation: Any  # multiprocessing.Value: the model change every worker applies before routing a request
-    unloaded: set[str] = field(default_factory=set)
-    restarted: bool = False  # warm up before taking connections: the other workers answer meanwhile
-    _send_lock: threading.Lock = field(default_factory=threading.Lock)
-    _ids: Any = field(default_factory=itertools.count)
-    _waiting: dict[int, asyncio.Future] = field(default_factory=dict)
-
-    def send(self, message: tuple) -> None:
-        with self._send_lock:
-            self.conn.send(message)
-
-    def attach(self, loop: asyncio.AbstractEventLoop, control, lost) -> None:
-        """Serve the supervisor's commands from now on (a thread); lost() runs on the loop if it goes away."""
-        self.loop, self.control, self.lost = loop, control, lost
-        threading.Thread(target=self._read, name="reskd-supervisor-link", daemon=True).start()
-
-    async def request(self, kind: str, name: str) -> Any:
-        """Ask the supervisor to load or unload a model in every worker; -> its answer. Raises ApiError."""
-        rid = next(self._ids)
-        future = self.loop.create_future()
-        self._waiting[rid] = future
-        try:
-            self.send(("request", rid, kind, name))
-            ok, value = await future
-        finally:
-            self._waiting.pop(rid, None)
-        if not ok:
-            status, message = value
-            raise ApiError(status, message)
-        return value
-
-    def _read(self) -> None:
-        while True:
-            try:
-                message = self.conn.recv()
-            except (EOFError, OSError):
-                log.error("the supervisor is gone: shutting down")
-                self.loop.call_soon_threadsafe(self.lost)
-                # Whatever happens to that shutdown, this process does not outlive its supervisor for long.
-                settings = self.control.settings
-                watchdog = threading.Timer(settings.drain_s + settings.shutdown_timeout_s + 10, os._exit, (1,))
-                watchdog.daemon = True
-                watchdog.start()
-                for future in list(self._waiting.values()):
-                    self.loop.call_soon_threadsafe(_settle, future, (False, (503, "the server is shutting down")))
-                return
-            if message[0] == "reply":
-                _, rid, ok, value = message
-                future = self._waiting.get(rid)
-                if future is not None:
-                    self.loop.call_soon_threadsafe(_settle, future, (ok, value))
-                continue
-            kind, cid, *args = message
-            try:
-                result = asyncio.run_coroutine_threadsafe(self._command(kind, *args), self.loop).result()
-                self.send(("done", cid, True, result))
-            except Exception as err:
-                log.exception("model change %s failed in this worker", kind)
-                self.send(("done", cid, False, f"{type(err).__name__}: {err}"))
-
-    async def _command(self, kind: str, *args) -> Any:
-        control = self.control
-        if kind == "prepare":
-            return await control.prepare(*args)
-        if kind == "abort":
-            return control.abort()
-        if kind == "decide":
-            return control.decide(*args)
-        if kind == "decide_unload":
-            return control.decide_unload(*args)
-        if kind == "apply":
-            return control.sync()
-        if kind == "finish_unload":
-            return await control.finish_unload()
-        raise ValueError(f"unknown command {kind!r}")
-
-
-def _settle(future: asyncio.Future, value) -> None:
-    if not future.done():
-        future.set_result(value)
-
-
 def worker_main(settings: ServeSettings, index: int, sock: socket.socket, conn, generation, cores: int,
                 gpu: str | None, unloaded: set[str], restarted: bool) -> None:
     """A worker process: open every version, report, wait for the go, then serve on the shared socket."""
@@ -165,6 +74,21 @@ def worker_main(settings: ServeSettings, index: int, sock: socket.socket, conn, 
 
     link = WorkerLink(index, conn, generation, set(unloaded), restarted)
     sys.exit(run_worker(settings, link, sock, cores, config))
+
+
+def listen_socket(settings: ServeSettings) -> socket.socket:
+    """The port the workers share: bound here, listened on by the workers once they are ready. Raises
+    RuntimeError when it cannot be bound."""
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((settings.host, settings.port))
+    except OSError as err:
+        sock.close()
+        raise RuntimeError(f"cannot bind {settings.host}:{settings.port}: {(err.strerror or str(err)).lower()}")
+    sock.set_inheritable(True)
+    return sock
 
 
 # --- the supervisor --------------------------------------------------------------------------------------------
@@ -386,11 +310,12 @@ class Supervisor:
                     self._change_unload(name)
                     value = None
                 reply = ("reply", rid, True, value)
-            except ApiError as err:
-                reply = ("reply", rid, False, (err.status, err.message))
+            except ControlError as err:
+                reply = ("reply", rid, False, (type(err).__name__, str(err)))
             except Exception as err:
                 log.error("%s of %r failed: %s", what, name, err)
-                reply = ("reply", rid, False, (503, f"{what} of {name!r} failed in a worker ({err}); try again"))
+                reply = ("reply", rid, False, (ControlUnavailable.__name__,
+                                               f"{what} of {name!r} failed in a worker ({err}); try again"))
             self._tell(w, reply)
         # "done" messages of a change that timed out or was given up arrive late: dropped
 
@@ -416,14 +341,14 @@ class Supervisor:
             raise RuntimeError("; ".join(failures))
         return results
 
-    # -- model changes, in every worker at once (service/control.py)
+    # -- model changes, in every worker at once (service/serving/control.py)
     def _change_scan(self, names: list[str] | None, force: bool) -> dict[str, dict[int, str]]:
         """Prepare the scan in every worker; if all saw the same folders, apply it everywhere with the refusals
         of any; -> {model: {version: reason}} of the refused versions."""
         for attempt in range(CHANGE_ATTEMPTS):
             workers = self._serving()
             if not workers:
-                raise ApiError(503, "no worker is serving right now; try again")
+                raise ControlUnavailable("no worker is serving right now; try again")
             try:
                 summaries = self._call_all(workers, "prepare", names, force)
             except RuntimeError:
@@ -446,8 +371,8 @@ class Supervisor:
                     if set(s["loaded"]) - set(refused.get(name, {})):
                         self.unloaded.discard(name)
             return refused
-        raise ApiError(503, "the model repository kept changing while the workers read it; try again when it is "
-                            "written")
+        raise ControlUnavailable("the model repository kept changing while the workers read it; try again when it "
+                                 "is written")
 
     def _change_unload(self, name: str) -> None:
         workers = self._serving()

@@ -1,36 +1,32 @@
 """KServe v2 / Triton HTTP endpoints: health, server and model metadata, model config, readiness, infer.
 
-Inputs: `images` FP32 [N, C, H, W] (normalised as the manifest says) or `image_bytes` BYTES [N] (encoded images;
-base64 strings when sent as JSON). Outputs: `logits` FP32 [N, classes], `class_id` INT64 [N], `exit_stage` INT32
-[N], `flops` INT64 [N]. Request parameters `threshold`, `max_stage` and `operating_point` act as the v1 query
-parameters do.
+The tensors are service/serving/tensors.py's (`image_bytes` as base64 strings when sent as JSON); the request
+parameters `threshold`, `max_stage` and `operating_point` act as the v1 query parameters do. The infer bodies are
+documented in the OpenAPI by service/rest/openapi.py; Triton's repository extension is service/rest/repository.py.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
-
 import numpy as np
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 import reskd
-from reskd.validation import describe
 
+from ..serving.decoding import decode_batch
+from ..serving.errors import bad_request, invalid, too_large
+from ..serving.models import ServedModel
+from ..serving.pipeline import admit, run_cascade
+from ..serving.scheduler import Admission
+from ..serving.state import ServerState
+from ..serving.tensors import INPUTS, OUTPUTS
 from . import kserve
-from .decoding import decode_batch
-from .errors import bad_request, invalid, too_large
-from .models import ServedModel
-from .pipeline import admit, run_cascade, until_disconnected
-from .scheduler import Admission
+from .deps import get_state, served
+from .disconnects import until_disconnected
+from .openapi import INFER_DOC
 from .schemas import ERROR_RESPONSES
-from .state import ServerState, get_state
 
 router = APIRouter(tags=["kserve v2"], responses=ERROR_RESPONSES)
-
-OUTPUTS = {"logits": "FP32", "class_id": "INT64", "exit_stage": "INT32", "flops": "INT64"}
-INPUTS = {"images": "FP32", "image_bytes": "BYTES"}
 
 
 @router.get("/v2/health/live", summary="Liveness: 200 while the process serves (503 if model loading failed)")
@@ -56,16 +52,11 @@ async def server_metadata():
 
 def _metadata(model: ServedModel, versions: list[int]) -> dict:
     m = model.manifest
-    c, h, w = model.runtime.input_shape
     cum = model.runtime.cum_flops.tolist()
     return {
         "name": model.name, "versions": [str(v) for v in versions], "platform": "reskd_cascade",
-        "inputs": [{"name": "images", "datatype": "FP32", "shape": [-1, c, h, w]},
-                   {"name": "image_bytes", "datatype": "BYTES", "shape": [-1]}],
-        "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, len(m.labels)]},
-                    {"name": "class_id", "datatype": "INT64", "shape": [-1]},
-                    {"name": "exit_stage", "datatype": "INT32", "shape": [-1]},
-                    {"name": "flops", "datatype": "INT64", "shape": [-1]}],
+        "inputs": [t.metadata(model) for t in INPUTS.values()],
+        "outputs": [t.metadata(model) for t in OUTPUTS.values()],
         # reskd's additions: what a client needs to reason about early exit and compute.
         "version": str(model.version),
         "labels": m.labels,
@@ -91,30 +82,25 @@ def _metadata(model: ServedModel, versions: list[int]) -> dict:
 
 @router.get("/v2/models/{name}", summary="Model metadata: versions, tensors, stages, thresholds, FLOPs")
 async def model_metadata(request: Request, name: str, state: ServerState = Depends(get_state)):
-    model = state.model(request, name)
+    model = served(request, state, name)
     return _metadata(model, state.store.versions(name))
 
 
 @router.get("/v2/models/{name}/versions/{version}", summary="Metadata of one model version")
 async def model_version_metadata(request: Request, name: str, version: str, state: ServerState = Depends(get_state)):
-    model = state.model(request, name, version)
+    model = served(request, state, name, version)
     return _metadata(model, state.store.versions(name))
 
 
 def _config(model: ServedModel, state: ServerState) -> dict:
     """Triton's model configuration (JSON form), describing what this server really does."""
-    c, h, w = model.runtime.input_shape
     s = state.settings
     return {
         "name": model.name, "platform": "reskd_cascade", "backend": "onnxruntime",
         "version_policy": {"all": {}},
         "max_batch_size": s.max_images,
-        "input": [{"name": "images", "data_type": "TYPE_FP32", "dims": [c, h, w]},
-                  {"name": "image_bytes", "data_type": "TYPE_STRING", "dims": [1], "reshape": {"shape": []}}],
-        "output": [{"name": "logits", "data_type": "TYPE_FP32", "dims": [len(model.manifest.labels)]},
-                   {"name": "class_id", "data_type": "TYPE_INT64", "dims": [1], "reshape": {"shape": []}},
-                   {"name": "exit_stage", "data_type": "TYPE_INT32", "dims": [1], "reshape": {"shape": []}},
-                   {"name": "flops", "data_type": "TYPE_INT64", "dims": [1], "reshape": {"shape": []}}],
+        "input": [t.config(model) for t in INPUTS.values()],
+        "output": [t.config(model) for t in OUTPUTS.values()],
         "dynamic_batching": {"max_queue_delay_microseconds": int(s.max_queue_delay_ms * 1000),
                              "preferred_batch_size": [s.max_batch_size],
                              "default_queue_policy": {"max_queue_size": s.max_queue_images}},
@@ -140,89 +126,32 @@ def _points_parameters(manifest) -> dict:
 
 @router.get("/v2/models/{name}/config", summary="Model configuration (Triton's JSON form)")
 async def model_config(request: Request, name: str, state: ServerState = Depends(get_state)):
-    return _config(state.model(request, name), state)
+    return _config(served(request, state, name), state)
 
 
 @router.get("/v2/models/{name}/versions/{version}/config", summary="Configuration of one model version")
 async def model_version_config(request: Request, name: str, version: str, state: ServerState = Depends(get_state)):
-    return _config(state.model(request, name, version), state)
+    return _config(served(request, state, name, version), state)
 
 
 @router.get("/v2/models/{name}/ready", summary="Model readiness")
 async def model_ready(request: Request, name: str, state: ServerState = Depends(get_state)):
-    state.model(request, name)
+    served(request, state, name)
     return {"name": name, "ready": True}
 
 
 @router.get("/v2/models/{name}/versions/{version}/ready", summary="Model version readiness")
 async def model_version_ready(request: Request, name: str, version: str, state: ServerState = Depends(get_state)):
-    model = state.model(request, name, version)
+    model = served(request, state, name, version)
     return {"name": name, "version": str(model.version), "ready": True}
 
 
-# The infer body is read by hand (JSON or binary tensors, maybe compressed), so FastAPI does not see its models:
-# their schemas go into the document's components here, and document() adds them to the app's OpenAPI.
-_SCHEMAS = {}
-
-
-def _document(*models: type[BaseModel]) -> None:
-    """The models' JSON schemas (and those they refer to) into _SCHEMAS, referred to as components."""
-    for model in models:
-        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-        _SCHEMAS.update({**schema.pop("$defs", {}), model.__name__: schema})
-
-
-_document(kserve.InferRequest, kserve.InferResponse)
-# What this server's models take and give (the protocol itself allows any names), and an example that runs.
-_SCHEMAS["InferRequest"]["properties"]["inputs"]["maxItems"] = 1
-_SCHEMAS["InferRequest"]["properties"]["parameters"]["properties"].update({
-    "threshold": {"type": "number", "minimum": 0, "maximum": 1,
-                  "description": "one exit threshold for every non-final stage, for this request"},
-    "max_stage": {"type": "integer", "minimum": 0, "description": "stop at this stage at the latest"},
-    "operating_point": {"type": "string", "maxLength": 64, "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]*$",
-                        "description": "the id of one of the version's operating points (`default` in every "
-                                       "version): its thresholds and last stage for this request, which threshold "
-                                       "and max_stage still override"}})
-_SCHEMAS["TensorIn"]["properties"]["name"]["enum"] = list(INPUTS)
-_SCHEMAS["OutputRequest"]["properties"]["name"]["enum"] = list(OUTPUTS)
-_SCHEMAS["InferRequest"]["examples"] = [{  # one black 28 x 28 PNG; the model resizes any other size
-    "inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1], "data": [
-        "iVBORw0KGgoAAAANSUhEUgAAABwAAAAcCAAAAABXZoBIAAAAEElEQVR42mNgGAWjYBQQAwADLAAB1wvpfAAAAABJRU5ErkJggg=="]}],
-    "outputs": [{"name": "class_id"}, {"name": "exit_stage"}, {"name": "flops"}]}]
-_INFER_DOC = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": {"$ref": "#/components/schemas/InferRequest"}},
-    "application/octet-stream": {"schema": {"type": "string", "format": "binary", "description":
-                                            "JSON header (length in Inference-Header-Content-Length) followed by "
-                                            "binary tensor data"}}}},
-              "responses": {"200": {
-                  "description": "The outputs: JSON, or with binary outputs a JSON header followed by their data",
-                  "headers": {"Inference-Header-Content-Length": {
-                      "description": "length of the JSON header (only when some output is binary)",
-                      "schema": {"type": "integer"}}},
-                  "content": {"application/json": {"schema": {"$ref": "#/components/schemas/InferResponse"}},
-                              "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}}
-
-
-def document(app: FastAPI) -> None:
-    """Adds the infer schemas (InferRequest, TensorIn, OutputRequest, InferResponse, TensorOut) to app's OpenAPI
-    components, where the infer routes' request and response bodies refer to them."""
-    build = app.openapi
-
-    def openapi() -> dict:
-        if app.openapi_schema is None:
-            schemas = build().setdefault("components", {}).setdefault("schemas", {})
-            schemas.update(_SCHEMAS)
-        return app.openapi_schema
-
-    app.openapi = openapi
-
-
-@router.post("/v2/models/{name}/infer", openapi_extra=_INFER_DOC, summary="Infer with the highest version")
+@router.post("/v2/models/{name}/infer", openapi_extra=INFER_DOC, summary="Infer with the highest version")
 async def infer(request: Request, name: str, state: ServerState = Depends(get_state)):
     return await _infer(request, state, name, None)
 
 
-@router.post("/v2/models/{name}/versions/{version}/infer", openapi_extra=_INFER_DOC, summary="Infer with a version")
+@router.post("/v2/models/{name}/versions/{version}/infer", openapi_extra=INFER_DOC, summary="Infer with a version")
 async def infer_version(request: Request, name: str, version: str, state: ServerState = Depends(get_state)):
     return await _infer(request, state, name, version)
 
@@ -267,7 +196,7 @@ def _outputs(req: kserve.InferRequest) -> list[tuple[str, bool]]:
 
 
 async def _infer(request: Request, state: ServerState, name: str, version: str | None) -> Response:
-    model = state.model(request, name, version)
+    model = served(request, state, name, version)
     with admit(state, model) as admission:
         raw = await request.body()
         return await until_disconnected(request, _infer_body(request, state, model, admission, raw))
@@ -286,8 +215,8 @@ async def _infer_body(request: Request, state: ServerState, model: ServedModel, 
         raise bad_request(f"send exactly one input, 'images' (FP32 [N, C, H, W]) or 'image_bytes' (BYTES [N]); "
                           f"got {[t.name for t in tensors]}")
     t = tensors[0]
-    if t.datatype != INPUTS[t.name]:
-        raise invalid(f"input {t.name!r} must be {INPUTS[t.name]}, got {t.datatype}")
+    if t.datatype != INPUTS[t.name].datatype:
+        raise invalid(f"input {t.name!r} must be {INPUTS[t.name].datatype}, got {t.datatype}")
     n = t.shape[0] if t.shape else 0
     if n > s.max_images:
         raise too_large(f"batch of {n} images is over the limit of {s.max_images} (RESKD_MAX_IMAGES); split it")
@@ -311,9 +240,7 @@ async def _infer_body(request: Request, state: ServerState, model: ServedModel, 
     wanted = _outputs(req)
     result = await run_cascade(state, model, admission, images, threshold, max_stage, point)
 
-    values = {"logits": result.logits, "class_id": result.class_id, "exit_stage": result.exit_stage,
-              "flops": result.flops}
-    outputs = [(name, OUTPUTS[name], values[name], binary) for name, binary in wanted]
+    outputs = [(name, OUTPUTS[name].datatype, OUTPUTS[name].value(result), binary) for name, binary in wanted]
     head = {"model_name": model.name, "model_version": str(model.version)}
     if req.id is not None:
         head["id"] = req.id
@@ -322,90 +249,3 @@ async def _infer_body(request: Request, state: ServerState, model: ServedModel, 
         return Response(content, media_type="application/json")
     return Response(content, media_type="application/octet-stream",
                     headers={"Inference-Header-Content-Length": str(header_length)})
-
-
-# --- model repository (Triton's model repository extension; service/control.py) ------------------------------
-# Flags must be JSON booleans, as the infer request's are (a string such as "yes" is refused, not read as true).
-class RepositoryIndexRequest(BaseModel):
-    ready: StrictBool = Field(False, description="only versions ready to serve")
-
-
-class RepositoryIndexEntry(BaseModel):
-    name: str
-    version: str
-    state: Literal["READY", "LOADING", "UNAVAILABLE", "UNLOADING"]
-    reason: str = Field(description="why the version is not READY: refused (the verification or warm-up "
-                                    "failure), not loaded (yet), unloaded, being loaded, or draining")
-
-
-class LoadRequest(BaseModel):
-    parameters: dict[str, Any] = Field({}, json_schema_extra={"maxProperties": 0},
-                                       description="none accepted: reskd loads versions from the repository (no "
-                                                   "config or file overrides)")
-
-
-class UnloadParameters(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    unload_dependents: StrictBool = Field(False, description="accepted for Triton's clients; reskd models have no "
-                                                       "dependents")
-
-
-class UnloadRequest(BaseModel):
-    parameters: UnloadParameters = UnloadParameters()
-
-
-_document(LoadRequest, UnloadRequest)  # bodies read by hand (optional, maybe empty)
-
-
-async def _json_object(request: Request, model: type[BaseModel]):
-    """An optional JSON object body (tritonclient sends an empty one for the index) as `model`; 400 otherwise."""
-    raw = await request.body()
-    if not raw.strip():
-        return model()
-    try:
-        return model.model_validate_json(raw)
-    except ValidationError as err:
-        raise bad_request(f"invalid request body: {'; '.join(describe(err))}") from None
-
-
-def _control_route(action: str, body: type[BaseModel], summary: str):
-    """POST /v2/repository/models/{name}/<action>: an optional JSON body (`body`), an empty 200 when done."""
-    return router.post(f"/v2/repository/models/{{name}}/{action}", response_class=Response, summary=summary,
-                       responses={200: {"description": "done (empty body, as Triton answers)", "content": {}}},
-                       openapi_extra={"requestBody": {"required": False, "content": {"application/json": {
-                           "schema": {"$ref": f"#/components/schemas/{body.__name__}"}}}}})
-
-
-@router.post("/v2/repository/index", response_model=list[RepositoryIndexEntry],
-             summary="Every version in the model repository, served or not, with its state")
-async def repository_index(request: Request, state: ServerState = Depends(get_state)):
-    body = await _json_object(request, RepositoryIndexRequest)
-    return state.control.index(ready_only=body.ready)
-
-
-@router.get("/v2/repository/index", response_model=list[RepositoryIndexEntry],
-            summary="The repository index (GET form; POST is Triton's)")
-async def repository_index_get(ready: bool = False, state: ServerState = Depends(get_state)):
-    return state.control.index(ready_only=ready)
-
-
-@_control_route("load", LoadRequest, "Load the model's versions as the repository holds them now "
-                "(RESKD_MODEL_CONTROL=explicit): new and changed versions are verified and warmed before they take "
-                "traffic")
-async def repository_load(request: Request, name: str, state: ServerState = Depends(get_state)):
-    body = await _json_object(request, LoadRequest)
-    if body.parameters:
-        raise bad_request(f"load parameters are not supported (got {', '.join(sorted(body.parameters))}): put the "
-                          f"version folder, manifest.json last, into the model repository, then load")
-    state.require_ready()
-    await state.control.load(name)
-    return Response(status_code=200)
-
-
-@_control_route("unload", UnloadRequest, "Stop serving the model (RESKD_MODEL_CONTROL=explicit): new requests get "
-                "404; requests already admitted finish first")
-async def repository_unload(request: Request, name: str, state: ServerState = Depends(get_state)):
-    await _json_object(request, UnloadRequest)
-    state.require_ready()
-    await state.control.unload(name)
-    return Response(status_code=200)

@@ -1,0 +1,35 @@
+"""`reskd serve`: one server process (service/server.py), or a supervisor running several on one port
+(service/supervisor.py, RESKD_WORKERS). The multi-process side builds on the single one, never the reverse."""
+
+from __future__ import annotations
+
+import logging
+import logging.config
+
+from .logs import log_config
+from .server import run_single
+from .settings import ServeSettings
+from .supervisor import Supervisor, listen_socket, worker_count
+
+
+def serve(settings: ServeSettings) -> int:
+    """Run `reskd serve` until signalled; -> the exit status. Raises ManifestError (a model that cannot load, named
+    with its file), ValueError or RuntimeError before the port opens. Several workers (RESKD_WORKERS): the
+    supervisor runs them."""
+    config = log_config(settings.log_format, settings.log_level)
+    logging.config.dictConfig(config)
+    cuda = settings.device == "cuda" or (settings.device == "auto" and cuda_offered())
+    count = worker_count(settings, cuda)
+    if count > 1:
+        sock = listen_socket(settings)
+        try:
+            return Supervisor(settings, count, cuda).run(sock)
+        finally:
+            sock.close()
+    return run_single(settings, config)
+
+
+def cuda_offered() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()

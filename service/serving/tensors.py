@@ -1,0 +1,55 @@
+"""The tensors a served cascade takes and gives, named once: the KServe v2 metadata, Triton's model configuration
+and the infer responses (HTTP now, gRPC alike) are all written from these tables.
+
+Inputs: `images` FP32 [N, C, H, W] (normalised as the manifest says) or `image_bytes` BYTES [N] (encoded images).
+Outputs: `logits` FP32 [N, classes], `class_id` INT64 [N], `exit_stage` INT32 [N], `flops` INT64 [N].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from reskd.cascade import CascadeResult
+
+from .models import ServedModel
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    datatype: str  # KServe v2's name of the element type
+    dims: Callable[[ServedModel], list[int]]  # a sample's shape ([] for one value per sample)
+
+    def metadata(self, model: ServedModel) -> dict:
+        """KServe v2 model metadata: the batch dimension first, variable (-1)."""
+        return {"name": self.name, "datatype": self.datatype, "shape": [-1, *self.dims(model)]}
+
+    def config(self, model: ServedModel) -> dict:
+        """Triton's model configuration: a sample's dims, a scalar as [1] reshaped to []."""
+        dims = self.dims(model)
+        entry = {"name": self.name, "data_type": "TYPE_STRING" if self.datatype == "BYTES" else f"TYPE_{self.datatype}",
+                 "dims": dims or [1]}
+        if not dims:
+            entry["reshape"] = {"shape": []}
+        return entry
+
+
+@dataclass(frozen=True)
+class Output(Tensor):
+    value: Callable[[CascadeResult], np.ndarray] = lambda result: np.empty(0)  # the output of a result
+
+
+INPUTS: dict[str, Tensor] = {t.name: t for t in (
+    Tensor("images", "FP32", lambda model: list(model.runtime.input_shape)),
+    Tensor("image_bytes", "BYTES", lambda model: []),
+)}
+
+OUTPUTS: dict[str, Output] = {t.name: t for t in (
+    Output("logits", "FP32", lambda model: [len(model.manifest.labels)], lambda result: result.logits),
+    Output("class_id", "INT64", lambda model: [], lambda result: result.class_id),
+    Output("exit_stage", "INT32", lambda model: [], lambda result: result.exit_stage),
+    Output("flops", "INT64", lambda model: [], lambda result: result.flops),
+)}
