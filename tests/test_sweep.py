@@ -1,5 +1,6 @@
 import json
 import shutil
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,7 @@ from conftest import real_fashion_mnist_or_fail, tiny_recipe_dict
 from reskd.training import loop
 from reskd.training.pipeline import Trainer
 from reskd.training.recipe import RecipeError
-from reskd.training.sweep import run_sweep
+from reskd.training.sweep import doubling, run_sweep
 
 SWEEPS = Path(__file__).resolve().parents[1] / "training" / "sweeps"
 
@@ -84,6 +85,39 @@ variants = [{ label = "mse" }, { label = "ce", "res_students.0.ce_weight" = 1.0 
         run_sweep(str(tmp_path / "sweep.toml"), str(tmp_path / "out"), device="cpu", only=["s99"])
 
 
+def report_with(val: dict[str, float], full: float) -> dict:
+    return {"models": {n: {"val_accuracy": v} for n, v in val.items()},
+            "cascade": {"depths": [{"val_accuracy": 0.0}, {"val_accuracy": full}]}}
+
+
+def test_doubling_pairs_keep_the_shorter_count_below_the_gain():
+    reports = {"a30": report_with({"student": 90.00, "kd-resnet8": 91.0}, 92.00),
+               "a60": report_with({"student": 90.19, "kd-resnet8": 91.2}, 92.50)}
+    entries = [{"model": "student", "pairs": [["a30", "a60"]]}, {"model": "kd-resnet8", "pairs": [["a30", "a60"]]},
+               {"model": "cascade", "pairs": [["a30", "a60"]]}, {"model": "kd-resnet14", "pairs": [["a30", "a60"]]},
+               {"model": "student", "pairs": [["a30", "missing"]]}]
+    pairs = doubling(entries, reports, 0.2)
+    # kd-resnet14 is in neither report and the missing variant was not reported: no pair for them
+    assert [(p["model"], p["gain_pt"], p["keeps"]) for p in pairs] == [
+        ("student", 0.19, "shorter"), ("kd-resnet8", 0.2, "longer"), ("cascade", 0.5, "longer")]
+    assert pairs[0]["val_shorter"] == 90.0 and pairs[0]["val_longer"] == 90.19
+
+
+def test_a_doubling_pair_naming_no_variant_fails_before_anything_trains(tiny_idx, tmp_path, monkeypatch):
+    write_base_recipe(tmp_path / "base.toml", tiny_idx)
+    trained = []
+    monkeypatch.setattr(loop, "fit", lambda *a, **kw: trained.append(kw["desc"]))
+    axes = '[[axes]]\nvariants = [{ label = "e1" }, { label = "e2", "teacher.epochs" = 2 }]\n'
+    (tmp_path / "typo.toml").write_text('base = "base.toml"\n' + axes
+                                        + '[[doubling]]\nmodel = "teacher"\npairs = [["e1", "e3"]]\n')
+    with pytest.raises(RecipeError, match="names no variant e3"):
+        run_sweep(str(tmp_path / "typo.toml"), str(tmp_path / "out"), device="cpu")
+    (tmp_path / "shape.toml").write_text('base = "base.toml"\n' + axes + '[[doubling]]\npairs = [["e1"]]\n')
+    with pytest.raises(RecipeError, match="needs `model`"):
+        run_sweep(str(tmp_path / "shape.toml"), str(tmp_path / "out"), device="cpu")
+    assert trained == []
+
+
 def test_a_bad_variant_fails_before_anything_trains(tiny_idx, tmp_path, monkeypatch):
     write_base_recipe(tmp_path / "base.toml", tiny_idx)
     (tmp_path / "sweep.toml").write_text('''
@@ -115,5 +149,10 @@ def test_the_bundled_sweeps_run_end_to_end_on_cpu_with_tiny(tmp_path, sweep, var
     assert summary["selected"] is None or summary["selected"]["variant"] in {r["variant"] for r in rows}
     for row in rows:
         assert (tmp_path / "sweep" / row["variant"] / "report.md").is_file()
+    spec = tomllib.loads((SWEEPS / sweep).read_text())
+    # every [[doubling]] pair of the file is summarised (the reference's: student, head, both KD baselines)
+    assert len(summary["doubling"]) == sum(len(e["pairs"]) for e in spec.get("doubling", []))
+    if summary["doubling"]:
+        assert "Epoch counts checked by doubling" in (tmp_path / "sweep" / "sweep.md").read_text()
     assert (tmp_path / "sweep" / "sweep.png").is_file()
     shutil.rmtree(tmp_path / "sweep")

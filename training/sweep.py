@@ -1,12 +1,15 @@
 """`reskd sweep`: a grid of recipe variants, sharing every stage two variants would train identically.
 
 A sweep file names a base recipe, overrides every variant shares ([fixed], e.g. no KD grid while searching), and
-axes; each axis is a list of variants (dotted recipe overrides plus a label); the sweep runs the product. Before a variant runs, any finished checkpoint of an earlier variant with the same
-stage fingerprint (same data, seed, settings and upstream stages) is linked into its run directory, so a teacher
+axes; each axis is a list of variants (dotted recipe overrides plus a label); the sweep runs the product. Before a
+variant runs, any finished checkpoint of an earlier variant with the same stage fingerprint (same data, seed, settings and upstream stages) is linked into its run directory, so a teacher
 is trained once per teacher setting, not once per student. Rerunning a sweep resumes it; a variant whose report
 is newer than its checkpoints, with the same recipe and fingerprints, is read back instead of evaluated again.
 
 Selection uses validation figures only; test figures are shown beside them but never choose anything.
+Epoch counts can be checked by doubling ([[doubling]]: a model of the report, or `cascade` for the full cascade,
+and pairs of variants whose second trains it twice as long): the summary gives each pair's validation gain and
+whether the shorter count stands (gain < `doubling_min_gain_pt`, default 0.2 pt).
 With --tiny, the file's [tiny] overrides shrink data and epochs so the whole grid runs end to end on a CPU in
 minutes: the GPU time then goes to training, not to debugging.
 """
@@ -35,6 +38,12 @@ def load_sweep(path: Path) -> dict:
     for axis in spec["axes"]:
         if not axis.get("variants") or any("label" not in v for v in axis["variants"]):
             raise RecipeError(f"{path}: axis {axis.get('name', '?')!r} needs variants, each with a `label`")
+    for entry in spec.get("doubling", []):
+        pairs = entry.get("pairs")
+        if not isinstance(entry.get("model"), str) or not pairs or not all(
+                isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in pairs):
+            raise RecipeError(f"{path}: each [[doubling]] needs `model` (a model of the report, or \"cascade\") and "
+                              "`pairs`, a list of [shorter, longer] variant labels")
     return spec
 
 
@@ -76,9 +85,14 @@ def run_sweep(sweep_file: str, out: str, *, tiny: bool = False, device: str = "a
     plan = variants(spec, tiny)
     # Validate every variant before the first one trains: a typo in the last one should not cost an hour.
     recipes = [(label, load_recipe(base, overrides), own) for label, overrides, own in plan]
-    unknown = sorted(set(only or []) - {label for label, _, _ in recipes})
+    labels = {label for label, _, _ in recipes}
+    unknown = sorted(set(only or []) - labels)
     if unknown:
         raise RecipeError(f"{path}: no variant labelled {', '.join(unknown)}")
+    unpaired = sorted({x for e in spec.get("doubling", []) for pair in e["pairs"] for x in pair} - labels)
+    if unpaired:
+        raise RecipeError(f"{path}: [[doubling]] names no variant {', '.join(unpaired)} (variants: "
+                          f"{', '.join(sorted(labels))})")
     for i, (label, recipe, own) in enumerate(recipes):
         print(f"[sweep] {i + 1}/{len(recipes)} {label}", file=sys.stderr, flush=True)
         trainer = Trainer(recipe, out_dir / label, resume=True, device=device)
@@ -101,7 +115,8 @@ def run_sweep(sweep_file: str, out: str, *, tiny: bool = False, device: str = "a
         rows.append(summarise(label, own, report))
         reports[label] = report
     select_pct = float(spec.get("select_max_pct_teacher_flops", 100.0))
-    write_summary(out_dir, rows, select_pct)
+    pairs = doubling(spec.get("doubling", []), reports, float(spec.get("doubling_min_gain_pt", 0.2)))
+    write_summary(out_dir, rows, select_pct, pairs)
     plot_sweep(reports, out_dir / "sweep.png")
     return rows
 
@@ -143,6 +158,33 @@ def summarise(label: str, overrides: dict, report: dict) -> dict:
     }
 
 
+def val_accuracy(report: dict, model: str) -> float | None:
+    """A model's validation accuracy in a report (`cascade`: the full cascade's); None where the report lacks it."""
+    if model == "cascade":
+        return report["cascade"]["depths"][-1]["val_accuracy"]
+    entry = report["models"].get(model)
+    return None if entry is None else entry["val_accuracy"]
+
+
+def doubling(entries: list[dict], reports: dict[str, dict], min_gain_pt: float) -> list[dict]:
+    """Each pair of every [[doubling]] entry whose two variants were reported: the validation accuracy of the
+    model trained for the shorter and the longer count, the gain, and whether the shorter count stands (it gained
+    less than min_gain_pt by doubling)."""
+    out = []
+    for entry in entries:
+        for short, long in entry["pairs"]:
+            if short not in reports or long not in reports:
+                continue
+            a, b = val_accuracy(reports[short], entry["model"]), val_accuracy(reports[long], entry["model"])
+            if a is None or b is None:
+                continue
+            gain = round(b - a, 3)
+            out.append({"model": entry["model"], "shorter": short, "longer": long, "val_shorter": a, "val_longer": b,
+                        "gain_pt": gain, "min_gain_pt": min_gain_pt,
+                        "keeps": "shorter" if gain < min_gain_pt else "longer"})
+    return out
+
+
 def _ci(ci: list[float]) -> str:
     return f"[{ci[0]:.2f}, {ci[1]:.2f}]"
 
@@ -151,11 +193,12 @@ def _acc(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}"
 
 
-def write_summary(out_dir: Path, rows: list[dict], select_pct: float) -> None:
+def write_summary(out_dir: Path, rows: list[dict], select_pct: float, pairs: list[dict] | None = None) -> None:
     eligible = [r for r in rows if r["val_adaptive_pct_teacher_flops"] <= select_pct]
     best = max(eligible, key=lambda r: (r["val_adaptive"], -r["val_adaptive_pct_teacher_flops"]), default=None)
     (out_dir / "sweep.json").write_text(json.dumps({"rows": rows, "selected": best,
-                                                    "select_max_pct_teacher_flops": select_pct}, indent=1))
+                                                    "select_max_pct_teacher_flops": select_pct,
+                                                    "doubling": pairs or []}, indent=1))
     lines = ["# Sweep summary", "",
              f"Selected (highest validation accuracy of the adaptive cascade at ≤ {select_pct:g}% of teacher FLOPs "
              f"on validation): **{best['variant'] if best else 'none'}**. Test columns are for reading, not choosing.",
@@ -181,6 +224,14 @@ def write_summary(out_dir: Path, rows: list[dict], select_pct: float) -> None:
                      + " |")
     for r in sorted(rows, key=lambda r: -r["val_adaptive"]):
         lines.append(f"| {r['variant']} | " + " | ".join(_acc(r["frontier"][str(b)]) for b in BUDGETS_PCT) + " |")
+    if pairs:
+        lines += ["", f"Epoch counts checked by doubling (validation accuracy, %): the shorter count stands when the "
+                  f"longer gained less than {pairs[0]['min_gain_pt']:g} pt.", "",
+                  "| model | shorter | longer | val shorter | val longer | gain pt | stands |",
+                  "|---|---|---|---:|---:|---:|---|"]
+        for p in pairs:
+            lines.append(f"| {p['model']} | {p['shorter']} | {p['longer']} | {p['val_shorter']:.2f} | "
+                         f"{p['val_longer']:.2f} | {p['gain_pt']:+.2f} | {p['keeps']} |")
     (out_dir / "sweep.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
 
