@@ -2,8 +2,9 @@
 
 A sweep file names a base recipe, overrides every variant shares ([fixed], e.g. no KD grid while searching), and
 axes; each axis is a list of variants (dotted recipe overrides plus a label); the sweep runs the product. Before a
-variant runs, any finished checkpoint of an earlier variant with the same stage fingerprint (same data, seed, settings and upstream stages) is linked into its run directory, so a teacher
-is trained once per teacher setting, not once per student. Rerunning a sweep resumes it; a variant whose report
+variant runs, any finished checkpoint of an earlier variant with the same stage fingerprint (same data, seed,
+settings and upstream stages) is linked into its run directory, so a teacher is trained once per teacher setting,
+not once per student. Rerunning a sweep resumes it; a variant whose report
 is newer than its checkpoints, with the same recipe and fingerprints, is read back instead of evaluated again.
 
 Selection uses validation figures only; test figures are shown beside them but never choose anything.
