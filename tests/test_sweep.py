@@ -9,7 +9,7 @@ from conftest import real_fashion_mnist_or_fail, tiny_recipe_dict
 from reskd.training import loop
 from reskd.training.pipeline import Trainer
 from reskd.training.recipe import RecipeError
-from reskd.training.sweep import doubling, run_sweep
+from reskd.training.sweep import doubling, doubling_choice, run_sweep
 
 SWEEPS = Path(__file__).resolve().parents[1] / "training" / "sweeps"
 
@@ -103,6 +103,23 @@ def test_doubling_pairs_keep_the_shorter_count_below_the_gain():
     assert pairs[0]["val_shorter"] == 90.0 and pairs[0]["val_longer"] == 90.19
 
 
+def test_the_doubling_pairs_choose_the_variant_axis_by_axis():
+    spec = {"axes": [{"name": "kd", "variants": [{"label": "kd30"}, {"label": "kd60"}]},
+                     {"name": "head", "variants": [{"label": "head30"}, {"label": "head60"}]}]}
+
+    def pair(short, long, keeps):
+        return {"shorter": short, "longer": long, "keeps": keeps}
+
+    kd = [pair("kd30_head30", "kd60_head30", "shorter"), pair("kd30_head30", "kd60_head30", "longer")]
+    head = [pair("kd30_head30", "kd30_head60", "longer"), pair("kd60_head30", "kd60_head60", "shorter")]
+    # one KD model worth 60 epochs moves the axis; the head is then judged at kd60, not at kd30
+    assert doubling_choice(spec, kd + head) == {"axes": {"kd": "kd60", "head": "head30"}, "variant": "kd60_head30"}
+    assert doubling_choice(spec, kd[:1] + head)["variant"] == "kd30_head60"
+    # no measured head pair at the chosen kd count: undecided, and so no variant
+    assert doubling_choice(spec, kd + head[:1]) == {"axes": {"kd": "kd60", "head": None}, "variant": None}
+    assert doubling_choice(spec, head[1:])["axes"] == {"kd": None, "head": None}
+
+
 def test_a_doubling_pair_naming_no_variant_fails_before_anything_trains(tiny_idx, tmp_path, monkeypatch):
     write_base_recipe(tmp_path / "base.toml", tiny_idx)
     trained = []
@@ -154,5 +171,6 @@ def test_the_bundled_sweeps_run_end_to_end_on_cpu_with_tiny(tmp_path, sweep, var
     assert len(summary["doubling"]) == sum(len(e["pairs"]) for e in spec.get("doubling", []))
     if summary["doubling"]:
         assert "Epoch counts checked by doubling" in (tmp_path / "sweep" / "sweep.md").read_text()
+        assert summary["doubling_choice"]["variant"] in {r["variant"] for r in rows}
     assert (tmp_path / "sweep" / "sweep.png").is_file()
     shutil.rmtree(tmp_path / "sweep")

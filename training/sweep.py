@@ -10,7 +10,8 @@ is newer than its checkpoints, with the same recipe and fingerprints, is read ba
 Selection uses validation figures only; test figures are shown beside them but never choose anything.
 Epoch counts can be checked by doubling ([[doubling]]: a model of the report, or `cascade` for the full cascade,
 and pairs of variants whose second trains it twice as long): the summary gives each pair's validation gain and
-whether the shorter count stands (gain < `doubling_min_gain_pt`, default 0.2 pt).
+whether the shorter count stands (gain < `doubling_min_gain_pt`, default 0.2 pt), and the variant the pairs
+choose, axis by axis (doubling_choice).
 With --tiny, the file's [tiny] overrides shrink data and epochs so the whole grid runs end to end on a CPU in
 minutes: the GPU time then goes to training, not to debugging.
 """
@@ -117,7 +118,7 @@ def run_sweep(sweep_file: str, out: str, *, tiny: bool = False, device: str = "a
         reports[label] = report
     select_pct = float(spec.get("select_max_pct_teacher_flops", 100.0))
     pairs = doubling(spec.get("doubling", []), reports, float(spec.get("doubling_min_gain_pt", 0.2)))
-    write_summary(out_dir, rows, select_pct, pairs)
+    write_summary(out_dir, rows, select_pct, pairs, doubling_choice(spec, pairs) if pairs else None)
     plot_sweep(reports, out_dir / "sweep.png")
     return rows
 
@@ -186,6 +187,33 @@ def doubling(entries: list[dict], reports: dict[str, dict], min_gain_pt: float) 
     return out
 
 
+def axis_labels(spec: dict) -> dict[str, tuple[str, ...]]:
+    """Each variant's label -> its label on every axis, in the file's order."""
+    return {"_".join(v["label"] for v in combo): tuple(v["label"] for v in combo)
+            for combo in itertools.product(*(axis["variants"] for axis in spec["axes"]))}
+
+
+def doubling_choice(spec: dict, pairs: list[dict]) -> dict:
+    """The variant the doubling pairs choose, axis by axis in the file's order: an axis takes the longer label of
+    a pair that differs on it alone (and agrees with what earlier axes chose) when that pair found the longer count
+    worth it, else the shorter label; None where no measured pair decides it (nor, then, any later axis).
+    -> {"axes": {axis name: label or None}, "variant": label or None}."""
+    labels = axis_labels(spec)
+    names = [axis.get("name", f"axis {i}") for i, axis in enumerate(spec["axes"])]
+    chosen: list[str | None] = []
+    for i in range(len(names)):
+        relevant = []
+        for p in pairs:
+            a, b = labels[p["shorter"]], labels[p["longer"]]
+            if [j for j in range(len(a)) if a[j] != b[j]] == [i] and all(a[j] == chosen[j] for j in range(i)):
+                relevant.append(p)
+        longer = [p for p in relevant if p["keeps"] == "longer"]
+        chosen.append(labels[longer[0]["longer"]][i] if longer else
+                      labels[relevant[0]["shorter"]][i] if relevant else None)
+    variant = "_".join(chosen) if all(c is not None for c in chosen) else None
+    return {"axes": dict(zip(names, chosen)), "variant": variant}
+
+
 def _ci(ci: list[float]) -> str:
     return f"[{ci[0]:.2f}, {ci[1]:.2f}]"
 
@@ -194,12 +222,14 @@ def _acc(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}"
 
 
-def write_summary(out_dir: Path, rows: list[dict], select_pct: float, pairs: list[dict] | None = None) -> None:
+def write_summary(out_dir: Path, rows: list[dict], select_pct: float, pairs: list[dict] | None = None,
+                  choice: dict | None = None) -> None:
     eligible = [r for r in rows if r["val_adaptive_pct_teacher_flops"] <= select_pct]
     best = max(eligible, key=lambda r: (r["val_adaptive"], -r["val_adaptive_pct_teacher_flops"]), default=None)
     (out_dir / "sweep.json").write_text(json.dumps({"rows": rows, "selected": best,
                                                     "select_max_pct_teacher_flops": select_pct,
-                                                    "doubling": pairs or []}, indent=1))
+                                                    "doubling": pairs or [], "doubling_choice": choice},
+                                                   indent=1))
     lines = ["# Sweep summary", "",
              f"Selected (highest validation accuracy of the adaptive cascade at ≤ {select_pct:g}% of teacher FLOPs "
              f"on validation): **{best['variant'] if best else 'none'}**. Test columns are for reading, not choosing.",
@@ -233,6 +263,9 @@ def write_summary(out_dir: Path, rows: list[dict], select_pct: float, pairs: lis
         for p in pairs:
             lines.append(f"| {p['model']} | {p['shorter']} | {p['longer']} | {p['val_shorter']:.2f} | "
                          f"{p['val_longer']:.2f} | {p['gain_pt']:+.2f} | {p['keeps']} |")
+        if choice is not None:
+            axes = ", ".join(f"{name}: {label or 'undecided'}" for name, label in choice["axes"].items())
+            lines += ["", f"The variant these pairs choose: **{choice['variant'] or 'none yet'}** ({axes})."]
     (out_dir / "sweep.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
 
