@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from reskd.cascade import COMBINE_KINDS
-from reskd.manifest import ModelRepository
+from reskd.manifest import ManifestError, ModelRepository
 from reskd.training.recipe import parse_recipe
 from reskd.training.rundir import RunDir, RunDirError
 
@@ -67,9 +67,11 @@ def export_run(run_dir: str | Path, repo: str | Path, name: str, version: int | 
     teacher_name = f"{name}-teacher"
     teacher_version = version or repository.next_version(teacher_name)
     targets = ((name, cascade_version),) if model else ((name, cascade_version), (teacher_name, teacher_version))
-    for n, v in targets:
-        if (repo / n / str(v)).exists():
-            raise ExportError(f"{repo / n / str(v)} already exists: versions are never overwritten")
+    for n, v in targets:  # before the run's networks are read: writing would refuse them anyway
+        try:
+            repository.check_new(n, v)
+        except ManifestError as err:
+            raise ExportError(str(err)) from None
 
     stage_names = [model] if model else stages
     try:

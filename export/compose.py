@@ -74,8 +74,7 @@ def compose_fallback(repo: str | Path, name: str, *, cascade: str, fallback: str
     if extra.name in {s.name for s in kept}:
         raise ExportError(f"--fallback: its stage is named {extra.name!r}, like a stage of {_ref(base)}")
     version = version or repository.next_version(name)
-    if (Path(repo) / name / str(version)).exists():
-        raise ExportError(f"{Path(repo) / name / str(version)} already exists: versions are never overwritten")
+    repository.check_new(name, version)  # before the images are read: writing would refuse it anyway
     val, test = eval_sets(base.source.data, base.input)
     log(f"validation {len(val.labels)} / test {len(test.labels)} images")
 

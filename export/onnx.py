@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ import torch
 from reskd.manifest import IMAGES
 
 Precision = Literal["fp32", "fp16"]
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16")
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 
 class InPrecision(torch.nn.Module):

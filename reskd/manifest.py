@@ -416,14 +416,20 @@ class ModelRepository:
         """One above every version folder of the model, finished or not."""
         return max((int(p.name) for p in self.folders(name)), default=0) + 1
 
-    def write_version(self, name: str, version: int, build: Callable[[Path], Manifest]) -> tuple[Path, Manifest]:
-        """build(tmp) fills a temporary folder beside the version's and returns its manifest; the folder is renamed
-        to NAME/VERSION only if build succeeds, so a server never sees half a version. Raises VersionExists."""
+    def check_new(self, name: str, version: int) -> Path:
+        """The folder a new version would take; raises ManifestError when `version` is no version folder's name,
+        VersionExists when the folder is there already."""
         final = self.root / name / str(version)
         if not self.VERSION_FOLDER.fullmatch(str(version)):
             raise ManifestError(f"version {version!r} is not a positive integer")
         if final.exists():
             raise VersionExists(f"{final} already exists: versions are never overwritten; pick another version")
+        return final
+
+    def write_version(self, name: str, version: int, build: Callable[[Path], Manifest]) -> tuple[Path, Manifest]:
+        """build(tmp) fills a temporary folder beside the version's and returns its manifest; the folder is renamed
+        to NAME/VERSION only if build succeeds, so a server never sees half a version. Raises as check_new."""
+        final = self.check_new(name, version)
         (self.root / name).mkdir(parents=True, exist_ok=True)
         # mkdir, not mkdtemp: the folder gets the umask's permissions (mkdtemp's 0700 would keep a server running
         # as another user, e.g. in a container, from reading the version). A dot folder is no version folder.

@@ -13,13 +13,12 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from .serving.control import ControlError, ControlUnavailable, LoadRefused, UnknownModel, WrongMode
+from .serving.control import ControlError, ControlUnavailable
 
 log = logging.getLogger("reskd.service")
 
 # The refusals a supervisor sends back by name, raised again in the worker that asked.
-ERRORS: dict[str, type[ControlError]] = {e.__name__: e for e in (WrongMode, UnknownModel, LoadRefused,
-                                                                   ControlUnavailable)}
+ERRORS: dict[str, type[ControlError]] = {e.__name__: e for e in ControlError.__subclasses__()}
 
 
 @dataclass

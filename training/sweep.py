@@ -4,8 +4,8 @@ A sweep file names a base recipe, overrides every variant shares ([fixed], e.g. 
 axes; each axis is a list of variants (dotted recipe overrides plus a label); the sweep runs the product. Before a
 variant runs, any finished checkpoint of an earlier variant with the same stage fingerprint (same data, seed,
 settings and upstream stages) is linked into its run directory, so a teacher is trained once per teacher setting,
-not once per student. Rerunning a sweep resumes it; a variant whose report
-is newer than its checkpoints, with the same recipe and fingerprints, is read back instead of evaluated again.
+not once per student. Rerunning a sweep resumes it; a variant whose report is newer than its checkpoints, with
+the same recipe and fingerprints, is read back instead of evaluated again.
 
 Selection uses validation figures only; test figures are shown beside them but never choose anything.
 Epoch counts can be checked by doubling ([[doubling]]: a model of the report, or `cascade` for the full cascade,
@@ -49,16 +49,22 @@ def load_sweep(path: Path) -> dict:
     return spec
 
 
+def grid(spec: dict) -> list[tuple[str, tuple[dict, ...]]]:
+    """Every grid point: its label (the axes' labels joined by "_") and its variant on each axis, in order."""
+    return [("_".join(v["label"] for v in combo), combo)
+            for combo in itertools.product(*(axis["variants"] for axis in spec["axes"]))]
+
+
 def variants(spec: dict, tiny: bool) -> list[tuple[str, dict, dict]]:
     """(label, overrides, the variant's own overrides) per grid point: overrides are the file's [fixed] ones, then
     each axis' variant, then [tiny]."""
     out = []
-    for combo in itertools.product(*(axis["variants"] for axis in spec["axes"])):
+    for label, combo in grid(spec):
         own = {k: val for v in combo for k, val in v.items() if k != "label"}
         overrides = {**spec.get("fixed", {}), **own}
         if tiny:
             overrides.update(spec.get("tiny", {}))
-        out.append(("_".join(v["label"] for v in combo), overrides, own))
+        out.append((label, overrides, own))
     return out
 
 
@@ -187,18 +193,12 @@ def doubling(entries: list[dict], reports: dict[str, dict], min_gain_pt: float) 
     return out
 
 
-def axis_labels(spec: dict) -> dict[str, tuple[str, ...]]:
-    """Each variant's label -> its label on every axis, in the file's order."""
-    return {"_".join(v["label"] for v in combo): tuple(v["label"] for v in combo)
-            for combo in itertools.product(*(axis["variants"] for axis in spec["axes"]))}
-
-
 def doubling_choice(spec: dict, pairs: list[dict]) -> dict:
     """The variant the doubling pairs choose, axis by axis in the file's order: an axis takes the longer label of
     a pair that differs on it alone (and agrees with what earlier axes chose) when that pair found the longer count
     worth it, else the shorter label; None where no measured pair decides it (nor, then, any later axis).
     -> {"axes": {axis name: label or None}, "variant": label or None}."""
-    labels = axis_labels(spec)
+    labels = {label: tuple(v["label"] for v in combo) for label, combo in grid(spec)}  # its label on each axis
     names = [axis.get("name", f"axis {i}") for i, axis in enumerate(spec["axes"])]
     chosen: list[str | None] = []
     for i in range(len(names)):

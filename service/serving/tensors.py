@@ -37,9 +37,10 @@ class Tensor:
         return entry
 
 
-@dataclass(frozen=True)
 class Output(Tensor):
-    value: Callable[[CascadeResult], np.ndarray] = lambda result: np.empty(0)  # the output of a result
+    def value(self, result: CascadeResult) -> np.ndarray:
+        """This output of a cascade result (the result's field of the same name)."""
+        return getattr(result, self.name)
 
 
 INPUTS: dict[str, Tensor] = {t.name: t for t in (
@@ -48,8 +49,8 @@ INPUTS: dict[str, Tensor] = {t.name: t for t in (
 )}
 
 OUTPUTS: dict[str, Output] = {t.name: t for t in (
-    Output("logits", "FP32", lambda model: [len(model.manifest.labels)], lambda result: result.logits),
-    Output("class_id", "INT64", lambda model: [], lambda result: result.class_id),
-    Output("exit_stage", "INT32", lambda model: [], lambda result: result.exit_stage),
-    Output("flops", "INT64", lambda model: [], lambda result: result.flops),
+    Output("logits", "FP32", lambda model: [len(model.manifest.labels)]),
+    Output("class_id", "INT64", lambda model: []),
+    Output("exit_stage", "INT32", lambda model: []),
+    Output("flops", "INT64", lambda model: []),
 )}
