@@ -1,6 +1,6 @@
 """A closed-loop HTTP load generator for machines without wrk: `concurrency` connections spread over worker
 processes (one GIL each), each sending the same request back to back for `duration` seconds. Prints nothing;
-`run_load` returns requests/s, images/s and latency percentiles. wrk (bench/wrk/) is preferred where installed."""
+`run_load` returns requests/s, images/s, latency percentiles and the count of each non-200 status. wrk (bench/wrk/) is preferred where installed."""
 
 from __future__ import annotations
 
@@ -14,13 +14,12 @@ import numpy as np
 
 def _worker(url: str, content: bytes, headers: dict, threads: int, duration: float, out) -> None:
     latencies: list[float] = []
-    errors = 0
+    errors: dict[str, int] = {}
     lock = threading.Lock()
     stop_at = time.perf_counter() + duration
 
     def loop():
-        nonlocal errors
-        mine, bad = [], 0
+        mine, bad = [], {}
         with httpx.Client(timeout=60) as client:
             while time.perf_counter() < stop_at:
                 start = time.perf_counter()
@@ -28,10 +27,11 @@ def _worker(url: str, content: bytes, headers: dict, threads: int, duration: flo
                 if r.status_code == 200:
                     mine.append(time.perf_counter() - start)
                 else:
-                    bad += 1
+                    bad[str(r.status_code)] = bad.get(str(r.status_code), 0) + 1
         with lock:
             latencies.extend(mine)
-            errors += bad
+            for status, n in bad.items():
+                errors[status] = errors.get(status, 0) + n
 
     ts = [threading.Thread(target=loop) for _ in range(threads)]
     for t in ts:
@@ -56,9 +56,13 @@ def run_load(url: str, content: bytes, headers: dict, *, concurrency: int, durat
         p.join()
     wall = time.perf_counter() - start
     lat = np.array([x for r in results for x in r[0]])
-    errors = sum(r[1] for r in results)
+    statuses: dict[str, int] = {}
+    for _, bad in results:
+        for status, n in bad.items():
+            statuses[status] = statuses.get(status, 0) + n
     # Spawning takes a moment: rates use the loop's own duration, not the wall time with start-up.
     return {"requests_per_s": len(lat) / duration, "images_per_s": len(lat) * images / duration,
             "p50_ms": float(np.percentile(lat, 50) * 1000) if len(lat) else None,
             "p99_ms": float(np.percentile(lat, 99) * 1000) if len(lat) else None,
-            "errors": errors, "requests": int(len(lat)), "wall_s": wall}
+            "errors": sum(statuses.values()), "error_statuses": dict(sorted(statuses.items())),
+            "requests": int(len(lat)), "wall_s": wall}

@@ -41,3 +41,26 @@ def test_the_device_run_rehearses_every_step_on_cpu(tmp_path):
         for load in ("single c1", "v2 256-image binary c8"):
             assert served[model][load]["errors"] == 0 and served[model][load]["images_per_s"] > 0, served[model]
     assert served["metrics"]["reskd_images_total"] > 0
+
+
+def test_the_device_wheels_cover_every_package_the_server_imports():
+    """What `make device-pack-run` carries (bench/device_deps.py) plus what the GPU host has must hold every
+    distribution the server and the measurement import: a hand-kept list once lacked orjson and the first served
+    GPU run died on it. The imports are read from a fresh process that loads the server's whole module tree."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import device_deps
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    code = ("import json, sys, importlib.metadata as md\n"
+            "import reskd.service.launch, reskd.service.supervisor, reskd.service.rest.app, reskd.cli\n"
+            "dists = md.packages_distributions()\n"
+            "names = {d for m in list(sys.modules) for d in dists.get(m.split('.')[0], [])}\n"
+            "print(json.dumps(sorted(names)))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    from packaging.utils import canonicalize_name
+
+    imported = {canonicalize_name(n) for n in json.loads(done.stdout)} - {"reskd"}
+    carried = set(device_deps.closure("serve"))
+    assert "fastapi" in imported and "orjson" in imported  # the probe sees the server's imports at all
+    assert imported - carried - device_deps.HOST == set()
