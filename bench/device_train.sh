@@ -12,8 +12,16 @@ if [ ! -d "$site/pydantic" ]; then
   python3 -m pip install -q --no-index --no-deps --target "$site" .device/wheels/*.whl
 fi
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+run_out=${RUN_OUT:-/tmp/reskd-device}
+# A fresh machine after a cut-off call: the parts that call brought back, carried in .device/resume/, are the run
+# to resume (docs/device.md). A warm machine keeps its own run_out, which is newer.
+resume=${RESKD_DEVICE_RESUME:-.device/resume}
+if [ ! -e "$run_out" ] && compgen -G "$resume/run.tar.part*" > /dev/null; then
+  mkdir -p "$run_out" && cat "$resume"/run.tar.part* | tar -x -C "$run_out"
+  echo "[device-train] resuming the run carried in $resume" >&2
+fi
 # The top-level folders (training/, export/, ...) are found as reskd.training, ... exactly as an install maps them.
-python3 - device-train --data-root .device/data --out "${RUN_OUT:-/tmp/reskd-device}" --pack "$OUT" --device cuda \
+python3 - device-train --data-root .device/data --out "$run_out" --pack "$OUT" --device cuda \
   "$@" <<'PY'
 import sys
 from pathlib import Path

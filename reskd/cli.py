@@ -75,7 +75,8 @@ def cmd_device_train(args: argparse.Namespace) -> int:
         return 2
     try:
         progress = device_train(Plan.load(args.plan), args.out, tiny=args.tiny, device=args.device,
-                                data_root=args.data_root, pack=args.pack, steps=steps,
+                                data_root=args.data_root, pack=args.pack, pack_every_s=args.pack_every,
+                                steps=steps,
                                 log=lambda msg: print(msg, file=sys.stderr, flush=True))
     except (RecipeError, DatasetError, RunDirError, FileNotFoundError) as err:
         print(f"reskd device-train: {err}", file=sys.stderr)
@@ -267,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pack", metavar="DIR",
                    help="after every step, OUT as DIR/run.tar.partNNN of at most 15 MiB each; restore with "
                         "`cat DIR/run.tar.part* | tar -x -C DEST`")
+    p.add_argument("--pack-every", type=float, default=60.0, metavar="SECONDS",
+                   help="inside a step, pack again after an epoch once this long has passed since the last pack, "
+                        "so a cut-off call keeps its epochs (default: %(default)s)")
     p.add_argument("--steps", default="teacher,cascade,baselines", help="comma-separated subset, in order")
     p.set_defaults(func=cmd_device_train)
 

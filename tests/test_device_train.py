@@ -78,5 +78,37 @@ def test_the_shell_entry_runs_the_checkout_as_reskd(tmp_path):
                            "--steps", "teacher", "--data-root", str(data)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout)["teacher"]["chosen"]
+    chosen = json.loads(done.stdout)["teacher"]["chosen"]
+    assert chosen
     assert sorted(p.name for p in (tmp_path / "out").iterdir())[0] == "run.tar.part000"
+
+    # A fresh machine after that call: the parts it brought back, carried along, are restored and resumed from.
+    env = {**env, "OUT": str(tmp_path / "out2"), "RUN_OUT": str(tmp_path / "run2"),
+           "RESKD_DEVICE_RESUME": str(tmp_path / "out")}
+    again = subprocess.run(["bash", str(ROOT / "bench" / "device_train.sh"), "--tiny", "--device", "cpu",
+                            "--steps", "teacher", "--data-root", str(data)],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming the run carried in" in again.stderr
+    assert "teacher epoch" not in again.stderr, again.stderr[-3000:]  # nothing trained again
+    assert json.loads(again.stdout)["teacher"]["chosen"] == chosen
+
+
+@pytest.mark.real_data
+def test_a_step_cut_off_mid_way_has_packed_its_epochs(tmp_path, monkeypatch):
+    """With pack_every_s=0 the run is packed after every epoch's partial checkpoint, inside the step: what a
+    device call cut off mid-step brings back holds the epochs trained so far."""
+    real_fashion_mnist_or_fail()
+    from reskd.training import device_train as dt
+
+    seen = []
+    real_pack = dt.pack_dir
+    monkeypatch.setattr(dt, "pack_dir", lambda src, dest: seen.append(
+        sorted(str(p.relative_to(src)) for p in Path(src).rglob("*.pt"))) or real_pack(src, dest))
+    plan = Plan.load("fashion-mnist-gpu")
+    device_train(plan, tmp_path / "run", tiny=True, device="cpu", pack=tmp_path / "pack", pack_every_s=0,
+                 steps=("teacher",), log=lambda m: None)
+    first = plan.teacher_candidates[0]["label"]
+    # the first pack comes after the first candidate's only epoch, before its stage finished
+    assert seen[0] == [f"teacher-{first}/checkpoints/partial/teacher.pt"], seen
+    assert len(seen) == len(plan.teacher_candidates) + 1  # one per candidate's epoch, one at the step's end

@@ -86,6 +86,10 @@ def batches(split: Split, batch_size: int, *, normalizer: Normalizer, device: to
             drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (normalised float images, labels) on `device`, augmented when `augmentation` is given."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
+    # On CUDA the augmentation draws on the device: CPU draws copied up from pageable memory block the host on
+    # every batch until the GPU has drained, so no step's launches overlap the previous step's kernels. On the CPU
+    # one generator serves the order and the augmentation (the streams of earlier runs, which resume relies on).
+    aug_gen = gen if device.type == "cpu" else torch.Generator(device=device).manual_seed(seed)
     n = len(split)
     order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
     stop = n - n % batch_size if drop_last and n >= batch_size else n
@@ -102,5 +106,5 @@ def batches(split: Split, batch_size: int, *, normalizer: Normalizer, device: to
     for images, labels in chunks:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         if augmentation is not None:
-            images = augment(images, augmentation.padding, augmentation.flip, gen, augmentation.erasing)
+            images = augment(images, augmentation.padding, augmentation.flip, aug_gen, augmentation.erasing)
         yield normalizer(images), labels

@@ -17,7 +17,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -115,10 +115,14 @@ def _seed(recipe: Recipe, name: str, offset: int = 0) -> int:
 
 
 class Trainer:
-    def __init__(self, recipe: Recipe, out: Path, *, resume: bool = False, device: str = "auto"):
+    def __init__(self, recipe: Recipe, out: Path, *, resume: bool = False, device: str = "auto",
+                 on_checkpoint: Callable[[], None] | None = None):
+        """on_checkpoint: called after every partial checkpoint is written (each epoch of each stage), e.g. to
+        copy the run somewhere that outlives the machine."""
         self.recipe = recipe
         self.run_dir = RunDir(out)
         self.resume = resume
+        self.on_checkpoint = on_checkpoint
         self.device = pick_device(device)
         self._check_run_dir()
 
@@ -223,6 +227,8 @@ class Trainer:
         def save(progress: loop.Progress) -> None:
             self.run_dir.save_partial(PartialCheckpoint(stage.name, attempt.fingerprint, progress, stage.extra,
                                                         round(time.time() - attempt.started, 1)))
+            if self.on_checkpoint is not None:
+                self.on_checkpoint()
 
         stage.history = loop.fit(stage.model, step, data.train, cfg, normalizer=normalizer, device=self.device,
                                  seed=stage.seed, desc=stage.name, resume=resume, on_epoch=save)
