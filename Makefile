@@ -8,7 +8,7 @@ RUN_DIR ?= runs/fashion-mnist-cpu
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run train train-reference test setup-serve setup-train setup-test data docker-tools docker docker-gpu docker-standin \
+.PHONY: run train train-reference test test-fast setup-serve setup-train setup-test data docker-tools docker docker-gpu docker-standin \
 	k8s-rules device-pack device-pack-run device-train device-run
 
 $(BIN)/python:
@@ -51,7 +51,7 @@ docker-tools:
 		command -v $${tool%%:*} >/dev/null || missing="$$missing $${tool#*:}"; done; \
 	$(call install_missing,the Docker tests skip (and fail under CI=true))
 
-# The serving image (Dockerfile; README, "Deploy"). Where this machine trusts extra CAs (a TLS proxy), pip inside the
+# The serving image (Dockerfile; docs/deploy.md). Where this machine trusts extra CAs (a TLS proxy), pip inside the
 # build gets the CA bundle as a BuildKit secret, never stored in the image. DOCKER: a CLI with BuildKit (Debian's
 # docker.io has it built in; a newer one needs the buildx plugin).
 IMAGE ?= reskd
@@ -96,8 +96,14 @@ train-reference: setup-train data
 	nice -n 19 $(BIN)/reskd sweep --sweep training/sweeps/fashion-mnist-reference.toml --out $(REFERENCE_DIR) \
 		--device cpu
 
+# Every test, the 25 slowest named at the end of the log.
 test: setup-test data docker-tools
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
+
+# The everyday loop: every lane but the slow ones (tests/lanes.py): no servers, Prometheus, Docker, training
+# rehearsals or soaks. `make test` and CI still run everything.
+test-fast: setup-test data
+	$(BIN)/python -m pytest -q --durations=10 -m "not (server or prometheus or docker or rehearsal or soak)"
 
 # The reference cascade on a GPU host (docs/device.md). Here: everything that host lacks, into the git-ignored
 # .device/ the device tool carries: Python 3.12 wheels of the training extra's pure dependencies (the host has torch

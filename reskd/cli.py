@@ -230,8 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train teacher, student, res-students and baselines; write a report",
                        description="Run a recipe end to end: teacher, student (KD), res-students, KD baselines, "
                                    "evaluation and report (RUN_DIR/report.md, report.json, pareto.png).")
-    p.add_argument("--recipe", required=True, help="a recipe TOML file, or the name of a bundled recipe "
-                                                   "(fashion-mnist, fashion-mnist-cpu, cifar10, cifar100, tiny-imagenet)")
+    p.add_argument("--recipe", required=True,
+                   help="a recipe TOML file, or the name of a bundled recipe (fashion-mnist, fashion-mnist-cpu, "
+                        "fashion-mnist-reference, cifar10, cifar100, tiny-imagenet)")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (checkpoints, logits, report)")
     p.add_argument("--resume", action="store_true",
                    help="load finished stages from RUN_DIR instead of training, and continue an interrupted stage "
@@ -334,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve a model repository over HTTP with early exit (v1 + KServe v2)",
                        description="Serve every model and version in REPO: /v1/.../classify, the KServe v2 / "
                                    "Triton HTTP endpoints, /metrics. Every setting can also come from a RESKD_* "
-                                   "environment variable (see README); flags win over the environment.")
+                                   "environment variable (docs/serving.md, \"Settings\"); flags win over the "
+                                   "environment.")
     p.add_argument("--repo", metavar="REPO", help="model repository (default: RESKD_REPO, else the bundled models/)")
     p.add_argument("--host", help="bind address (default 127.0.0.1; 0.0.0.0 in containers)")
     p.add_argument("--port", type=int, help="default 8000")
@@ -346,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "/v2/repository/models/NAME/load|unload (default none)")
     p.add_argument("--workers", type=int, metavar="N",
                    help="server processes sharing the port, each with its share of the cores (or its GPU); 0: one "
-                        "per GPU under CUDA, else one per 4 cores, one below 8 (default RESKD_WORKERS, else 0)")
+                        "per GPU under CUDA, else one per available core, at most 8 (default RESKD_WORKERS, else 0)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("score", help="score image files offline (local processes or Ray Data); JSONL/CSV/Parquet",
@@ -378,8 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inputs per committed shard: the most work a killed job loses (default 10000)")
     p.add_argument("--quiet", action="store_true", help="no progress bar (the summary is still printed)")
     g = p.add_argument_group("local engine")
-    g.add_argument("--workers", type=int, help="decode processes (default: cores - 1, at least 1; 0: decode "
-                                               "in the main process)")
+    g.add_argument("--workers", type=int, help="decode processes (default: one per core, each also classifying "
+                                               "on CPU; under CUDA one fewer, at least 1, as a core feeds the GPU; "
+                                               "0: everything in the main process)")
     g.add_argument("--threads", type=int, help="onnxruntime threads per stage (default: onnxruntime's)")
     g.add_argument("--device", choices=DEVICES, default="auto",
                    help="auto: the CUDA EP when onnxruntime offers it, else CPU (default auto)")
