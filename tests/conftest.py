@@ -10,12 +10,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import lanes
 from reskd.training import loop, pipeline
 from reskd.training.rundir import RunDir
 from reskd.training.pipeline import Trainer, train
 from reskd.training.recipe import parse_recipe
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """The item being set up and run, for tests/lanes.py's check (fixtures start servers during setup)."""
+    lanes.current = item
+
+
+def pytest_runtest_teardown(item):
+    lanes.current = None  # a module's shared server stops here, whichever test came last
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -186,3 +197,29 @@ def session_reference(rt, x, threshold=None, max_stage=None):
                 exits[i] = s
                 break
     return running[exits, np.arange(len(x))], exits
+
+
+# Servers several test modules need with the same settings, started once per session. Only for tests that change
+# no state of the server (no model control, no settings): they send requests, read answers, logs since they began
+# and counters as deltas.
+SMALL_LIMITS = {"max_images": 4, "max_body_bytes": 300_000}
+
+
+@pytest.fixture(scope="session")
+def small_limits_server():
+    """max_images=4, a 300 kB body limit: the 413 paths within reach of small requests (tests/test_serve_errors.py,
+    tests/test_serve_protocol.py, tests/test_serve_fuzz.py)."""
+    from server_process import ServerProcess
+
+    with ServerProcess(**SMALL_LIMITS) as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def default_server():
+    """The default settings on the test repository (tests/test_serve.py, tests/test_serve_reliability.py)."""
+    from server_process import ServerProcess
+
+    with ServerProcess() as s:
+        yield s
+

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+import lanes
+
 ROOT = Path(__file__).resolve().parents[1]
 # No bridge network or iptables on these machines: builds and containers use the host's network.
 DOCKERD_ARGS = ["--iptables=false", "--bridge=none", "--storage-driver=overlay2"]
@@ -45,6 +47,7 @@ class Engine:
     """self.docker(...) runs the CLI; an engine started here is stopped by stop()."""
 
     def __init__(self, workdir: Path):
+        lanes.require("docker", "a Docker engine")
         self.cli = docker_cli()
         self.proc: subprocess.Popen | None = None
         if self.docker("info", check=False, timeout=30).returncode == 0:

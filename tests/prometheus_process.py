@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+import lanes
 from server_process import free_port, wait_until_ready
 
 
@@ -33,6 +34,7 @@ def prometheus_or_fail() -> str:
 
 class Prometheus:
     def __init__(self, binary: str, config: Path, workdir: Path):
+        lanes.require("prometheus", "a Prometheus process")
         self.url = f"http://127.0.0.1:{free_port()}"
         self.log = open(workdir / "prometheus.log", "w+")
         self.proc = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'tsdb'}",

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import httpx
 
+import lanes
+
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "models"
 # What the tests' servers serve unless a test says otherwise: the bundled repository's first versions (links to
@@ -64,6 +66,7 @@ class Loopback:
 
 class ServerProcess(Loopback):
     def __init__(self, wait_ready: bool = True, **settings):
+        lanes.require("server", "a `reskd serve` process")
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("RESKD_")}
         self.env.update({f"RESKD_{k.upper()}": str(v) for k, v in settings.items()})
         self.env.setdefault("RESKD_INTRA_OP_THREADS", "1")
@@ -178,6 +181,8 @@ class InProcessServer(Loopback):
         import threading
 
         import uvicorn
+
+        lanes.require("server", "an in-process uvicorn server")
 
         from reskd.service.rest.app import create_app
         from reskd.service.settings import ServeSettings

@@ -84,6 +84,7 @@ def test_bundled_metrics_hold_on_the_real_test_set(name, version, real_test_set,
 
 
 @pytest.mark.real_data
+@pytest.mark.server
 def test_bundled_metrics_hold_through_the_server(real_test_set, runtime_answers):
     """The whole test set, sent to a real server on the bundled repository with a stock Triton client (FP32
     tensors, binary), gives every version's claims, and the same answers as the runtime."""

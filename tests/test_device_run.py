@@ -15,10 +15,13 @@ import pytest
 
 from conftest import real_fashion_mnist_or_fail
 
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.real_data
+@pytest.mark.rehearsal
+@pytest.mark.server
 def test_the_device_run_rehearses_every_step_on_cpu(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "FASHION_MNIST_DIR": str(real_fashion_mnist_or_fail()),
            "RESKD_DEVICE_SITE": sysconfig.get_paths()["purelib"],  # the wheels are installed here already

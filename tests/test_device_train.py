@@ -17,6 +17,8 @@ from conftest import real_fashion_mnist_or_fail
 from reskd.training import loop
 from reskd.training.device_train import PART_BYTES, Plan, device_train, unpack_dir
 
+pytestmark = pytest.mark.rehearsal
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

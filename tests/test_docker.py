@@ -35,7 +35,7 @@ CASCADE = BUNDLED / "fashion-mnist" / LATEST
 TAG = "reskd:pytest"
 UID = "10001"
 
-pytestmark = pytest.mark.timeout(1200)
+pytestmark = [pytest.mark.docker, pytest.mark.server, pytest.mark.prometheus, pytest.mark.timeout(1200)]
 
 
 @pytest.fixture(scope="module")

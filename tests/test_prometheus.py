@@ -12,6 +12,8 @@ from PIL import Image
 from prometheus_process import Prometheus, prometheus_or_fail, simple_config
 from server_process import ServerProcess
 
+pytestmark = [pytest.mark.server, pytest.mark.prometheus]
+
 
 def test_prometheus_scrapes_the_served_compute_share(tmp_path):
     binary = prometheus_or_fail()

@@ -20,14 +20,15 @@ from reskd.preprocess import preprocess
 from reskd.runtime import CascadeRuntime
 from server_process import MODELS, ServerProcess, metric, scrape
 
+pytestmark = pytest.mark.server
+
 CASCADE = MODELS / "fashion-mnist" / "1"
 TEACHER = MODELS / "fashion-mnist-teacher" / "1"
 
 
 @pytest.fixture(scope="module")
-def server():
-    with ServerProcess() as s:
-        yield s
+def server(default_server):
+    return default_server  # shared with other modules (tests/conftest.py): counters are read as deltas
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,8 @@ from PIL import Image
 
 from server_process import MODELS, InProcessServer, ServerProcess
 
+pytestmark = pytest.mark.server
+
 CLASSIFY = "/v1/models/fashion-mnist/classify"
 INFER = "/v2/models/fashion-mnist/infer"
 
@@ -31,9 +33,8 @@ def png(size=(28, 28), value=128) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def server():
-    with ServerProcess(max_images=4, max_body_bytes=300_000) as s:
-        yield s
+def server(small_limits_server):
+    return small_limits_server  # max_images=4, max_body_bytes=300_000 (tests/conftest.py), shared
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,10 @@ import subprocess
 import sys
 import time
 
-from server_process import ServerProcess
+import pytest
+
+
+pytestmark = pytest.mark.server
 
 # Server errors and conformance of every response to the document, plus the method checks (405 with Allow for
 # the methods a path lacks). Left out: positive_data_acceptance, since the binary bodies (an image for /v1, Triton
@@ -61,17 +64,19 @@ values = ["1"]
 """
 
 
-def test_the_openapi_document_holds_under_schema_fuzzing(tmp_path):
+def test_the_openapi_document_holds_under_schema_fuzzing(tmp_path, small_limits_server):
     config = tmp_path / "schemathesis.toml"
     config.write_text(CONFIG.format(max_examples=30, checks="\n".join(f"{c}.enabled = true" for c in CHECKS)))
-    # max_images=4 and a small body limit put the 413 paths within reach of small generated requests.
-    with ServerProcess(max_images=4, max_body_bytes=300_000) as server:
-        start = time.monotonic()
-        run = subprocess.run([sys.executable, "-m", "schemathesis.cli", "--config-file", str(config), "run",
-                              f"{server.url}/openapi.json"], cwd=tmp_path, capture_output=True, text=True,
-                             timeout=300)
-        took = time.monotonic() - start
-        log = server.output()
+    # max_images=4 and a small body limit put the 413 paths within reach of small generated requests (the
+    # session's shared server, tests/conftest.py: its log from here on is this test's).
+    server = small_limits_server
+    since = len(server.output())
+    start = time.monotonic()
+    run = subprocess.run([sys.executable, "-m", "schemathesis.cli", "--config-file", str(config), "run",
+                          f"{server.url}/openapi.json"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    took = time.monotonic() - start
+    log = server.output()[since:]
+    assert server.proc.poll() is None
     report = run.stdout[-12_000:] + run.stderr[-3_000:]
     assert run.returncode == 0, report
     assert "passed" in run.stdout, report

@@ -21,6 +21,8 @@ from tritonclient.utils import InferenceServerException
 from model_versions import CLASSIFY, IMAGES, NAME, Traffic, noise_pngs, write_version
 from server_process import ServerProcess, metric, scrape
 
+pytestmark = pytest.mark.server
+
 TOKEN = "s3cret"
 
 

@@ -12,7 +12,8 @@ import pytest
 
 from reskd.service.rest import kserve
 from reskd.service.serving.errors import ServingError as ApiError
-from server_process import ServerProcess
+
+pytestmark = pytest.mark.server
 
 INFER = "/v2/models/fashion-mnist/infer"
 LIMIT = 300_000  # the server's body limit, compressed or not
@@ -21,9 +22,9 @@ BODY = json.dumps(REQUEST).encode()
 
 
 @pytest.fixture(scope="module")
-def server():
-    with ServerProcess(max_images=4, max_body_bytes=LIMIT) as s:
-        yield s
+def server(small_limits_server):
+    assert small_limits_server.env["RESKD_MAX_BODY_BYTES"] == str(LIMIT)
+    return small_limits_server  # max_images=4, max_body_bytes=LIMIT (tests/conftest.py), shared
 
 
 @pytest.fixture(scope="module")
@@ -136,10 +137,12 @@ def test_edge_input_gets_a_4xx_naming_the_problem(client, what, kwargs, status, 
 
 
 def test_the_server_survives_the_edge_cases(server, client):
+    since = len(server.output())  # the shared server's log from here on
     for what, kwargs, status, words in CASES:
         client.post(INFER, **kwargs)
     assert server.proc.poll() is None
-    assert "Traceback" not in server.output() and "unexpected error" not in server.output()
+    log = server.output()[since:]
+    assert "Traceback" not in log and "unexpected error" not in log
     assert client.post(INFER, content=BODY).status_code == 200
 
 

@@ -12,6 +12,8 @@ import pytest
 from conftest import real_test_images
 from server_process import ServerProcess, metric, scrape
 
+pytestmark = pytest.mark.server
+
 CLASSIFY = "/v1/models/fashion-mnist/classify"
 M = {"model": "fashion-mnist", "version": "1"}
 

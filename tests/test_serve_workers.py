@@ -20,6 +20,8 @@ import pytest
 from model_versions import CLASSIFY, IMAGES, NAME, write_version
 from server_process import ServerProcess, metric, running, scrape
 
+pytestmark = pytest.mark.server
+
 ROUTE = "/v1/models/{name}/classify"
 FILES = [("file", ("a.png", IMAGES[0], "image/png")), ("file", ("b.png", IMAGES[1], "image/png"))]
 

@@ -154,6 +154,7 @@ variants = [{ label = "ok" }, { label = "typo", "teacher.arch" = "resnet9" }]
 
 
 @pytest.mark.real_data
+@pytest.mark.rehearsal
 @pytest.mark.parametrize("sweep,variants", [("fashion-mnist-gpu.toml", 6), ("fashion-mnist-cpu-ablation.toml", 22),
                                             ("fashion-mnist-reference.toml", 4)])
 def test_the_bundled_sweeps_run_end_to_end_on_cpu_with_tiny(tmp_path, sweep, variants):
