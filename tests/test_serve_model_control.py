@@ -8,6 +8,8 @@ land on either worker: a change must reach both at once."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import signal
 import time
@@ -114,6 +116,32 @@ def test_poll_serves_new_and_changed_versions_under_load_without_a_failed_or_mix
         r = c.post(f"/v1/models/{NAME}/versions/2/classify", files=[("file", ("a.png", IMAGES[0]))])
         assert r.status_code == 404 and "removed from the repository" in r.json()["error"]
         assert metric(scrape(c), "reskd_model_info", model=NAME, version="2") == 0
+
+
+def test_stage_files_copied_over_with_the_same_bytes_are_not_reloaded(repo, workers):
+    """A rollout tool that copies identical files over a served version (or a `touch`) moves their mtimes, which
+    the scan sees; the bytes still match the manifest's sha256, so nothing is loaded again. Before: a reload per
+    such scan, which also made the in-place change above count 3 loads instead of 2 when a poll fell between the
+    files and the manifest."""
+    with ServerProcess(repo=repo, workers=workers, model_control="poll", repository_poll_s=3600) as s, \
+            s.client() as c:
+        folder = repo / NAME / "1"
+        manifest = json.loads((folder / "manifest.json").read_text())
+        for stage in manifest["stages"]:
+            data = (folder / stage["file"]).read_bytes()
+            (folder / stage["file"]).write_bytes(data)  # the same bytes, a new mtime
+            os.utime(folder / stage["file"], ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
+        write_version(repo, 2, prefix="v2:", thresholds=0.0)  # a real change in the same scan: it ran
+        s.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while c.get(f"/v2/models/{NAME}").json()["versions"] != ["1", "2"]:
+            assert time.monotonic() < deadline, s.output()
+            time.sleep(0.05)
+        samples = scrape(c)
+        assert metric(samples, "reskd_model_loads_total", model=NAME, version="1", result="loaded") == 1
+        assert metric(samples, "reskd_model_loads_total", model=NAME, version="2", result="loaded") == 1
+        assert c.post(f"/v1/models/{NAME}/versions/1/classify", files=[("file", ("a.png", IMAGES[0]))]) \
+            .status_code == 200
 
 
 def test_sighup_scans_the_repository_at_once_under_poll_and_no_longer_kills_the_server(repo, workers):
