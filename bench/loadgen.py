@@ -1,12 +1,14 @@
 """A closed-loop HTTP load generator for machines without wrk: `concurrency` connections spread over worker
 processes (one GIL each), each sending the same request back to back for `duration` seconds. Prints nothing;
-`run_load` returns requests/s, images/s, latency percentiles and the count of each non-200 status. wrk (bench/wrk/) is preferred where installed."""
+`run_load` returns requests/s, images/s, latency percentiles and the count of each non-200 status. wrk (bench/wrk/)
+is preferred where installed."""
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import threading
 import time
+from collections import Counter
 
 import httpx
 import numpy as np
@@ -14,12 +16,12 @@ import numpy as np
 
 def _worker(url: str, content: bytes, headers: dict, threads: int, duration: float, out) -> None:
     latencies: list[float] = []
-    errors: dict[str, int] = {}
+    errors: Counter[str] = Counter()
     lock = threading.Lock()
     stop_at = time.perf_counter() + duration
 
     def loop():
-        mine, bad = [], {}
+        mine, bad = [], Counter()
         with httpx.Client(timeout=60) as client:
             while time.perf_counter() < stop_at:
                 start = time.perf_counter()
@@ -27,11 +29,10 @@ def _worker(url: str, content: bytes, headers: dict, threads: int, duration: flo
                 if r.status_code == 200:
                     mine.append(time.perf_counter() - start)
                 else:
-                    bad[str(r.status_code)] = bad.get(str(r.status_code), 0) + 1
+                    bad[str(r.status_code)] += 1
         with lock:
             latencies.extend(mine)
-            for status, n in bad.items():
-                errors[status] = errors.get(status, 0) + n
+            errors.update(bad)
 
     ts = [threading.Thread(target=loop) for _ in range(threads)]
     for t in ts:
@@ -56,10 +57,7 @@ def run_load(url: str, content: bytes, headers: dict, *, concurrency: int, durat
         p.join()
     wall = time.perf_counter() - start
     lat = np.array([x for r in results for x in r[0]])
-    statuses: dict[str, int] = {}
-    for _, bad in results:
-        for status, n in bad.items():
-            statuses[status] = statuses.get(status, 0) + n
+    statuses = sum((bad for _, bad in results), Counter())
     # Spawning takes a moment: rates use the loop's own duration, not the wall time with start-up.
     return {"requests_per_s": len(lat) / duration, "images_per_s": len(lat) * images / duration,
             "p50_ms": float(np.percentile(lat, 50) * 1000) if len(lat) else None,

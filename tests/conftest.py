@@ -19,6 +19,11 @@ from reskd.training.recipe import parse_recipe
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
+def pytest_configure(config):
+    for marker, what in lanes.LANES.items():  # tests/lanes.py: the lanes and what puts a test in each
+        config.addinivalue_line("markers", f"{marker}: {what}")
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
     """The item being set up and run, for tests/lanes.py's check (fixtures start servers during setup)."""
@@ -222,4 +227,3 @@ def default_server():
 
     with ServerProcess() as s:
         yield s
-

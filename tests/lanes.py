@@ -9,7 +9,7 @@ LANES = {
     "server": "starts `reskd serve` (a process or an in-process uvicorn) on loopback",
     "prometheus": "starts a real Prometheus that scrapes a server",
     "docker": "builds or runs the image on a Docker engine",
-    "rehearsal": "trains: tiny sweeps, the device rehearsals, end-to-end training and export runs",
+    "rehearsal": "trains: the bundled sweeps with their tiny schedules, the device rehearsals",
     "soak": "holds a server under overload or long traffic",
 }
 FAST = "not (" + " or ".join(LANES) + ")"
