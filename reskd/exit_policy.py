@@ -83,6 +83,17 @@ class ExitOutcome:
 
 
 @dataclass
+class _Summary:
+    """What calibration compares of an outcome: its thresholds, accuracy, mean FLOPs, and the samples it gets
+    wrong that the full cascade gets right (lost) and the reverse (gained)."""
+    thresholds: list[float]
+    accuracy: float
+    mean_flops: float
+    lost: int
+    gained: int
+
+
+@dataclass
 class CurvePoint:
     """An operating point: an id, the last stage a sample may reach, and what the exits give."""
     id: str
@@ -136,12 +147,6 @@ class CascadeScores:
         mids = (values[picks] + values[picks + 1]) / 2
         return np.unique(np.concatenate([[values[0] / 2], mids, [1.0]]))
 
-    def _drop_bound(self, outcome: ExitOutcome, reference: np.ndarray, z: float) -> float:
-        """Accuracy drop vs `reference` (a correctness vector), as a paired upper bound when z > 0."""
-        lost = int((reference & ~outcome.correct).sum())
-        gained = int((~reference & outcome.correct).sum())
-        return (lost - gained + z * np.sqrt(lost + gained)) / self.n
-
     def calibrate(self, *, target_drop: float | None = None, flops_budget: float | None = None, z: float = 0.0,
                   rounds: int = 8) -> ExitOutcome:
         """Per-stage thresholds by coordinate descent over each stage's confidence quantiles.
@@ -155,14 +160,13 @@ class CascadeScores:
             raise ValueError("give exactly one of target_drop or flops_budget")
         if self.n_stages == 1:  # a single stage has no exit to choose
             return self.evaluate(np.zeros(0))
-        full = self.correct[-1]
 
-        def feasible(o: ExitOutcome) -> bool:
+        def feasible(o: _Summary) -> bool:
             if target_drop is not None:
-                return self._drop_bound(o, full, z) <= target_drop + 1e-12
+                return (o.lost - o.gained + z * np.sqrt(o.lost + o.gained)) / self.n <= target_drop + 1e-12
             return o.mean_flops <= flops_budget * (1 + 1e-9)
 
-        def better(a: ExitOutcome, b: ExitOutcome) -> bool:
+        def better(a: _Summary, b: _Summary) -> bool:
             if target_drop is not None:
                 return (a.mean_flops, -a.accuracy) < (b.mean_flops, -b.accuracy)
             return (-a.accuracy, a.mean_flops) < (-b.accuracy, b.mean_flops)
@@ -172,35 +176,69 @@ class CascadeScores:
         # nobody exits early, everybody exits at stage 0, and the best single threshold shared by all stages.
         shared = np.unique(np.concatenate(candidates))
         starts = [np.ones(self.n_stages - 1), np.zeros(self.n_stages - 1)]
-        shared_best = None
-        for t in shared:
-            o = self.evaluate(np.full(self.n_stages - 1, t))
-            if feasible(o) and (shared_best is None or better(o, shared_best)):
-                shared_best = o
-        if shared_best is not None:
-            starts.append(np.asarray(shared_best.thresholds))
+        pick = self._first_best(self._many(np.repeat(shared[:, None], self.n_stages - 1, axis=1)), None, feasible,
+                                better)
+        if pick is not None:
+            starts.append(np.full(self.n_stages - 1, shared[pick]))
         best = None
         for start in starts:
             o = self._descend(start, candidates, feasible, better, rounds)
             if o is not None and (best is None or better(o, best)):
                 best = o
         # Nothing feasible (e.g. a budget below stage 0's cost): the cheapest policy, flagged by its numbers.
-        return best if best is not None else self.evaluate(np.zeros(self.n_stages - 1))
+        return self.evaluate(best.thresholds) if best is not None else self.evaluate(np.zeros(self.n_stages - 1))
+
+    def _many(self, thresholds: np.ndarray) -> list[_Summary]:
+        """What evaluate() gives for each row of thresholds [K, S-1], as summaries, K rows at once (in chunks
+        that bound the [K, N] work arrays to a few MiB). Accuracy and mean FLOPs are the same floats evaluate()
+        computes (row-wise means sum in the same order)."""
+        full = self.correct[-1]
+        cols = np.arange(self.n)[None, :]
+        out = []
+        chunk = max(1, 2_000_000 // max(self.n, 1))
+        for lo in range(0, len(thresholds), chunk):
+            rows = thresholds[lo:lo + chunk]
+            exits = np.full((len(rows), self.n), self.n_stages - 1, dtype=np.int64)
+            undecided = np.ones(exits.shape, dtype=bool)
+            for s in range(self.n_stages - 1):
+                leave = undecided & (self.conf[s][None, :] >= rows[:, s][:, None])
+                exits[leave] = s
+                undecided &= ~leave
+            correct = self.correct[exits, cols]
+            accuracy = correct.mean(axis=1)
+            flops = self.cum_flops[exits].mean(axis=1)
+            lost = (full[None, :] & ~correct).sum(axis=1)
+            gained = (~full[None, :] & correct).sum(axis=1)
+            out += [_Summary(rows[i].tolist(), float(accuracy[i]), float(flops[i]), int(lost[i]), int(gained[i]))
+                    for i in range(len(rows))]
+        return out
+
+    @staticmethod
+    def _first_best(trials: list[_Summary], best, feasible, better) -> int | None:
+        """Index of the trial a sequential scan would end on: each feasible trial better than the best so far
+        replaces it (best: a summary to beat, or None)."""
+        chosen = None
+        for i, o in enumerate(trials):
+            if feasible(o) and (best is None or better(o, best)):
+                best, chosen = o, i
+        return chosen
 
     def _descend(self, start: np.ndarray, candidates: list[np.ndarray], feasible, better, rounds: int):
-        best = self.evaluate(start)
+        best = self._many(np.asarray(start, dtype=np.float64)[None, :])[0]
         if not feasible(best):
             return None
-        thresholds = start.copy()
+        thresholds = np.asarray(start, dtype=np.float64).copy()
         for _ in range(rounds):
             improved = False
             for s in range(self.n_stages - 1):
-                for t in candidates[s]:
-                    trial = thresholds.copy()
-                    trial[s] = t
-                    o = self.evaluate(trial)
-                    if feasible(o) and better(o, best):
-                        best, thresholds, improved = o, trial, True
+                # Only stage s's threshold moves in this sweep, so every trial is the current policy with one
+                # threshold changed and all of them can be scored at once; the scan keeps the sequential order.
+                trials = np.repeat(thresholds[None, :], len(candidates[s]), axis=0)
+                trials[:, s] = candidates[s]
+                scored = self._many(trials)
+                pick = self._first_best(scored, best, feasible, better)
+                if pick is not None:
+                    best, thresholds, improved = scored[pick], trials[pick].copy(), True
             if not improved:
                 break
         return best

@@ -107,3 +107,68 @@ def test_the_operating_curve_runs_from_the_first_stage_to_every_stage_each_point
     dear = CascadeScores(logits, labels, [10, 3, 60])
     curve = dear.operating_curve(dear.calibrate(target_drop=0.005).thresholds, [11.0, 12.0], ["b11", "b12"])
     assert [(p.id, p.max_stage) for p in curve if p.id.startswith("b")] == [("b11", 1), ("b12", 1)]
+
+
+def one_at_a_time(scores: CascadeScores, *, target_drop=None, flops_budget=None, z=0.0, rounds=8):
+    """The calibration's definition, written plainly: every trial policy evaluated on its own (scores.evaluate),
+    the same starts, candidates, feasibility and order as CascadeScores.calibrate, which scores a stage's
+    candidates together."""
+    full = scores.correct[-1]
+
+    def feasible(o):
+        if target_drop is not None:
+            lost, gained = int((full & ~o.correct).sum()), int((~full & o.correct).sum())
+            return (lost - gained + z * np.sqrt(lost + gained)) / scores.n <= target_drop + 1e-12
+        return o.mean_flops <= flops_budget * (1 + 1e-9)
+
+    def key(o):
+        return (o.mean_flops, -o.accuracy) if target_drop is not None else (-o.accuracy, o.mean_flops)
+
+    k = scores.n_stages - 1
+    candidates = [scores._candidates(s) for s in range(k)]
+    starts = [np.ones(k), np.zeros(k)]
+    shared = None
+    for t in np.unique(np.concatenate(candidates)):
+        o = scores.evaluate(np.full(k, t))
+        if feasible(o) and (shared is None or key(o) < key(shared)):
+            shared = o
+    if shared is not None:
+        starts.append(np.asarray(shared.thresholds))
+    best = None
+    for start in starts:
+        here = scores.evaluate(start)
+        if not feasible(here):
+            continue
+        thresholds = start.copy()
+        for _ in range(rounds):
+            improved = False
+            for s in range(k):
+                for t in candidates[s]:
+                    trial = thresholds.copy()
+                    trial[s] = t
+                    o = scores.evaluate(trial)
+                    if feasible(o) and key(o) < key(here):
+                        here, thresholds, improved = o, trial, True
+            if not improved:
+                break
+        if best is None or key(here) < key(best):
+            best = here
+    return best if best is not None else scores.evaluate(np.zeros(k))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_calibration_picks_what_evaluating_each_trial_alone_picks(seed):
+    """Scoring a stage's candidate thresholds together must not change the choice, ties included (rounded
+    logits give many equal confidences), for accuracy targets with and without the paired bound and for budgets."""
+    rng = np.random.default_rng(seed)
+    n_stages, n = int(rng.integers(2, 5)), int(rng.integers(20, 800))
+    logits = np.cumsum(rng.normal(0, rng.uniform(0.5, 4), (n_stages, n, 10)), axis=0).astype(np.float32)
+    if seed % 2:
+        logits = np.round(logits, 1)
+    flops = rng.uniform(1, 100, n_stages)
+    scores = CascadeScores(logits, rng.integers(0, 10, n), flops)
+    for kw in (dict(target_drop=0.0), dict(target_drop=0.005, z=1.64), dict(flops_budget=flops[0] * 1.2),
+               dict(flops_budget=flops.sum() * 0.5), dict(flops_budget=flops[0] * 0.5)):
+        fast, plain = scores.calibrate(**kw), one_at_a_time(scores, **kw)
+        assert (fast.thresholds, fast.accuracy, fast.mean_flops, fast.exit_counts) == \
+               (plain.thresholds, plain.accuracy, plain.mean_flops, plain.exit_counts), kw
