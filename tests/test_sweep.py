@@ -3,6 +3,7 @@ import shutil
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import real_fashion_mnist_or_fail, tiny_recipe_dict
@@ -54,7 +55,12 @@ variants = [{ label = "mse" }, { label = "ce", "res_students.0.ce_weight" = 1.0 
     trained = []
     real_fit = loop.fit
     monkeypatch.setattr(loop, "fit", lambda *a, **kw: trained.append(kw["desc"]) or real_fit(*a, **kw))
+    predicted = []
+    real_predict = loop.predict
+    monkeypatch.setattr(loop, "predict", lambda *a, **kw: predicted.append(1) or real_predict(*a, **kw))
     rows = run_sweep(str(tmp_path / "sweep.toml"), str(tmp_path / "out"), device="cpu")
+    # a shared stage is evaluated once on validation and test: teacher, baseline, 2 students, 4 res-students
+    assert len(predicted) == 2 * (1 + 1 + 2 + 4)
     assert [r["variant"] for r in rows] == ["s25_mse", "s25_ce", "s50_mse", "s50_ce"]
     run = json.loads((tmp_path / "out" / "s25_mse" / "run.json").read_text())
     assert run["recipe"]["teacher"]["epochs"] == 2  # [fixed] reached every variant
@@ -75,12 +81,18 @@ variants = [{ label = "mse" }, { label = "ce", "res_students.0.ce_weight" = 1.0 
     assert trained == [] and evaluated == []
     # ...unless something changed since its report (here a checkpoint written later).
     ckpt = tmp_path / "out" / "s50_ce" / "checkpoints" / "res1.pt"
+    shared_logits = dict(np.load(tmp_path / "out" / "s50_ce" / "logits.npz"))
     ckpt.touch()
     ckpt.touch()  # --only: the named variants run; any other out of date is left alone, not summarised
     only = run_sweep(str(tmp_path / "sweep.toml"), str(tmp_path / "out"), device="cpu", only=["s25_ce"])
     assert trained == [] and evaluated == [] and [r["variant"] for r in only] == ["s25_mse", "s25_ce", "s50_mse"]
     run_sweep(str(tmp_path / "sweep.toml"), str(tmp_path / "out"), device="cpu")
     assert trained == [] and evaluated == ["s50_ce"]
+    # evaluated on its own, from its checkpoints: the logits it had been given by earlier variants
+    fresh = dict(np.load(tmp_path / "out" / "s50_ce" / "logits.npz"))
+    assert fresh.keys() == shared_logits.keys()
+    for key in fresh:
+        np.testing.assert_array_equal(fresh[key], shared_logits[key], err_msg=key)
     with pytest.raises(RecipeError, match="no variant labelled s99"):
         run_sweep(str(tmp_path / "sweep.toml"), str(tmp_path / "out"), device="cpu", only=["s99"])
 

@@ -10,6 +10,7 @@ Batches, augmentation and normalisation, the same for both kinds, are training/b
 
 from __future__ import annotations
 
+import functools
 import gzip
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +92,16 @@ class DataBundle:
 
 
 def _read_idx(path: Path) -> np.ndarray:
+    """The array in an IDX file, a fresh writable copy each call (torch wants writable memory and callers may
+    change it); the decoded file is kept while its size and modification time stay the same, so a sweep that
+    loads the dataset once per variant inflates the gzip once."""
+    st = path.stat()
+    return _read_idx_cached(str(path), st.st_size, st.st_mtime_ns).copy()
+
+
+@functools.lru_cache(maxsize=8)
+def _read_idx_cached(name: str, size: int, mtime_ns: int) -> np.ndarray:
+    path = Path(name)
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
         raw = f.read()
@@ -98,7 +109,7 @@ def _read_idx(path: Path) -> np.ndarray:
         raise DatasetError(f"{path} is not an unsigned-byte IDX file")
     ndim = raw[3]
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).copy()  # writable, as torch wants
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):
         raise DatasetError(f"{path} is truncated: header says {dims}, found {data.size} bytes")
     return data.reshape(dims)

@@ -98,13 +98,14 @@ def device_train(plan: Plan, out: str | Path, *, tiny: bool = False, device: str
     for candidate in plan.teacher_candidates:
         recipe(candidate)
     progress = _read_progress(out)
+    predictions: dict = {}  # logits of stages already evaluated by an earlier step (Trainer.evaluate)
     for step in STEPS:
         if step not in steps:
             continue
         started = time.time()
         log(f"[device-train] step {step}")
         if step == "teacher":
-            progress["teacher"] = _teachers(plan, out, recipe, device, after_epoch)
+            progress["teacher"] = _teachers(plan, out, recipe, device, after_epoch, predictions)
         else:
             chosen = progress.get("teacher")
             if chosen is None:
@@ -112,7 +113,7 @@ def device_train(plan: Plan, out: str | Path, *, tiny: bool = False, device: str
             candidate = next(c for c in plan.teacher_candidates if c["label"] == chosen["chosen"])
             checkpoint = str((out / f"teacher-{candidate['label']}" / "checkpoints" / "teacher.pt").resolve())
             report = Trainer(recipe(candidate, {"teacher.checkpoint": checkpoint}), out / "main", resume=True,
-                             device=device, on_checkpoint=after_epoch).run(
+                             device=device, on_checkpoint=after_epoch, predictions=predictions).run(
                 until="cascade" if step == "cascade" else "all")
             progress[step] = _summary(report)
         progress[step]["seconds"] = round(time.time() - started, 1)
@@ -122,11 +123,11 @@ def device_train(plan: Plan, out: str | Path, *, tiny: bool = False, device: str
     return progress
 
 
-def _teachers(plan: Plan, out: Path, recipe, device: str, after_epoch) -> dict:
+def _teachers(plan: Plan, out: Path, recipe, device: str, after_epoch, predictions: dict) -> dict:
     tried = []
     for candidate in plan.teacher_candidates:
         report = Trainer(recipe(candidate), out / f"teacher-{candidate['label']}", resume=True,
-                         device=device, on_checkpoint=after_epoch).run(until="teacher")
+                         device=device, on_checkpoint=after_epoch, predictions=predictions).run(until="teacher")
         t = report["models"]["teacher"]
         tried.append({"label": candidate["label"], "tag": t["tag"], "params": t["params"], "flops": t["flops"],
                       "val_accuracy": t["val_accuracy"], "test_accuracy": t["test_accuracy"]})

@@ -116,13 +116,16 @@ def _seed(recipe: Recipe, name: str, offset: int = 0) -> int:
 
 class Trainer:
     def __init__(self, recipe: Recipe, out: Path, *, resume: bool = False, device: str = "auto",
-                 on_checkpoint: Callable[[], None] | None = None):
+                 on_checkpoint: Callable[[], None] | None = None, predictions: dict | None = None):
         """on_checkpoint: called after every partial checkpoint is written (each epoch of each stage), e.g. to
-        copy the run somewhere that outlives the machine."""
+        copy the run somewhere that outlives the machine. predictions: logits already computed in this process,
+        by stage fingerprint and evaluation split (a sweep passes one dict to all its variants, which share the
+        teacher, the student and the baselines); this trainer adds its own."""
         self.recipe = recipe
         self.run_dir = RunDir(out)
         self.resume = resume
         self.on_checkpoint = on_checkpoint
+        self.predictions = {} if predictions is None else predictions
         self.device = pick_device(device)
         self._check_run_dir()
 
@@ -372,7 +375,7 @@ class Trainer:
             stages += [self.kd_model(f"kd-{e.spec.tag}", "kd_baseline", e.spec, bcfg, r.baselines.kd_alpha,
                                      r.baselines.kd_temperature, fps[f"kd-{e.spec.tag}"], stages[0], data, normalizer)
                        for e in self._grid_entries()]
-        logits = self.evaluate(stages, data, normalizer)
+        logits = self.evaluate(stages, data, normalizer, fps)
         shape = (data.channels, data.height, data.width)
         flops = {s.name: count_flops(s.model, s.input_shape(shape)) for s in stages}  # a stage's own layers
         report = analyse(r, data, stages, logits, flops, {s.name: count_params(s.model) for s in stages},
@@ -383,14 +386,28 @@ class Trainer:
             plot_pareto(report, self.run_dir.path / "pareto.png")
         return report
 
-    def evaluate(self, stages: list[Stage], data: DataBundle, normalizer: Normalizer) -> dict[str, np.ndarray]:
-        """Logits of every model on validation and test, saved to RUN_DIR/logits.npz for export and re-analysis."""
+    def evaluate(self, stages: list[Stage], data: DataBundle, normalizer: Normalizer,
+                 fps: dict[str, str] | None = None) -> dict[str, np.ndarray]:
+        """Logits of every model on validation and test, saved to RUN_DIR/logits.npz for export and re-analysis.
+        A stage whose fingerprint (fps) was evaluated on the same images, normalisation, batch size and device
+        before in this process is not run again (self.predictions)."""
         bs = self.recipe.train.eval_batch_size
         arrays = {"val/labels": data.val.labels.cpu().numpy(), "test/labels": data.test.labels.cpu().numpy()}
         for stage in stages:
             for split_name, split in (("val", data.val), ("test", data.test)):
-                arrays[f"{split_name}/{stage.name}"] = loop.predict(
-                    stage.on_images(), split, normalizer=normalizer, device=self.device, batch_size=bs).numpy()
+                key = None
+                if fps is not None and stage.name in fps:
+                    ids = hashlib.sha256(np.ascontiguousarray(split.ids, dtype=np.int64).tobytes()).hexdigest()
+                    key = (fps[stage.name], data.name, split_name, ids, tuple(data.mean), tuple(data.std), bs,
+                           str(self.device))
+                if key is None or key not in self.predictions:
+                    out = loop.predict(stage.on_images(), split, normalizer=normalizer, device=self.device,
+                                       batch_size=bs).numpy()
+                    if key is None:
+                        arrays[f"{split_name}/{stage.name}"] = out
+                        continue
+                    self.predictions[key] = out
+                arrays[f"{split_name}/{stage.name}"] = self.predictions[key]
         self.run_dir.write_logits(arrays)
         return arrays
 

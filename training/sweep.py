@@ -89,6 +89,7 @@ def run_sweep(sweep_file: str, out: str, *, tiny: bool = False, device: str = "a
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     trained: dict[tuple[str, str], Path] = {}
+    predictions: dict = {}  # logits of the shared stages, computed once (Trainer.evaluate)
     rows, reports = [], {}
     plan = variants(spec, tiny)
     # Validate every variant before the first one trains: a typo in the last one should not cost an hour.
@@ -103,7 +104,7 @@ def run_sweep(sweep_file: str, out: str, *, tiny: bool = False, device: str = "a
                           f"{', '.join(sorted(labels))})")
     for i, (label, recipe, own) in enumerate(recipes):
         print(f"[sweep] {i + 1}/{len(recipes)} {label}", file=sys.stderr, flush=True)
-        trainer = Trainer(recipe, out_dir / label, resume=True, device=device)
+        trainer = Trainer(recipe, out_dir / label, resume=True, device=device, predictions=predictions)
         fps = trainer.fingerprints()
         for name, fp in fps.items():
             dst = trainer.run_dir.checkpoint_path(name)
