@@ -87,3 +87,14 @@ def test_cli_reports_recipe_and_data_errors_without_a_traceback(tmp_path):
     out = run("--recipe", "fashion-mnist-cpu", "--out", str(tmp_path / "run"), "--set", "res_students.2.epochs=1")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "res_students is a list of 2 entries; '2' is not an index into it" in out.stderr
+
+
+def test_a_star_override_sets_every_entry_of_a_list_and_none_of_an_empty_one():
+    from reskd.training.recipe import set_dotted
+
+    data = {"res_students": [{"epochs": 6}, {"epochs": 15, "lr": 0.1}], "empty": []}
+    set_dotted(data, "res_students.*.epochs", 1)
+    set_dotted(data, "empty.*.epochs", 1)
+    assert data == {"res_students": [{"epochs": 1}, {"epochs": 1, "lr": 0.1}], "empty": []}
+    with pytest.raises(RecipeError, match=r"res_students is a list of 2 entries; 'x' is not an index into it"):
+        set_dotted(data, "res_students.x.epochs", 1)

@@ -209,21 +209,29 @@ def load_recipe(name_or_path: str, overrides: dict | None = None) -> Recipe:
 
 
 def set_dotted(data: dict, dotted: str, value) -> None:
-    """Set `a.b.0.c` in nested dicts/lists (used by --set and the sweep)."""
+    """Set `a.b.0.c` in nested dicts/lists (used by --set and the sweep); `*` in place of an index sets it in
+    every entry of that list (none when it is empty), e.g. `res_students.*.epochs`."""
     keys = dotted.split(".")
-    node = data
-    for depth, key in enumerate(keys):
-        last = depth == len(keys) - 1
+
+    def walk(node, depth: int) -> None:
+        key, last = keys[depth], depth == len(keys) - 1
         if isinstance(node, list):
-            if not key.isdigit() or int(key) >= len(node):
+            if key == "*":
+                indices = range(len(node))
+            elif key.isdigit() and int(key) < len(node):
+                indices = [int(key)]
+            else:
                 where = ".".join(keys[:depth]) or "(top level)"
                 raise RecipeError(f"override {dotted}: {where} is a list of {len(node)} entries; "
-                                  f"{key!r} is not an index into it")
-            if last:
-                node[int(key)] = value
-            else:
-                node = node[int(key)]
+                                  f"{key!r} is not an index into it (nor *)")
+            for i in indices:
+                if last:
+                    node[i] = value
+                else:
+                    walk(node[i], depth + 1)
         elif last:
             node[key] = value
         else:
-            node = node.setdefault(key, {})
+            walk(node.setdefault(key, {}), depth + 1)
+
+    walk(data, 0)
