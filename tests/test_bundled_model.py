@@ -79,8 +79,12 @@ def runtime_answers(real_test_set):
 @pytest.mark.parametrize("name, version", VERSIONS)
 def test_bundled_metrics_hold_on_the_real_test_set(name, version, real_test_set, runtime_answers):
     rt, result = runtime_answers[name, version]
-    check_claims(rt.manifest, real_test_set.labels, result.class_id, result.exit_stage, result.flops,
-                 rt.all_stage_logits(real_test_set.images))
+    # one stage: its logits are the answers already checked (a second pass over the test set would add nothing)
+    every = rt.all_stage_logits(real_test_set.images) if len(rt.manifest.stages) > 1 else None
+    check_claims(rt.manifest, real_test_set.labels, result.class_id, result.exit_stage, result.flops, every)
+    if every is None:
+        assert 100 * (result.class_id == real_test_set.labels).mean() == pytest.approx(
+            100 * rt.manifest.metrics.stage_accuracy[0], abs=0.05)
 
 
 @pytest.mark.real_data
