@@ -15,14 +15,23 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-setup-serve: $(BIN)/python
+# Each install runs again only when pyproject.toml changes (the package is installed editable: code changes need
+# no reinstall); the stamps live in the venv, so a new venv installs afresh.
+setup-serve: $(VENV)/.installed-serve
+setup-train: $(VENV)/.installed-train
+setup-test: $(VENV)/.installed-test
+
+$(VENV)/.installed-serve: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[serve]'
+	touch $@
 
-setup-train: $(BIN)/python
+$(VENV)/.installed-train: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[train]'
+	touch $@
 
-setup-test: $(BIN)/python
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[train,dev]'
+	touch $@
 
 # Real Fashion-MNIST (the official 60k/10k IDX files) and Prometheus (the tests scrape the server with it), from
 # Debian's packages.

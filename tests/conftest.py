@@ -25,6 +25,12 @@ def pytest_configure(config):
 
 
 @pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Every collected test with its markers, before `-m` deselects any (tests/test_lanes.py reads it)."""
+    lanes.collected = {item.nodeid: {m.name for m in item.iter_markers()} for item in items}
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
     """The item being set up and run, for tests/lanes.py's check (fixtures start servers during setup)."""
     lanes.current = item

@@ -15,6 +15,7 @@ LANES = {
 FAST = "not (" + " or ".join(LANES) + ")"
 
 current = None  # the pytest item being set up or run (tests/conftest.py keeps it)
+collected: dict[str, set[str]] = {}  # every test this session collected -> its markers (tests/conftest.py)
 
 
 class LaneError(AssertionError):

@@ -73,20 +73,27 @@ def test_unknown_recipe_and_bad_toml(tmp_path):
         load_recipe(str(bad))
 
 
-def test_cli_reports_recipe_and_data_errors_without_a_traceback(tmp_path):
-    def run(*args):
-        return subprocess.run([sys.executable, "-m", "reskd.cli", "train", *args], capture_output=True, text=True)
+def test_cli_reports_recipe_and_data_errors_without_a_traceback(tmp_path, capsys):
+    from reskd.cli import main
 
-    out = run("--recipe", "fashion-mnist-cpu", "--out", str(tmp_path / "run"), "--set", "train.epochs=0")
+    # the real command line once, in a process of its own...
+    out = subprocess.run([sys.executable, "-m", "reskd.cli", "train", "--recipe", "fashion-mnist-cpu", "--out",
+                          str(tmp_path / "run"), "--set", "train.epochs=0"], capture_output=True, text=True)
     assert out.returncode == 2
     assert "train.epochs: Input should be greater than or equal to 1" in out.stderr
     assert "Traceback" not in out.stderr
-    out = run("--recipe", "fashion-mnist-cpu", "--out", str(tmp_path / "run"), "--set", f"data.root=\"{tmp_path}\"")
-    assert out.returncode == 2
-    assert "Fashion-MNIST IDX files not found" in out.stderr and "Traceback" not in out.stderr
-    out = run("--recipe", "fashion-mnist-cpu", "--out", str(tmp_path / "run"), "--set", "res_students.2.epochs=1")
-    assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert "res_students is a list of 2 entries; '2' is not an index into it" in out.stderr
+
+    def run(*args) -> tuple[int, str]:  # ...and the same entry point in this one (each fresh process costs torch)
+        code = main(["train", *args])
+        return code, capsys.readouterr().err
+
+    code, err = run("--recipe", "fashion-mnist-cpu", "--out", str(tmp_path / "run"), "--set",
+                    f"data.root=\"{tmp_path}\"")
+    assert code == 2
+    assert "Fashion-MNIST IDX files not found" in err and "Traceback" not in err
+    code, err = run("--recipe", "fashion-mnist-cpu", "--out", str(tmp_path / "run"), "--set", "res_students.2.epochs=1")
+    assert code == 2 and "Traceback" not in err
+    assert "res_students is a list of 2 entries; '2' is not an index into it" in err
 
 
 def test_a_star_override_sets_every_entry_of_a_list_and_none_of_an_empty_one():

@@ -433,7 +433,7 @@ def test_overload_at_twice_capacity_answers_every_request_once_and_memory_stays_
     latency figures are the benchmark's to report; here, that nothing is lost, doubled, or answered wrongly."""
     out = tmp_path / "overload.json"
     run = subprocess.run([sys.executable, str(ROOT / "bench" / "overload.py"), "--images", "64", "--unloaded", "2",
-                          "--capacity", "4", "--duration", "12", "--json", str(out)],
+                          "--capacity", "4", "--duration", "8", "--json", str(out)],
                          capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, run.stderr[-3000:]
     r = json.loads(out.read_text())
