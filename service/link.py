@@ -31,9 +31,18 @@ class WorkerLink:
     generation: Any  # multiprocessing.Value: the model change every worker applies before routing a request
     unloaded: set[str] = field(default_factory=set)
     restarted: bool = False  # warm up before taking connections: the other workers answer meanwhile
+    warm: Any = None  # multiprocessing.Array: one flag per worker, set once its models are warm (None: no flags)
     _send_lock: threading.Lock = field(default_factory=threading.Lock)
     _ids: Any = field(default_factory=itertools.count)
     _waiting: dict[int, asyncio.Future] = field(default_factory=dict)
+
+    def mark_warm(self) -> None:
+        if self.warm is not None:
+            self.warm[self.index] = 1
+
+    def cold_workers(self) -> list[int]:
+        """The workers whose first warm-up has not finished."""
+        return [] if self.warm is None else [i for i, flag in enumerate(self.warm) if not flag]
 
     def send(self, message: tuple) -> None:
         with self._send_lock:

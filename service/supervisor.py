@@ -63,7 +63,7 @@ def worker_count(settings: ServeSettings, cuda: bool) -> int:
 
 
 def worker_main(settings: ServeSettings, index: int, sock: socket.socket, conn, generation, cores: int,
-                gpu: str | None, unloaded: set[str], restarted: bool) -> None:
+                gpu: str | None, unloaded: set[str], restarted: bool, warm=None) -> None:
     """A worker process: open every version, report, wait for the go, then serve on the shared socket."""
     os.setpgrp()  # Ctrl-C reaches the supervisor only, which passes it on once
     if gpu is not None:
@@ -72,7 +72,7 @@ def worker_main(settings: ServeSettings, index: int, sock: socket.socket, conn, 
     logging.config.dictConfig(config)
     from .server import run_worker  # imports onnxruntime
 
-    link = WorkerLink(index, conn, generation, set(unloaded), restarted)
+    link = WorkerLink(index, conn, generation, set(unloaded), restarted, warm)
     sys.exit(run_worker(settings, link, sock, cores, config))
 
 
@@ -114,6 +114,9 @@ class Supervisor:
         self.cores = max(1, available_cores() // count)
         self.ctx = multiprocessing.get_context("spawn")
         self.generation = self.ctx.Value("Q", 0, lock=False)
+        # One flag per worker, set once its models are warm: readiness waits for every worker's first warm-up, so
+        # a probe answered by a warm worker does not send traffic to one still warming on the shared port.
+        self.warm = self.ctx.Array("b", count, lock=False)
         self.workers: dict[int, Worker] = {}
         self.unloaded: set[str] = set()
         self.backlog: list[tuple[Worker, tuple]] = []
@@ -154,7 +157,7 @@ class Supervisor:
         gpu = self.gpus[index % len(self.gpus)] if self.gpus else None
         process = self.ctx.Process(target=worker_main, name=f"reskd-worker-{index}", daemon=False,
                                    args=(self.settings, index, self.sock, child, self.generation, self.cores, gpu,
-                                         set(self.unloaded), restarted))
+                                         set(self.unloaded), restarted, self.warm))
         process.start()
         child.close()
         self.workers[index] = Worker(index, process, parent, time.monotonic())

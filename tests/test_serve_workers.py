@@ -72,9 +72,38 @@ def test_two_workers_answer_alike_and_any_workers_metrics_show_the_whole_server(
             assert metric(samples, "reskd_calibrated_compute_fraction", model=NAME) > 0
 
 
+def test_readiness_waits_for_every_worker_while_a_warm_one_already_answers(tmp_path):
+    """The rule the readiness probe follows in a worker of several: its own models warm is not enough, every
+    worker's first warm-up must be done (the probe reaches any worker on the shared port)."""
+    import multiprocessing
+
+    from reskd.service.link import WorkerLink
+    from reskd.service.serving.errors import ServingError
+    from reskd.service.serving.models import ServingDevice
+    from reskd.service.serving.state import ServerState
+    from reskd.service.settings import ServeSettings
+
+    ctx = multiprocessing.get_context("spawn")
+    warm = ctx.Array("b", 2, lock=False)
+    ours, _theirs = ctx.Pipe()
+    link = WorkerLink(0, ours, ctx.Value("Q", 0, lock=False), set(), False, warm)
+    settings = ServeSettings(device="cpu", repo=str(tmp_path))
+    state = ServerState(settings, ServingDevice.resolve(settings), link)
+    state.ready = True  # what state.start() sets once this worker's models are warm...
+    link.mark_warm()  # ...and then this
+    assert link.cold_workers() == [1]
+    state.require_ready()  # requests that reach this worker are answered
+    with pytest.raises(ServingError) as refused:
+        state.require_ready(readiness=True)
+    assert refused.value.status == 503 and "worker 1 of this server is still warming up" in str(refused.value)
+    warm[1] = 1  # worker 1's state.start() finished
+    state.require_ready(readiness=True)
+
+
 def test_a_killed_worker_is_replaced_while_the_other_answers_and_its_counts_are_kept():
     with ServerProcess(workers=2) as s:
-        assert all(r.status_code == 200 for r in classify_each_on_a_new_connection(s.url, 20))
+        first = classify_each_on_a_new_connection(s.url, 20)
+        assert all(r.status_code == 200 for r in first), [(r.status_code, r.text[:200]) for r in first]
         pids = worker_pids(s)
         os.kill(pids[0], signal.SIGKILL)
         # While worker 0 is gone and then starting again, worker 1 answers every request (a restarted worker

@@ -175,6 +175,12 @@ class Coordinator(Protocol):
 
     async def request(self, kind: str, name: str) -> Any: ...
 
+    def mark_warm(self) -> None:
+        """This worker's models are warm (its first warm-up is done)."""
+
+    def cold_workers(self) -> list[int]:
+        """The workers of this server whose first warm-up has not finished."""
+
 
 class ModelControl:
     def __init__(self, settings: ServeSettings, store: ModelStore, metrics: Metrics, inference: Executor,

@@ -28,6 +28,7 @@ class ServerState:
         # threads (on CPU by default one batch using every core). Decoding has its own small pool.
         self.inference = ThreadPoolExecutor(serving.workers, thread_name_prefix="reskd-infer")
         self.decoding = DecodePool(settings.decode_workers)
+        self.worker = worker
         self.store = ModelStore(settings, self.metrics, self.inference, serving)
         if worker is None:
             self.control = ModelControl(settings, self.store, self.metrics, self.inference)
@@ -52,6 +53,8 @@ class ServerState:
                 self.control.open_all()
             await self.control.start()
             self.ready = True
+            if self.worker is not None:
+                self.worker.mark_warm()
             self.metrics.ready.set(1)
             log.info("ready: %s", ", ".join(f"{m.name}/{m.version}" for m in self.store.all()) or "no model yet")
         except Exception:
@@ -81,6 +84,10 @@ class ServerState:
         if not self.ready:
             why = "loading the models failed (see the server log)" if self.failed else "models are still loading"
             raise unavailable(f"not ready: {why}", self.settings.retry_after_s)
+        cold = self.worker.cold_workers() if readiness and self.worker is not None else []
+        if cold:  # this worker is warm, another on the same port is not: no traffic to the server yet
+            raise unavailable(f"not ready: worker {', '.join(map(str, cold))} of this server is still warming up",
+                              self.settings.retry_after_s)
 
     def model(self, name: str, version: str | None = None) -> ServedModel:
         """The version a request goes to (the highest when none is named), once ready and after any model change
