@@ -8,7 +8,15 @@ from conftest import tiny_recipe_dict
 from reskd.training.recipe import RECIPE_DIR, RecipeError, load_recipe, parse_recipe
 
 
-@pytest.mark.parametrize("name", ["fashion-mnist", "fashion-mnist-cpu", "cifar10", "cifar100", "tiny-imagenet"])
+BUNDLED = sorted(p.stem for p in RECIPE_DIR.glob("*.toml"))  # every recipe file: none can be left out
+
+
+def test_the_bundled_recipes_are_all_checked():
+    assert {"fashion-mnist", "fashion-mnist-cpu", "fashion-mnist-reference", "cifar10", "cifar100",
+            "tiny-imagenet"} <= set(BUNDLED)
+
+
+@pytest.mark.parametrize("name", BUNDLED)
 def test_bundled_recipes_parse(name):
     recipe = load_recipe(name)
     assert recipe.name == name
