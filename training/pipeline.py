@@ -387,26 +387,18 @@ class Trainer:
         return report
 
     def evaluate(self, stages: list[Stage], data: DataBundle, normalizer: Normalizer,
-                 fps: dict[str, str] | None = None) -> dict[str, np.ndarray]:
+                 fps: dict[str, str]) -> dict[str, np.ndarray]:
         """Logits of every model on validation and test, saved to RUN_DIR/logits.npz for export and re-analysis.
-        A stage whose fingerprint (fps) was evaluated on the same images, normalisation, batch size and device
-        before in this process is not run again (self.predictions)."""
+        A stage evaluated before in this process (self.predictions) is not run again: its fingerprint (fps) covers
+        the recipe's data settings, so the same fingerprint, split, batch size and device give the same logits."""
         bs = self.recipe.train.eval_batch_size
         arrays = {"val/labels": data.val.labels.cpu().numpy(), "test/labels": data.test.labels.cpu().numpy()}
         for stage in stages:
             for split_name, split in (("val", data.val), ("test", data.test)):
-                key = None
-                if fps is not None and stage.name in fps:
-                    ids = hashlib.sha256(np.ascontiguousarray(split.ids, dtype=np.int64).tobytes()).hexdigest()
-                    key = (fps[stage.name], data.name, split_name, ids, tuple(data.mean), tuple(data.std), bs,
-                           str(self.device))
-                if key is None or key not in self.predictions:
-                    out = loop.predict(stage.on_images(), split, normalizer=normalizer, device=self.device,
-                                       batch_size=bs).numpy()
-                    if key is None:
-                        arrays[f"{split_name}/{stage.name}"] = out
-                        continue
-                    self.predictions[key] = out
+                key = (fps[stage.name], split_name, bs, str(self.device))
+                if key not in self.predictions:
+                    self.predictions[key] = loop.predict(stage.on_images(), split, normalizer=normalizer,
+                                                         device=self.device, batch_size=bs).numpy()
                 arrays[f"{split_name}/{stage.name}"] = self.predictions[key]
         self.run_dir.write_logits(arrays)
         return arrays
