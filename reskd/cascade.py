@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -26,6 +27,10 @@ class CascadeInputError(ValueError):
     """Images or exit settings a cascade cannot run as given; the message says what to fix (HTTP 422)."""
 
 
+EXIT_REASONS = ("confident", "final", "max_stage", "load", "deadline")
+CONFIDENT, FINAL, MAX_STAGE, LOAD, DEADLINE = range(len(EXIT_REASONS))
+
+
 @dataclass
 class CascadeResult:
     logits: np.ndarray  # float32 [N, classes]: running logits at the exit stage (summed in float64)
@@ -33,6 +38,17 @@ class CascadeResult:
     confidence: np.ndarray  # float64 [N], the manifest's exit measure at the exit stage
     exit_stage: np.ndarray  # int32 [N]
     flops: np.ndarray  # int64 [N]: sum of the FLOPs of the stages each sample ran
+    exit_reason: np.ndarray | None = None  # int8 [N]: an index into EXIT_REASONS (None: not recorded)
+    # The operating point the samples ran at (a server's answer): its id (None when the exit settings were the
+    # client's own threshold or max_stage) and what validation measured for it (the server's record, or None)
+    point: str | None = None
+    point_figures: Any = None
+
+    def reasons(self) -> list[str]:
+        """Each sample's exit reason by name."""
+        if self.exit_reason is None:
+            return []
+        return [EXIT_REASONS[r] for r in self.exit_reason.tolist()]
 
     def __len__(self) -> int:
         return len(self.class_id)
@@ -108,15 +124,24 @@ def cascade_step(rule: ExitRule, stage: int, running: np.ndarray, logits: np.nda
 
 
 class CascadeSamples:
-    """N samples on their way through a cascade: their exit settings and their state so far."""
+    """N samples on their way through a cascade: their exit settings and their state so far. reference: the
+    thresholds and last stage each sample was asked for, when the server runs it at cheaper ones (exit reasons)."""
 
-    def __init__(self, thresholds: np.ndarray, last: np.ndarray, classes: int):
+    def __init__(self, thresholds: np.ndarray, last: np.ndarray, classes: int,
+                 reference: tuple[np.ndarray, np.ndarray] | None = None):
         n = len(last)
         self.thresholds = thresholds  # [n, stages - 1] float64
         self.last = last  # [n] int32
+        self.reference = reference or (thresholds, last)
         self.running = np.zeros((n, classes), np.float64)
         self.confidence = np.zeros(n, np.float64)
         self.exit_stage = last.copy()
+        self.exit_reason = np.full(n, FINAL, np.int8)
+
+    def settle(self, rows: np.ndarray, stage: int, reason: int) -> None:
+        """Rows answered now from the running logits they have after `stage` (a deadline)."""
+        self.exit_stage[rows] = stage
+        self.exit_reason[rows] = reason
 
     def __len__(self) -> int:
         return len(self.last)
@@ -124,7 +149,8 @@ class CascadeSamples:
     def result(self, cum_flops: np.ndarray) -> CascadeResult:
         """Valid once every sample has left."""
         return CascadeResult(self.running.astype(np.float32), self.running.argmax(-1).astype(np.int64),
-                             self.confidence, self.exit_stage, cum_flops[self.exit_stage].astype(np.int64))
+                             self.confidence, self.exit_stage, cum_flops[self.exit_stage].astype(np.int64),
+                             self.exit_reason)
 
 
 Part = tuple[CascadeSamples, np.ndarray]  # some samples (row indices) of one CascadeSamples
@@ -150,6 +176,23 @@ def advance(rule: ExitRule, stage: int, parts: Sequence[Part], logits: np.ndarra
         samples.running[rows] = out.running[part]
         samples.confidence[rows] = out.confidence[part]
         leave = out.leave[part]
-        samples.exit_stage[rows[leave]] = stage
+        left = rows[leave]
+        samples.exit_stage[left] = stage
+        samples.exit_reason[left] = exit_reasons(rule, stage, out.confidence[part][leave],
+                                                 samples.reference[0][left], samples.reference[1][left])
         masks.append(leave)
     return masks
+
+
+def exit_reasons(rule: ExitRule, stage: int, conf: np.ndarray, thresholds: np.ndarray,
+                 last: np.ndarray) -> np.ndarray:
+    """Why samples that left after `stage` left, judged against the policy they were asked for (thresholds
+    [n, stages - 1] and last stage [n]): the final stage; confident enough for that policy; its last stage; else the
+    server's cheaper point let it leave (load)."""
+    reason = np.full(len(conf), LOAD, np.int8)
+    if stage == rule.num_stages - 1:
+        reason[:] = FINAL
+        return reason
+    reason[last == stage] = MAX_STAGE
+    reason[conf >= thresholds[:, stage]] = CONFIDENT
+    return reason

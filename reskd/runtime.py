@@ -171,16 +171,23 @@ class CascadeRuntime:
         return last
 
     def samples(self, n: int, threshold: float | None | Sequence[float | None] = None,
-                max_stage: int | None | Sequence[int | None] = None, point: str | None = None) -> CascadeSamples:
+                max_stage: int | None | Sequence[int | None] = None, point: str | None = None, *,
+                serve_at: str | None = None) -> CascadeSamples:
         """n samples' exit settings, checked. point: the id of one of the manifest's operating points, whose
         thresholds and last stage replace the calibrated ones; then threshold replaces every threshold and max_stage
         the last stage; each given once or per sample (a sequence of n values, None keeping what the point or the
-        manifest says)."""
+        manifest says). serve_at: the id of a (cheaper) operating point the samples run at instead of what was
+        asked for, which stays their reference for exit reasons (the server degrading under load)."""
         thresholds, last_stage = self.point_settings(point) if point is not None else (None, None)
         rows = _each(threshold, n, lambda t: self.thresholds_for(t, thresholds), "thresholds")
         last = _each(max_stage, n, lambda m: self.check_max_stage(m, last_stage), "max_stage values")
         table = np.asarray(rows, dtype=np.float64).reshape(n, self.num_stages - 1)
-        return CascadeSamples(table, np.asarray(last, dtype=np.int32).reshape(n), self.num_classes)
+        last = np.asarray(last, dtype=np.int32).reshape(n)
+        if serve_at is None:
+            return CascadeSamples(table, last, self.num_classes)
+        at_thresholds, at_last = self.point_settings(serve_at)
+        return CascadeSamples(np.tile(np.asarray(at_thresholds, np.float64), (n, 1)).reshape(n, self.num_stages - 1),
+                              np.full(n, at_last, np.int32), self.num_classes, reference=(table, last))
 
     def point_settings(self, point: str) -> tuple[list[float], int]:
         """(thresholds, last stage) of one of the manifest's operating points. "default" always exists: the
