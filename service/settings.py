@@ -49,6 +49,16 @@ class ServeSettings(BaseSettings):
     max_queue_wait_ms: float = Field(250.0, ge=0)
     max_queue_images: int = Field(1024, gt=0)
     retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 503")
+    # Degrade, don't refuse (service/serving/degrade.py): under load a version with stored operating points runs
+    # the requests that leave their exit settings to the server at a cheaper point, down to degrade_max_drop_pt
+    # below its default point's validation accuracy, before admission refuses any. The controller moves down once
+    # the expected queue wait passes half of latency_slo_ms and back up after the load has stayed low for
+    # degrade_hold_s. latency_slo_ms (unset: max_queue_wait_ms, or 250 when that is off) must not exceed
+    # max_queue_wait_ms: the server degrades before it sheds. degrade=false: shed-only, as before.
+    degrade: bool = True
+    latency_slo_ms: float | None = Field(None, gt=0)
+    degrade_hold_s: float = Field(5.0, gt=0)
+    degrade_max_drop_pt: float = Field(1.0, ge=0, le=100)
 
     # One thread budget: `inference_threads` stage batches run at once (the pipeline depth), each with
     # `intra_op_threads` onnxruntime threads. 0 = auto: two batches at once (one on a single core), each with half
@@ -114,6 +124,18 @@ class ServeSettings(BaseSettings):
             raise ValueError(f"RESKD_MAX_INFLIGHT_BODY_BYTES ({self.max_inflight_body_bytes:,}) must be at least "
                              f"RESKD_MAX_BODY_BYTES ({self.max_body_bytes:,}): a body under the limit could never be "
                              f"read")
+        return self
+
+    @model_validator(mode="after")
+    def _degrade_before_shedding(self):
+        if self.latency_slo_ms is None:
+            self.latency_slo_ms = self.max_queue_wait_ms or 250.0
+        elif self.max_queue_wait_ms and self.latency_slo_ms > self.max_queue_wait_ms:
+            raise ValueError(f"RESKD_LATENCY_SLO_MS ({self.latency_slo_ms:g}) must not exceed "
+                             f"RESKD_MAX_QUEUE_WAIT_MS ({self.max_queue_wait_ms:g}): the server degrades when the "
+                             f"expected wait passes half the objective and sheds at the wait limit, so a limit "
+                             f"below the objective would refuse requests it could still answer at a cheaper point; "
+                             f"raise RESKD_MAX_QUEUE_WAIT_MS or lower the objective")
         return self
 
     @field_validator("port", mode="before")

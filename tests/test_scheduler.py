@@ -151,7 +151,8 @@ def same_result(got, want):
 
 
 def concat(results):
-    return CascadeResult(*(np.concatenate([getattr(r, f.name) for r in results]) for f in fields(CascadeResult)))
+    arrays = [f.name for f in fields(CascadeResult) if isinstance(getattr(results[0], f.name), np.ndarray)]
+    return CascadeResult(**{name: np.concatenate([getattr(r, name) for r in results]) for name in arrays})
 
 
 def test_back_pressure_refuses_at_admission(rt):

@@ -141,7 +141,18 @@ def parse_v2(r) -> dict[str, np.ndarray]:
     dtypes = {"FP32": np.float32, "INT64": np.int64, "INT32": np.int32}
     out, offset = {}, int(length or 0)
     for o in head["outputs"]:
-        if "data" in o:
+        if o["datatype"] == "BYTES":  # strings: as JSON, or each 4-byte length-prefixed
+            if "data" in o:
+                out[o["name"]] = np.asarray(o["data"], str)
+                continue
+            size, values, i = o["parameters"]["binary_data_size"], [], offset
+            while i < offset + size:
+                (n,) = struct.unpack_from("<I", raw, i)
+                values.append(raw[i + 4:i + 4 + n].decode())
+                i += 4 + n
+            out[o["name"]] = np.asarray(values, str)
+            offset += size
+        elif "data" in o:
             out[o["name"]] = np.asarray(o["data"], dtypes[o["datatype"]]).reshape(o["shape"])
         else:
             size = o["parameters"]["binary_data_size"]
@@ -152,6 +163,8 @@ def parse_v2(r) -> dict[str, np.ndarray]:
 
 
 def assert_v2_matches(out, result):
+    if "exit_reason" in out:
+        assert out["exit_reason"].tolist() == result.reasons()
     np.testing.assert_array_equal(out["class_id"], result.class_id)
     np.testing.assert_array_equal(out["exit_stage"], result.exit_stage)
     np.testing.assert_array_equal(out["flops"], result.flops)
@@ -168,7 +181,7 @@ def test_v2_fp32_json_and_binary(client, runtime, real_files):
     body, headers = v2_binary_body(
         {"id": "42", "inputs": [{**tensor, "parameters": {"binary_data_size": images.nbytes}}],
          "outputs": [{"name": n, "parameters": {"binary_data": True}} for n in ("logits", "class_id", "exit_stage",
-                                                                                "flops")]},
+                                                                                "flops", "exit_reason")]},
         [images.astype("<f4").tobytes()])
     r = client.post("/v2/models/fashion-mnist/versions/1/infer", content=body, headers=headers)
     assert json.loads(r.content[:int(r.headers["inference-header-content-length"])])["id"] == "42"

@@ -65,14 +65,20 @@ class TensorOut(BaseModel):
     shape: list[int]
     parameters: dict[str, Any] = Field({}, json_schema_extra={"properties": {"binary_data_size": {
         "type": "integer", "description": "bytes of this output in the binary data after the JSON header"}}})
-    data: list[int | float] | None = Field(None, description="the elements, flat in row-major order (absent when "
-                                                             "the output is sent as binary data)")
+    data: list[int | float] | list[str] | None = Field(None, description="the elements, flat in row-major order "
+                                                       "(strings for BYTES; absent when the output is sent as binary "
+                                                       "data)")
 
 
 class InferResponse(BaseModel):
     model_name: str
     model_version: str
     id: str | None = Field(None, description="the request's id, when it had one")
+    parameters: dict[str, Any] = Field({}, json_schema_extra={"properties": {
+        "operating_point": {"type": "string", "description": "the operating point the request ran at (custom: its "
+                                                              "own threshold or max_stage)"},
+        "operating_point_accuracy": {"type": "number", "description": "that point's validation accuracy, where "
+                                                                       "the manifest has it"}}})
     outputs: list[TensorOut]
 
 
@@ -279,11 +285,23 @@ def _dtype(t: TensorIn) -> str:
 
 
 def encode_response(head: dict, outputs: list[tuple[str, str, np.ndarray, bool]]) -> tuple[bytes, int | None]:
-    """outputs: (name, datatype, array, binary?). -> (body, JSON header length or None when all JSON)."""
+    """outputs: (name, datatype, array (a list of str for BYTES), binary?). -> (body, JSON header length or None when
+    all JSON)."""
     entries, blobs = [], []
     for name, datatype, arr, binary in outputs:
+        if datatype == "BYTES":  # a list of str: UTF-8 elements, each 4-byte length-prefixed in binary
+            values = [v.encode() if isinstance(v, str) else bytes(v) for v in arr]
+            entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": [len(values)]}
+            if binary:
+                blob = b"".join(struct.pack("<I", len(v)) + v for v in values)
+                entry["parameters"] = {"binary_data_size": len(blob)}
+                blobs.append(blob)
+            else:
+                entry["data"] = [v.decode() for v in values]
+            entries.append(entry)
+            continue
         arr = np.ascontiguousarray(arr, dtype=DTYPES[datatype])
-        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
+        entry = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
         if binary:
             blob = arr.tobytes()
             entry["parameters"] = {"binary_data_size": len(blob)}

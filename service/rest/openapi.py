@@ -31,7 +31,13 @@ _SCHEMAS["InferRequest"]["properties"]["parameters"]["properties"].update({
     "operating_point": {"type": "string", "maxLength": 64, "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]*$",
                         "description": "the id of one of the version's operating points (`default` in every "
                                        "version): its thresholds and last stage for this request, which threshold "
-                                       "and max_stage still override"}})
+                                       "and max_stage still override"},
+    "degrade": {"type": "boolean", "description": "false: under load, run at the point asked for (the default "
+                                                  "one) or get 503, never at a cheaper point the server chose"},
+    "timeout": {"type": "number", "minimum": 0, "description": "Triton's: the request's deadline in microseconds "
+                                                               "after its admission (0: none); images still waiting "
+                                                               "for a later stage then are answered from the stages "
+                                                               "they ran, 504 if some ran none"}})
 _SCHEMAS["TensorIn"]["properties"]["name"]["enum"] = list(INPUTS)
 _SCHEMAS["OutputRequest"]["properties"]["name"]["enum"] = list(OUTPUTS)
 _SCHEMAS["InferRequest"]["examples"] = [{  # one black 28 x 28 PNG; the model resizes any other size

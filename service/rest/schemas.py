@@ -18,15 +18,24 @@ class Prediction(BaseModel):
     confidence: float = Field(description="the model's exit measure (max_prob, margin or entropy) at the exit stage")
     top_k: list[TopClass]
     exit_stage: int = Field(description="the stage that answered (0 = the student)")
+    exit_reason: str = Field(description="why it left there: confident, final (the last stage), max_stage, load (the "
+                                         "server ran the request at a cheaper operating point under load) or "
+                                         "deadline (the request's timeout passed while it waited for a later stage)")
     stages_run: int = Field(description="exit_stage + 1")
     flops: int = Field(description="FLOPs this image used: the sum of the stages it ran (2 x MACs)")
     flops_saved_vs_teacher: int = Field(description="teacher FLOPs - flops (negative if the cascade cost more)")
     flops_saved_vs_cascade: int = Field(description="full-cascade FLOPs - flops")
 
 
+class OperatingPointUsed(BaseModel):
+    id: str = Field(description="the operating point the request ran at (custom: its own threshold or max_stage)")
+    accuracy: float | None = Field(description="that point's accuracy on the validation split (null: not measured)")
+
+
 class ClassifyResponse(BaseModel):
     model: str
     version: int
+    operating_point: OperatingPointUsed
     predictions: list[Prediction]
 
 
@@ -39,4 +48,5 @@ ERROR_RESPONSES = {code: {"model": ErrorBody, "description": text} for code, tex
     404: "unknown model or version", 408: "the request's body did not arrive in time (the connection closes)",
     413: "body, image count or image pixels over the limit",
     415: "unsupported media type or undecodable image", 422: "well-formed but invalid parameters or values",
-    503: "overloaded or not ready; retry after Retry-After seconds"}.items()}
+    503: "overloaded or not ready; retry after Retry-After seconds",
+    504: "the request's deadline (timeout) passed before some of its images ran any stage"}.items()}

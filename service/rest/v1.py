@@ -80,16 +80,21 @@ def response_body(model: ServedModel, result: CascadeResult, top_k: int, filenam
     predictions = [
         {"filename": name, "label": labels[cls], "class_id": cls, "confidence": confidence,
          "top_k": [{"label": labels[j], "class_id": j, "probability": p} for j, p in zip(ids, ps)],
-         "exit_stage": stage, "stages_run": stage + 1, "flops": flops, "flops_saved_vs_teacher": teacher - flops,
-         "flops_saved_vs_cascade": cascade - flops}
-        for name, cls, confidence, (ids, ps), stage, flops in zip(
+         "exit_stage": stage, "exit_reason": reason, "stages_run": stage + 1, "flops": flops,
+         "flops_saved_vs_teacher": teacher - flops, "flops_saved_vs_cascade": cascade - flops}
+        for name, cls, confidence, (ids, ps), stage, reason, flops in zip(
             filenames, result.class_id.tolist(), result.confidence.tolist(), top, result.exit_stage.tolist(),
-            result.flops.tolist())]
-    return orjson.dumps({"model": model.name, "version": model.version, "predictions": predictions})
+            result.reasons(), result.flops.tolist())]
+    figures = result.point_figures
+    point = {"id": result.point or "custom",
+             "accuracy": figures.accuracy if result.point is not None and figures is not None else None}
+    return orjson.dumps({"model": model.name, "version": model.version, "operating_point": point,
+                         "predictions": predictions})
 
 
 async def _classify(request: Request, state: ServerState, name: str, version: str | None, top_k: int,
-                    threshold: float | None, max_stage: int | None, point: str | None) -> Response:
+                    threshold: float | None, max_stage: int | None, point: str | None, degrade: bool,
+                    timeout_ms: float | None) -> Response:
     model = served(request, state, name, version)
     s = state.settings
     with admit(state, model) as admission:
@@ -98,7 +103,8 @@ async def _classify(request: Request, state: ServerState, name: str, version: st
         async def classify() -> CascadeResult:
             images = await decode_batch(state.decoding, blobs, names, model.manifest.input, s.max_pixels,
                                         s.max_request_pixels)
-            return await run_cascade(state, model, admission, images, threshold, max_stage, point)
+            return await run_cascade(state, model, admission, images, threshold, max_stage, point, degrade=degrade,
+                                     timeout_s=timeout_ms / 1000 if timeout_ms else None)
 
         result = await until_disconnected(request, classify())
     return Response(response_body(model, result, top_k, filenames), media_type="application/json")
@@ -112,25 +118,33 @@ Point = Query(None, alias="operating_point", max_length=64, pattern=r"^[A-Za-z0-
               description="the id of one of the version's operating points (its thresholds and last stage, from "
                           "its manifest; GET /v2/models/{name} lists them; `default` in every version) instead "
                           "of the calibrated ones; threshold and max_stage, when given, still override it")
+Degrade = Query(True, description="false: under load, run at the point asked for (the default one) or get 503, "
+                                  "never at a cheaper point the server chose")
+TimeoutMs = Query(None, ge=0, allow_inf_nan=False,
+                  description="the request's deadline in milliseconds after it is admitted (0: none): images still "
+                              "waiting for a later stage then are answered from the stages they ran (exit_reason "
+                              "deadline); 504 if some ran none")
 COMMON = dict(response_model=ClassifyResponse, responses=ERROR_RESPONSES, openapi_extra=_BODY_DOC)
 
 
 @router.post("/v1/models/{name}/classify", **COMMON, summary="Classify images with the highest version")
 async def classify(request: Request, name: str, top_k: int = TopK, threshold: float | None = Threshold,
-                   max_stage: int | None = MaxStage, point: str | None = Point,
-                   state: ServerState = Depends(get_state)):
-    return await _classify(request, state, name, None, top_k, threshold, max_stage, point)
+                   max_stage: int | None = MaxStage, point: str | None = Point, degrade: bool = Degrade,
+                   timeout_ms: float | None = TimeoutMs, state: ServerState = Depends(get_state)):
+    return await _classify(request, state, name, None, top_k, threshold, max_stage, point, degrade, timeout_ms)
 
 
 @router.post("/v1/models/{name}/versions/{version}/classify", **COMMON, summary="Classify images with one version")
 async def classify_version(request: Request, name: str, version: str, top_k: int = TopK,
                            threshold: float | None = Threshold, max_stage: int | None = MaxStage,
-                           point: str | None = Point, state: ServerState = Depends(get_state)):
-    return await _classify(request, state, name, version, top_k, threshold, max_stage, point)
+                           point: str | None = Point, degrade: bool = Degrade, timeout_ms: float | None = TimeoutMs,
+                           state: ServerState = Depends(get_state)):
+    return await _classify(request, state, name, version, top_k, threshold, max_stage, point, degrade, timeout_ms)
 
 
 @router.post("/v1/classify", **COMMON, summary="Classify images with the default model (RESKD_DEFAULT_MODEL)")
 async def classify_default(request: Request, top_k: int = TopK, threshold: float | None = Threshold,
-                           max_stage: int | None = MaxStage, point: str | None = Point,
-                           state: ServerState = Depends(get_state)):
-    return await _classify(request, state, state.settings.default_model, None, top_k, threshold, max_stage, point)
+                           max_stage: int | None = MaxStage, point: str | None = Point, degrade: bool = Degrade,
+                           timeout_ms: float | None = TimeoutMs, state: ServerState = Depends(get_state)):
+    return await _classify(request, state, state.settings.default_model, None, top_k, threshold, max_stage, point,
+                           degrade, timeout_ms)

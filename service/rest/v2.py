@@ -1,7 +1,10 @@
 """KServe v2 / Triton HTTP endpoints: health, server and model metadata, model config, readiness, infer.
 
 The tensors are service/serving/tensors.py's (`image_bytes` as base64 strings when sent as JSON); the request
-parameters `threshold`, `max_stage` and `operating_point` act as the v1 query parameters do. The infer bodies are
+parameters `threshold`, `max_stage` and `operating_point` act as the v1 query parameters do; `degrade` (a boolean: false keeps
+the request at the point it asked for under load) and `timeout` (Triton's: microseconds from admission to the
+request's deadline; 0, none) as v1's `degrade` and `timeout_ms`. The response's `parameters` name the operating
+point the request ran at and its validation accuracy; the `exit_reason` output says why each image left. The infer bodies are
 documented in the OpenAPI by service/rest/openapi.py; Triton's repository extension is service/rest/repository.py.
 """
 
@@ -156,10 +159,24 @@ async def infer_version(request: Request, name: str, version: str, state: Server
     return await _infer(request, state, name, version)
 
 
+def point_parameters(result) -> dict:
+    """The response's parameters: the operating point the request ran at (its id, or "custom" for the client's own
+    threshold or max_stage) and that point's validation accuracy (absent where the manifest has none)."""
+    params = {"operating_point": result.point or "custom"}
+    figures = result.point_figures
+    if result.point is not None and figures is not None and figures.accuracy is not None:
+        params["operating_point_accuracy"] = figures.accuracy
+    return params
+
+
 def _parameter(params: dict, key: str, kind: type):
     value = params.get(key)
     if value is None:
         return None
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise invalid(f"parameter {key!r} must be a boolean (true or false), got {kserve.clip(value)!r}")
+        return value
     if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise invalid(f"parameter {key!r} must be an integer, got {kserve.clip(value)!r}")
     if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
@@ -237,13 +254,20 @@ async def _infer_body(request: Request, state: ServerState, model: ServedModel, 
     threshold = _parameter(req.parameters, "threshold", float)
     max_stage = _parameter(req.parameters, "max_stage", int)
     point = _parameter(req.parameters, "operating_point", str)
+    degrade = _parameter(req.parameters, "degrade", bool)
+    timeout_us = _parameter(req.parameters, "timeout", float)
+    if timeout_us is not None and not 0 <= timeout_us < float("inf"):
+        raise invalid(f"parameter 'timeout' must be a number of microseconds >= 0 (0: no deadline), got "
+                      f"{kserve.clip(req.parameters['timeout'])!r}")
     wanted = _outputs(req)
-    result = await run_cascade(state, model, admission, images, threshold, max_stage, point)
+    result = await run_cascade(state, model, admission, images, threshold, max_stage, point,
+                               degrade=degrade is not False, timeout_s=timeout_us / 1e6 if timeout_us else None)
 
     outputs = [(name, OUTPUTS[name].datatype, OUTPUTS[name].value(result), binary) for name, binary in wanted]
     head = {"model_name": model.name, "model_version": str(model.version)}
     if req.id is not None:
         head["id"] = req.id
+    head["parameters"] = point_parameters(result)
     content, header_length = kserve.encode_response(head, outputs)
     if header_length is None:
         return Response(content, media_type="application/json")

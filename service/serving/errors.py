@@ -42,5 +42,10 @@ def internal(message: str) -> ServingError:
     return ServingError(500, message)
 
 
+def deadline_exceeded(message: str) -> ServingError:
+    """The request's deadline (its `timeout`) passed before its work could be done."""
+    return ServingError(504, message)
+
+
 def unavailable(message: str, retry_after_s: int | None = None) -> ServingError:
     return ServingError(503, message, retry_after_s)

@@ -30,8 +30,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from reskd.cascade import CascadeResult
+from reskd.cascade import EXIT_REASONS, CascadeResult
 from reskd.manifest import Manifest
+
+from .degrade import Point
 
 # Why the server closed a connection (service/rest/connections.py): the `reason` label of
 # reskd_connections_closed_total, every value present from the start.
@@ -52,7 +54,8 @@ class Metrics:
     """One registry per app, so several servers (tests) never share counters. Under a multiprocess folder (a worker
     of several) the values live in that folder and the exposition reads every worker's."""
 
-    def __init__(self) -> None:
+    def __init__(self, worker: int = 0) -> None:
+        self.worker = str(worker)  # the `worker` label of the per-worker series (0 in a single process)
         self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         self.state: ModelStateCollector | None = None
         r = self.registry = CollectorRegistry()
@@ -86,6 +89,33 @@ class Metrics:
                                          buckets=CONFIDENCE_BUCKETS, registry=r)
         self.dropped_images = Counter("reskd_dropped_images_total", "images not classified because their client "
                                       "went away first (the request counts as code 499)", M, registry=r)
+        # Why images left, and the operating points they ran at (service/serving/degrade.py): what the server
+        # answered against what validation measured for those points.
+        self.exit_reasons = Counter("reskd_exit_reasons_total", "images by why they left: confident, final, "
+                                    "max_stage, load (a cheaper point the server chose under load) or deadline",
+                                    [*M, "reason"], registry=r)
+        self.point_images = Counter("reskd_point_images_total", "images answered, by the operating point they ran "
+                                    "at (custom: the client's own threshold or max_stage)", [*M, "point"],
+                                    registry=r)
+        self.expected_images = Counter("reskd_expected_images_total", "images answered at an operating point the "
+                                       "manifest has validation figures for (the expected_* series' count)", M,
+                                       registry=r)
+        self.expected_correct = Counter("reskd_expected_correct_total", "sum over those images of their point's "
+                                        "validation accuracy: / reskd_expected_images_total = the expected "
+                                        "accuracy served", M, registry=r)
+        self.expected_flops = Counter("reskd_expected_flops_total", "sum over those images of their point's "
+                                      "validation mean FLOPs", M, registry=r)
+        self.expected_exits = Counter("reskd_expected_exits_total", "sum over those images of their point's "
+                                      "validation exit fraction at each stage", [*M, "stage"], registry=r)
+        self.operating_point = Gauge("reskd_operating_point", "1 for the operating point requests that leave their "
+                                     "exit settings to the server run at, in each worker process; 0 for the "
+                                     "version's other points", [*M, "worker", "point"], registry=r,
+                                     multiprocess_mode="livesum")
+        self.degrade_level = Gauge("reskd_degrade_level", "rungs below the top (default) point that point is, in "
+                                   "each worker process (0: not degraded)", [*M, "worker"], registry=r,
+                                   multiprocess_mode="livesum")
+        self.point_switches = Counter("reskd_point_switches_total", "changes of that point, down (under load) or "
+                                      "up", [*M, "direction"], registry=r)
         # Model control (service/serving/control.py): every load of a version.
         self.model_loads = Counter("reskd_model_loads_total", "model versions loaded, refused (verification or "
                                    "warm-up failed; the version served before goes on) or unloaded",
@@ -127,6 +157,13 @@ class Metrics:
                 self.queue_depth.remove(model, v, str(stage))
             except KeyError:
                 pass
+        for labels in list(self.operating_point._metrics):
+            if labels[:2] == (model, v):
+                self.operating_point.remove(*labels)
+        try:
+            self.degrade_level.remove(model, v, self.worker)
+        except KeyError:
+            pass
 
     def exposition(self) -> bytes:
         if not self.multiprocess_dir:
@@ -140,7 +177,7 @@ class Metrics:
 
 
 # Per-version gauges a worker cannot remove from the shared folder: the exposition shows them for live versions only.
-_VERSION_GAUGES = {"reskd_queue_depth", "reskd_inflight_requests"}
+_VERSION_GAUGES = {"reskd_queue_depth", "reskd_inflight_requests", "reskd_operating_point", "reskd_degrade_level"}
 
 
 class _LiveVersionsOnly:
@@ -221,6 +258,35 @@ class ModelMetrics:
         self._queue_depth = [m.queue_depth.labels(model, v, s) for s in stages]
         self._confidence = [m.exit_confidence.labels(model, v, s) for s in stages]
         self._dropped = m.dropped_images.labels(model, v)
+        self._reasons = [m.exit_reasons.labels(model, v, reason) for reason in EXIT_REASONS]
+        self._point_images = lambda point: m.point_images.labels(model, v, point)
+        self._expected_images = m.expected_images.labels(model, v)
+        self._expected_correct = m.expected_correct.labels(model, v)
+        self._expected_flops = m.expected_flops.labels(model, v)
+        self._expected_exits = [m.expected_exits.labels(model, v, s) for s in stages]
+        self._points: dict[str, Point] = {}
+        default = Point.of(manifest)
+        self._point_images("default" if default is None else default.id)  # a zero series from the start
+        self._current = {}
+        self._level = m.degrade_level.labels(model, v, m.worker)
+        self._switches = {d: m.point_switches.labels(model, v, d) for d in ("down", "up")}
+        self._point_gauge = lambda point: m.operating_point.labels(model, v, m.worker, point)
+
+    def ladder(self, rungs: list[Point]) -> None:
+        """The version's degrade ladder (service/serving/degrade.py): its points' series exist from now on, the top
+        one current."""
+        for i, rung in enumerate(rungs):
+            self._point_images(rung.id)
+            self._current[i] = self._point_gauge(rung.id)
+            self._current[i].set(1 if i == 0 else 0)
+        self._level.set(0)
+
+    def switched(self, before: int, after: int) -> None:
+        """The point new requests run at moved from rung `before` to rung `after`."""
+        self._current[before].set(0)
+        self._current[after].set(1)
+        self._level.set(after)
+        self._switches["down" if after > before else "up"].inc()
 
     def queue_depth(self, stage: int, images: int) -> None:
         self._queue_depth[stage].set(images)
@@ -250,6 +316,19 @@ class ModelMetrics:
                 self._exits[stage].inc(count)
         for stage, confidence in zip(result.exit_stage.tolist(), result.confidence.tolist()):
             self._confidence[stage].observe(confidence)
+        if result.exit_reason is not None:
+            for reason, count in enumerate(np.bincount(result.exit_reason, minlength=len(EXIT_REASONS)).tolist()):
+                if count:
+                    self._reasons[reason].inc(count)
+        self._point_images("custom" if result.point is None else result.point).inc(n)
+        point = result.point_figures
+        if point is not None and point.accuracy is not None:
+            self._expected_images.inc(n)
+            self._expected_correct.inc(n * point.accuracy)
+            self._expected_flops.inc(n * point.mean_flops)
+            for stage, fraction in enumerate(point.exit_fractions):
+                if fraction:
+                    self._expected_exits[stage].inc(n * fraction)
 
 
 def calibrated_expectation(manifest: Manifest) -> tuple[float, list[float]] | None:

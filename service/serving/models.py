@@ -14,6 +14,7 @@ from reskd.machine import available_cores
 from reskd.manifest import Manifest, ManifestError, ModelRepository
 from reskd.runtime import CascadeRuntime
 
+from .degrade import Controller, ladder
 from .errors import not_found
 from .metrics import Metrics, ModelMetrics
 from .scheduler import CascadeScheduler, Policy
@@ -140,18 +141,33 @@ class ModelStore:
         """A version's metrics series and scheduler around an opened runtime (started by the caller, on the loop)."""
         s = self.settings
         metrics = self.metrics.for_model(name, version, runtime.manifest)
+        controller = self.controller(runtime, metrics)
+        cuda = self.serving.device.cuda
+        threads = self.serving.device.threads or 1
         scheduler = CascadeScheduler(
             runtime, runtime.engine, self.executor, model=name, version=version, policy=self.policy,
             max_batch_sizes=s.stage_max_batch_size or [s.max_batch_size],
             max_queue_delays_s=[d / 1000 for d in (s.stage_max_queue_delay_ms or [s.max_queue_delay_ms])],
             max_queue_images=s.max_queue_images, pipeline_depth=self.serving.workers,
             max_wait_s=s.max_queue_wait_ms / 1000,
-            min_admitted=s.decode_workers + self.serving.workers, observer=metrics)
+            min_admitted=s.decode_workers + self.serving.workers, observer=metrics, controller=controller,
+            cost_clock="device" if cuda else "thread" if threads == 1 else "cores", cores=threads)
         model = ServedModel(name, version, runtime.path, runtime, scheduler, metrics, fingerprint)
         log.info("loaded %s version %d: %d stage(s) on %s (%s engine%s), scheduler %s", name, version,
                  runtime.num_stages, model.device, runtime.engine.kind,
                  ", CUDA graphs" if runtime.engine_spec.graphs else "", self.policy)
         return model
+
+    def controller(self, runtime: CascadeRuntime, metrics: ModelMetrics) -> Controller | None:
+        """The version's degrade controller (service/serving/degrade.py), or None: RESKD_DEGRADE off, or a version
+        without a cheaper point within RESKD_DEGRADE_MAX_DROP_PT (it is shed-only)."""
+        s = self.settings
+        rungs = ladder(runtime.manifest, s.degrade_max_drop_pt) if s.degrade else []
+        if len(rungs) < 2:
+            return None
+        metrics.ladder(rungs)
+        return Controller(rungs, runtime.manifest.stage_flops, slo_s=s.latency_slo_ms / 1000,
+                          hold_s=s.degrade_hold_s, shared=not self.serving.device.cuda, on_switch=metrics.switched)
 
     def put(self, model: ServedModel) -> ServedModel | None:
         """Serve `model` from now on; -> the one it replaces (same name and version), if any."""

@@ -19,9 +19,9 @@ import numpy as np
 
 from reskd.cascade import CascadeInputError, CascadeResult
 
-from .errors import internal, invalid, too_large, unavailable
+from .errors import deadline_exceeded, internal, invalid, too_large, unavailable
 from .models import ServedModel
-from .scheduler import Admission, InferenceFailed, NeverFits, QueueFull
+from .scheduler import Admission, DeadlineExceeded, InferenceFailed, NeverFits, QueueFull
 from .state import ServerState
 
 T = TypeVar("T")
@@ -41,14 +41,17 @@ def admit(state: ServerState, model: ServedModel) -> Admission:
 
 
 async def run_cascade(state: ServerState, model: ServedModel, admission: Admission, images: np.ndarray,
-                      threshold: float | None, max_stage: int | None, point: str | None = None) -> CascadeResult:
+                      threshold: float | None, max_stage: int | None, point: str | None = None, *,
+                      degrade: bool = True, timeout_s: float | None = None) -> CascadeResult:
     """Queue and inference. threshold and max_stage (or an operating point of the version instead) are checked
     where they are used, by the runtime (CascadeInputError -> 422); more images than the queue ever holds -> 413; a
-    batch that failed on the server's side -> 500."""
+    batch that failed on the server's side -> 500; a deadline (timeout_s after admission) that passed before some
+    images ran any stage -> 504. degrade=False: never run at a cheaper point than asked for."""
     gauge = model.metrics.inflight
     gauge.inc()
     try:
-        future = model.scheduler.submit(images, threshold, max_stage, admission, point=point)
+        future = model.scheduler.submit(images, threshold, max_stage, admission, point=point, degrade=degrade,
+                                        timeout_s=timeout_s)
         return await future
     except NeverFits as err:
         raise too_large(str(err)) from None
@@ -58,6 +61,8 @@ async def run_cascade(state: ServerState, model: ServedModel, admission: Admissi
         raise invalid(f"{err} ({model.name} version {model.version})") from None
     except InferenceFailed as err:
         raise internal(str(err)) from None
+    except DeadlineExceeded as err:
+        raise deadline_exceeded(str(err)) from None
     finally:
         gauge.dec()
 

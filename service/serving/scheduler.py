@@ -14,6 +14,14 @@ waited max delay), so older samples finish first and later-stage batches fill up
 turns on the whole thread budget. Queues are bounded: stage s stops being dispatched while stage s+1's queue is
 full, so pressure travels back to admission, which refuses with QueueFull (-> 503 + Retry-After).
 
+Under load a version with a ladder of operating points runs new requests at a cheaper point before it refuses any
+(service/serving/degrade.py): the controller is consulted at every admission, and a request that left its exit
+settings to the server runs at the controller's current point. A request may carry a deadline: samples still
+waiting for a later stage when it passes are answered from the running logits they have (exit reason
+`deadline`); a request with samples that reached no stage by then fails with DeadlineExceeded (-> 504). Under
+"stage" the queues are checked as the deadline passes; under "request" and "none" between the stages of a batch.
+A stage that is running is never interrupted.
+
 The scheduler only queues and dispatches. What a stage's output means for each sample (running logits, confidence,
 exit) is reskd.cascade's, the same code the runtime runs; what is measured goes to a SchedulerObserver (the
 server's is its ModelMetrics). A batch that fails fails its requests with InferenceFailed, whatever the cause.
@@ -23,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import heapq
 import logging
 import time
 from concurrent.futures import Executor
@@ -31,9 +40,11 @@ from typing import Callable, Literal, Protocol
 
 import numpy as np
 
-from reskd.cascade import CascadeResult, CascadeSamples, advance
+from reskd.cascade import DEADLINE, CascadeResult, CascadeSamples, advance
 from reskd.engine import Engine, Part, images_part
 from reskd.runtime import CascadeRuntime
+
+from .degrade import HOST, Controller, Point
 
 
 log = logging.getLogger("reskd.service")
@@ -47,6 +58,10 @@ class QueueFull(Exception):
 
 class NeverFits(Exception):
     """A request holds more images than the queue can ever take: retrying cannot help (-> 413)."""
+
+
+class DeadlineExceeded(Exception):
+    """The request's deadline passed before some of its samples ran any stage (-> 504)."""
 
 
 class InferenceFailed(Exception):
@@ -85,13 +100,24 @@ class Unobserved:
 
 
 class Request:
-    """One client request: its images, its samples' exit settings and state, and how many are still running."""
+    """One client request: its images, its samples' exit settings and state, and how many are still running;
+    the operating point it runs at (None: exit settings of the client's own), its cost in top-point images
+    (`work`) and its deadline (perf_counter time, or None)."""
 
-    def __init__(self, images: np.ndarray, samples: CascadeSamples, future: asyncio.Future):
+    def __init__(self, images: np.ndarray, samples: CascadeSamples, future: asyncio.Future,
+                 point: Point | None = None, work: float | None = None, timeout_s: float | None = None):
         self.images = images
         self.samples = samples
         self.remaining = len(images)
         self.future = future
+        self.point = point
+        self.point_id: str | None = point.id if point is not None else None
+        self.work = float(len(images)) if work is None else work
+        self.timeout_s = timeout_s or None
+        self.deadline = time.perf_counter() + timeout_s if timeout_s else None
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
 
     @property
     def abandoned(self) -> bool:  # answered already (failed) or the client went away
@@ -102,7 +128,9 @@ class Workload:
     """What a model version has admitted and not yet answered, and the rate it answers images at while it has any:
     a newcomer's expected wait is the images ahead of it over that rate. The rate is measured on a busy clock (time
     with at least one request in the system), over the last WINDOW answers, so an idle spell does not make the
-    server look slow and a burst after it is not refused for nothing."""
+    server look slow and a burst after it is not refused for nothing. Images are counted as *work*: each weighted
+    by its operating point's cost relative to the version's top point (1 without degrading), so the rate and the
+    wait stay right while the point changes."""
 
     WINDOW = 32
 
@@ -153,12 +181,14 @@ class Workload:
 
 class Admission:
     """One admitted request, from before its body is read until it is submitted (CascadeScheduler.admit): it
-    reserves room in the queue and counts in the workload as a mean-sized request. A context manager: leaving it
-    without submitting gives the reservation up."""
+    reserves room in the queue and counts in the workload as a mean-sized request at the current point. A context
+    manager: leaving it without submitting gives the reservation up. `start`: when it was admitted (a deadline
+    counts from here)."""
 
     def __init__(self, scheduler: CascadeScheduler):
         self.scheduler = scheduler
-        self.images = scheduler.mean_request_images
+        self.start = time.perf_counter()
+        self.images = scheduler.mean_request_images * scheduler.weight()
         scheduler.pending += 1
         scheduler.workload.enter(self.images)
         self.held = True
@@ -251,10 +281,12 @@ class StageQueue:
 
 
 class CascadeScheduler:
+    CONTROL_PERIOD_S = 0.25  # a degraded version's controller looks again at least this often, requests or not
     def __init__(self, runtime: CascadeRuntime, runner: Engine, executor: Executor, *, model: str,
                  version: int, policy: Policy, max_batch_sizes: list[int], max_queue_delays_s: list[float],
                  max_queue_images: int, pipeline_depth: int, max_wait_s: float = 0.0, min_admitted: int = 0,
-                 observer: SchedulerObserver | None = None):
+                 observer: SchedulerObserver | None = None, controller: Controller | None = None,
+                 cost_clock: Literal["thread", "cores", "device"] = "device", cores: int = 1):
         self.runtime = runtime
         self.runner = runner
         self.executor = executor
@@ -285,6 +317,14 @@ class CascadeScheduler:
         self.max_wait_s = max_wait_s
         self.min_admitted = min_admitted
         self.closed: str | None = None  # why the scheduler stopped (stop()): it admits nothing after
+        # Degrading under load (service/serving/degrade.py): None runs every request as asked (shed-only).
+        self.controller = controller
+        # How a stage's cost is measured (for the controller): "thread", the inference thread's CPU time (a CPU
+        # whose onnxruntime runs on the calling thread); "cores", wall time x `cores` (a CPU pool of that many
+        # threads); "device", wall time (a GPU: not the host's CPU).
+        self.cost_clock, self.cores = cost_clock, cores
+        self._deadlines: list[tuple[float, int, Request]] = []  # a heap of the queued requests' deadlines
+        self._controlled = 0.0  # when the controller last chose (a degraded version is looked at while idle too)
 
     def _stopped(self) -> QueueFull:
         """What a request gets from a stopped scheduler (503): which version, and why it stopped."""
@@ -297,15 +337,31 @@ class CascadeScheduler:
         return self.workload.requests == 0 and self.pending == 0 and self._in_flight == 0
 
     # --- admission -------------------------------------------------------------------------------------------
+    def _control(self) -> None:
+        """Let the degrade controller choose the point new requests run at, from what is measured now."""
+        self._controlled = time.perf_counter()
+        self.controller.update(self.workload.rate(), self.workload.expected_wait())
+
+    def weight(self, point: Point | None = None) -> float:
+        """What an image costs at `point` (default: the controller's current one), in top-point images."""
+        c = self.controller
+        if c is None:
+            return 1.0
+        return c.weights[c.rungs.index(point) if point is not None else c.current]
+
     def admit(self) -> Admission:
         """Admission before any work: called before the request's body is read. Raises QueueFull when stage 0's
         queue, with the room reserved for requests admitted before this one, is full, or when the workload ahead
         would take longer than max_wait_s — unless fewer than min_admitted requests are in the system (the server's
         decoding and inference workers: with fewer, some would idle and the rate itself would fall). The Admission
-        holds this request's reservation until it is submitted or given up (use it as a context manager)."""
+        holds this request's reservation until it is submitted or given up (use it as a context manager). The
+        degrade controller sees every request offered here, admitted or not, and chooses its point first."""
         q = self.queues[0]
         if self.closed:
             raise self._stopped()
+        if self.controller is not None:
+            self.controller.arrivals.add(self.mean_request_images)
+            self._control()
         if q.size + self.pending * self.mean_request_images >= q.bound:
             raise QueueFull(f"model {self.model} version {self.version} has {q.size} images queued and "
                             f"{self.pending} request(s) being read (limit {q.bound} images); retry shortly")
@@ -319,13 +375,17 @@ class CascadeScheduler:
         return Admission(self)
 
     def submit(self, images: np.ndarray, threshold: float | None = None, max_stage: int | None = None,
-               admission: Admission | None = None, *, point: str | None = None) -> asyncio.Future:
-        """Queue one request; the future resolves to its CascadeResult, or fails with InferenceFailed or (at
-        shutdown) QueueFull. Cancelling the future (the client went away) drops the request's samples still
-        queued. Raises NeverFits for more images than the queue's bound, QueueFull at the bound, and
-        CascadeInputError for a threshold or max_stage out of range or an unknown operating point (`point`, the
-        id of one of the manifest's: the defaults threshold and max_stage override). admission: the request's, from admit()
-        (without one, e.g. in-process users, it enters the workload here)."""
+               admission: Admission | None = None, *, point: str | None = None, degrade: bool = True,
+               timeout_s: float | None = None) -> asyncio.Future:
+        """Queue one request; the future resolves to its CascadeResult, or fails with InferenceFailed,
+        DeadlineExceeded or (at shutdown) QueueFull. Cancelling the future (the client went away) drops the
+        request's samples still queued. Raises NeverFits for more images than the queue's bound, QueueFull at the
+        bound, and CascadeInputError for a threshold or max_stage out of range or an unknown operating point
+        (`point`, the id of one of the manifest's: the defaults threshold and max_stage override). admission: the
+        request's, from admit() (without one, e.g. in-process users, it enters the workload here). A request that
+        sets none of threshold, max_stage and point, and does not opt out (degrade=False), runs at the degrade
+        controller's current point. timeout_s: the request's deadline, counted from its admission (None or 0:
+        none)."""
         q, n = self.queues[0], len(images)
         if n > q.bound:
             raise NeverFits(f"{n} images in one request, more than model {self.model} version {self.version} "
@@ -334,22 +394,45 @@ class CascadeScheduler:
         if q.size + n > q.bound:
             raise QueueFull(f"model {self.model} version {self.version} has {q.size} images queued (limit "
                             f"{q.bound}); retry shortly")
-        samples = self.runtime.samples(n, threshold, max_stage, point)
+        c = self.controller
+        asked = threshold is not None or max_stage is not None or point is not None
+        rung = None if asked or c is None else c.point if degrade else c.rungs[0]
+        serve_at = rung.id if rung is not None and rung is not c.rungs[0] else None
+        samples = self.runtime.samples(n, threshold, max_stage, point, serve_at=serve_at)
+        custom = threshold is not None or max_stage is not None
+        if rung is None and not custom:
+            rung = self._point(point or "default")
+        point_id = None if custom else rung.id if rung is not None else point or "default"
+        work = n * (self.weight(rung) if rung is not None and c is not None and rung in c.rungs else 1.0)
         future = asyncio.get_running_loop().create_future()
-        request = Request(images, samples, future)
+        request = Request(images, samples, future, rung, work, timeout_s)
+        request.point_id = point_id
+        if admission is not None and request.deadline is not None:
+            request.deadline = admission.start + timeout_s
         if admission is not None:
-            admission.hand_over(n)
+            admission.hand_over(work)
         else:
-            self.workload.enter(n)
+            self.workload.enter(work)
         future.add_done_callback(lambda f: self._done(request, f))
+        if request.deadline is not None:
+            heapq.heappush(self._deadlines, (request.deadline, id(request), request))
         q.put(Rows(request, np.arange(n)))
         self.observer.queue_depth(0, q.size)
         self._wakeup.set()
         return future
 
+    def _point(self, point_id: str) -> Point | None:
+        """The operating point a request asked for by id (a rung of the ladder when it is one), for its response and
+        the metrics."""
+        c = self.controller
+        for rung in c.rungs if c is not None else ():
+            if rung.id == point_id or (point_id == "default" and rung is c.rungs[0]):
+                return rung
+        return Point.of(self.runtime.manifest, point_id)
+
     def _done(self, request: Request, future: asyncio.Future) -> None:
         answered = not future.cancelled() and future.exception() is None
-        self.workload.leave(len(request.images), len(request.images) if answered else 0)
+        self.workload.leave(request.work, request.work if answered else 0)
         if future.cancelled():
             self._drop(request)
 
@@ -404,11 +487,21 @@ class CascadeScheduler:
         while True:
             await self._slots.acquire()
             while True:
+                if self.closed:  # stop(): on Python 3.11 wait_for can swallow the cancel when woken at that moment
+                    return
                 now = time.perf_counter()
+                self._expire(now)
+                degraded = self.controller is not None and self.controller.current > 0
+                if degraded and now - self._controlled >= self.CONTROL_PERIOD_S:
+                    self._control()  # no request may come: it moves back up all the same once the hold is over
                 stage = self._pick(now)
                 if stage is not None:
                     break
                 waiting = [q.deadline() for q in self.queues if q.items]
+                if self._deadlines:
+                    waiting.append(self._deadlines[0][0])
+                if degraded:
+                    waiting.append(self._controlled + self.CONTROL_PERIOD_S)
                 self._wakeup.clear()
                 try:
                     await asyncio.wait_for(self._wakeup.wait(), max(min(waiting) - now, 0) if waiting else None)
@@ -427,6 +520,35 @@ class CascadeScheduler:
             task = asyncio.get_running_loop().create_task(self._run(stage, batch))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
+
+    def _expire(self, now: float) -> None:
+        """Requests whose deadline has passed: their samples waiting at a later stage are answered from the running
+        logits they have; a request with samples that have not run stage 0 fails (DeadlineExceeded)."""
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, _, request = heapq.heappop(self._deadlines)
+            if request.abandoned:
+                continue
+            waiting = [(s, rows) for s, q in enumerate(self.queues) for rows in q.items if rows.request is request]
+            for s, rows in waiting:
+                q = self.queues[s]
+                q.items.remove(rows)
+                q.size -= len(rows)
+                self.observer.queue_depth(s, q.size)
+            if any(s == 0 for s, _ in waiting):  # (samples in a running batch are settled when it ends)
+                ran = len(request.images) - sum(len(rows) for s, rows in waiting if s == 0)
+                request.future.set_exception(DeadlineExceeded(
+                    f"the request's deadline ({1000 * request.timeout_s:g} ms after it was admitted) passed with "
+                    f"{len(request.images) - ran} of its {len(request.images)} images not yet run by any stage of "
+                    f"{self.model} version {self.version}; raise the timeout or retry when the server is less busy"))
+                continue
+            for s, rows in waiting:
+                self._settle(rows, s - 1)
+            self._finish_if_done(request)
+
+    def _settle(self, rows: Rows, stage: int) -> None:
+        """Answer these samples (past their deadline) from their running logits after `stage` (on the loop)."""
+        rows.request.samples.settle(rows.rows, stage, DEADLINE)
+        rows.request.remaining -= len(rows)
 
     async def _run(self, stage: int, batch: list[Rows]) -> None:
         loop = asyncio.get_running_loop()
@@ -455,13 +577,17 @@ class CascadeScheduler:
             self._wakeup.set()
         for req, count in exited:  # counted here, on the loop, as batches in flight may share a request
             req.remaining -= count
-        for rows in batch:
-            self._finish_if_done(rows.request)
+        now = time.perf_counter()
         if survivors:
             q = self.queues[stage + 1]
             for rows in survivors:
-                q.put(rows)
+                if rows.request.expired(now):
+                    self._settle(rows, stage)
+                elif not rows.request.abandoned:
+                    q.put(rows)
             self.observer.queue_depth(stage + 1, q.size)
+        for rows in batch:
+            self._finish_if_done(rows.request)
 
     # --- work in the inference thread ------------------------------------------------------------------------
     def _chain(self, batch: list[Rows]) -> tuple[list[Rows], list[tuple[Request, int]]]:
@@ -473,6 +599,14 @@ class CascadeScheduler:
             while batch:
                 batch, out = self._step(stage, batch, staged=True)
                 exited += out
+                now, going = time.perf_counter(), []
+                for rows in batch:  # past its deadline: answered with what it has after this stage
+                    if rows.request.expired(now):
+                        rows.request.samples.settle(rows.rows, stage, DEADLINE)
+                        exited.append((rows.request, len(rows)))
+                    else:
+                        going.append(rows)
+                batch = going
                 stage += 1
         return [], exited
 
@@ -497,9 +631,16 @@ class CascadeScheduler:
             for r in batch:
                 r.where = images_part(block, np.arange(offset, offset + len(r)))
                 offset += len(r)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         run = self.runner.run(stage, [r.where for r in batch], keep=not staged)
-        self.observer.stage_ran(stage, len(run.logits), time.perf_counter() - start, run.padding)
+        seconds = time.perf_counter() - start
+        self.observer.stage_ran(stage, len(run.logits), seconds, run.padding)
+        if self.controller is not None:  # what a sample of this stage costs (service/serving/degrade.py)
+            spent = time.thread_time() - cpu if self.cost_clock == "thread" else \
+                seconds * self.cores if self.cost_clock == "cores" else seconds
+            self.controller.stages.ran(stage, len(run.logits), spent)
+            if self.cost_clock != "device":
+                HOST.stage_seconds += spent
         leaves = advance(self.runtime.rule, stage, [(r.request.samples, r.rows) for r in batch], run.logits)
         survivors, exited = [], []
         now, offset = time.perf_counter(), 0
@@ -518,5 +659,7 @@ class CascadeScheduler:
         if req.remaining or req.abandoned:
             return
         result = req.samples.result(self.runtime.cum_flops)
+        result.point, result.point_figures = req.point_id, req.point
         req.future.set_result(result)
+        HOST.images += len(result)
         self.observer.answered(result)

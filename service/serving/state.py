@@ -23,7 +23,7 @@ class ServerState:
         """worker: this process is one of several workers (service/supervisor.py): its link to the supervisor
         (service/link.py)."""
         self.settings = settings
-        self.metrics = Metrics()
+        self.metrics = Metrics(worker.index if worker is not None else 0)
         # One thread budget for every model: `workers` stage batches at once, each with the device's onnxruntime
         # threads (on CPU by default one batch using every core). Decoding has its own small pool.
         self.inference = ThreadPoolExecutor(serving.workers, thread_name_prefix="reskd-infer")

@@ -2,7 +2,8 @@
 and the infer responses (HTTP now, gRPC alike) are all written from these tables.
 
 Inputs: `images` FP32 [N, C, H, W] (normalised as the manifest says) or `image_bytes` BYTES [N] (encoded images).
-Outputs: `logits` FP32 [N, classes], `class_id` INT64 [N], `exit_stage` INT32 [N], `flops` INT64 [N].
+Outputs: `logits` FP32 [N, classes], `class_id` INT64 [N], `exit_stage` INT32 [N], `flops` INT64 [N], `exit_reason`
+BYTES [N] (why each image left: confident, final, max_stage, load or deadline).
 """
 
 from __future__ import annotations
@@ -38,8 +39,10 @@ class Tensor:
 
 
 class Output(Tensor):
-    def value(self, result: CascadeResult) -> np.ndarray:
-        """This output of a cascade result (the result's field of the same name)."""
+    def value(self, result: CascadeResult) -> np.ndarray | list[str]:
+        """This output of a cascade result (the result's field of the same name; exit reasons by name)."""
+        if self.name == "exit_reason":
+            return result.reasons()
         return getattr(result, self.name)
 
 
@@ -53,4 +56,5 @@ OUTPUTS: dict[str, Output] = {t.name: t for t in (
     Output("class_id", "INT64", lambda model: []),
     Output("exit_stage", "INT32", lambda model: []),
     Output("flops", "INT64", lambda model: []),
+    Output("exit_reason", "BYTES", lambda model: []),
 )}
