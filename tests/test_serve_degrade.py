@@ -123,7 +123,7 @@ def test_every_exit_reason_and_the_point_reach_responses_and_metrics(repo):
         # degraded: the controller held at a cheaper point (as under load); the answers say so
         controller = model.scheduler.controller
         controller._switch(len(controller.rungs) - 1)
-        controller.update = lambda rate, wait: controller.current
+        controller.update = lambda *measured: controller.current
         low = controller.rungs[-1]
         degraded = client.infer(NAME, [inp])
         assert degraded.get_response()["parameters"] == {"operating_point": low.id,

@@ -17,9 +17,10 @@ point's cost relative to the top's), so a point's predicted rate is that measure
 
 The controller (one per version and worker process) picks the most accurate point whose predicted rate carries
 the arriving images (admitted and refused) with 5% to spare. It moves down at once when the expected queue wait
-passes half the latency objective (RESKD_LATENCY_SLO_MS), and back up only after the wait has stayed under a
-quarter of it and the arrivals have fitted a dearer point for RESKD_DEGRADE_HOLD_S (then to the least accurate
-point that fitted all along). A point that would not raise the rate by 10% over the top's is no option: requests
+passes half the latency objective (RESKD_LATENCY_SLO_MS) while the arrivals exceed what the current point carries,
+and back up only after the wait has stayed at most half of it and the arrivals have fitted a dearer point for
+RESKD_DEGRADE_HOLD_S (Controller.update says exactly how). Rates are compared with the version's capacity: its rate
+measured while every worker was busy. A point that would not raise the rate by 10% over the top's is no option: requests
 bound by HTTP and decoding are shed as before (503), which stays the last resort below the cheapest point.
 """
 
@@ -33,9 +34,12 @@ from typing import Callable
 from reskd.manifest import Manifest
 
 HEADROOM = 0.95  # a point carries the arrivals when they are at most this share of its predicted rate
+BURST_S = 0.25  # a move down is sized on the arrivals of the last BURST_S seconds when they are higher (a step)
 MIN_GAIN = 1.10  # a cheaper point is an option only if it raises the predicted rate this much over the top's
-DOWN_AT = 0.5  # of the objective: an expected wait above this moves down at once
-UP_BELOW = 0.25  # of the objective: the wait stays below this for the hold time before moving up
+DOWN_AT = 0.5  # of the objective: an expected wait above this moves down at once (if the load is the cause)
+UP_BELOW = 0.5  # of the objective: the wait stays at most this for the hold time before moving up
+OVERLOAD = 1.05  # the load is the cause: arrivals over OVERLOAD_S above this share of what the current point carries
+OVERLOAD_S = 4.0  # (long enough that Poisson noise at a load the point carries rarely passes it; a step does at once)
 
 
 @dataclass(frozen=True)
@@ -121,24 +125,27 @@ def choose(capacity: float, weights: list[float], arrival: float, backlog: float
 
 
 class Arrivals:
-    """Images offered (admitted or refused) per second over the last `window` seconds."""
+    """Images offered (admitted or refused) per second, over the last `window` seconds or any span up to `keep`."""
 
-    def __init__(self, window: float = 1.0, clock: Callable[[], float] = time.perf_counter):
-        self.window, self.clock = window, clock
+    def __init__(self, window: float = 2.0, keep: float = 10.0, clock: Callable[[], float] = time.perf_counter):
+        self.window, self.keep, self.clock = window, max(keep, window), clock
         self._events: collections.deque[tuple[float, float]] = collections.deque()
-        self._total = 0.0
         self._start = clock()
 
     def add(self, images: float) -> None:
         self._events.append((self.clock(), images))
-        self._total += images
 
-    def rate(self) -> float:
-        now = self.clock()
-        while self._events and self._events[0][0] < now - self.window:
-            self._total -= self._events.popleft()[1]
-        span = min(self.window, max(now - self._start, 1e-3))
-        return self._total / span
+    def rate(self, over: float | None = None) -> float:
+        """Over the last `over` seconds (default the window)."""
+        now, over = self.clock(), over or self.window
+        while self._events and self._events[0][0] < now - self.keep:
+            self._events.popleft()
+        total = 0.0
+        for t, images in reversed(self._events):
+            if t < now - over:
+                break
+            total += images
+        return total / min(over, max(now - self._start, 1e-3))
 
 
 class HostMeter:
@@ -206,11 +213,10 @@ class Controller:
         self.host = host
         self.clock = clock
         self.stages = StageCosts(list(map(float, stage_flops)))
-        self.arrivals = Arrivals(clock=clock)
+        self.arrivals = Arrivals(keep=max(hold_s, OVERLOAD_S), clock=clock)
         self.current = 0
         self.on_switch = on_switch or (lambda before, after: None)
         self._low_since: float | None = None
-        self._fits: collections.deque[tuple[float, int]] = collections.deque()  # while low: (when, point that fitted)
         self.weights = [1.0] * len(rungs)
 
     @property
@@ -220,36 +226,43 @@ class Controller:
     def costs(self) -> Costs:
         return Costs(self.stages.per_sample(), self.host.reading() or 0.0, self.shared)
 
-    def update(self, rate: float | None, wait: float | None) -> int:
+    def update(self, rate: float | None, wait: float | None, capacity: float | None = None) -> int:
         """rate: the version's measured busy rate in top-point images/s (None before it is known); wait: the
-        expected queue wait in seconds (None when unknown). -> the rung to run new requests at."""
+        expected queue wait in seconds (None when unknown); capacity: its rate while every worker was busy (the
+        rate it can carry; default `rate`). -> the rung to run new requests at.
+
+        Down, at once: the wait has passed half the objective and the arrivals of the last OVERLOAD_S exceed what
+        the current point carries by 5%: to the most accurate point that carries them (over the window, or over the
+        last BURST_S when higher: a step up in load is met in one move) and the work queued beyond half the
+        objective within one objective. Up: once the wait has stayed at most half the objective and the arrivals
+        have fitted a dearer point for the hold time, to the most accurate point the arrivals of the last half hold
+        fit."""
         self.weights = weights(self.rungs, self.costs())
         if rate is None or len(self.rungs) < 2:
             return self.current
-        # the queued work beyond half the objective is to be worked off within one objective, besides the arrivals
-        backlog = max(0.0, (wait or 0.0) - DOWN_AT * self.slo_s) * rate
-        target = choose(rate, self.weights, self.arrivals.rate(), backlog, self.slo_s)
+        capacity = capacity or rate
         now = self.clock()
-        if wait is not None and wait > DOWN_AT * self.slo_s and target > self.current:
-            self._switch(target)
-        elif target < self.current and (wait is None or wait <= UP_BELOW * self.slo_s):
+        arrival = self.arrivals.rate()
+        overloaded = self.arrivals.rate(OVERLOAD_S) * self.weights[self.current] > OVERLOAD * capacity
+        if wait is not None and wait > DOWN_AT * self.slo_s and overloaded:
+            backlog = (wait - DOWN_AT * self.slo_s) * rate
+            burst = max(arrival, self.arrivals.rate(BURST_S))
+            target = choose(capacity, self.weights, burst, backlog, self.slo_s)
+            if target > self.current:
+                self._switch(target)
+            return self.current
+        if self.current > 0 and (wait is None or wait <= UP_BELOW * self.slo_s) \
+                and choose(capacity, self.weights, arrival) < self.current:
             if self._low_since is None:
                 self._low_since = now
-            self._fits.append((now, target))
-            if now - self._low_since >= self.hold_s:
-                # up to the least accurate point that fitted over the last half of the hold (the arrival window
-                # may still have held the burst when the hold began)
-                recent = now - max(self.hold_s / 2, self.arrivals.window)
-                while self._fits[0][0] < recent:
-                    self._fits.popleft()
-                self._switch(max(t for _, t in self._fits))
+            elif now - self._low_since >= self.hold_s:
+                settled = self.arrivals.rate(max(self.hold_s / 2, self.arrivals.window))
+                self._switch(min(self.current, choose(capacity, self.weights, settled)))
         else:
             self._low_since = None
-            self._fits.clear()
         return self.current
 
     def _switch(self, to: int) -> None:
         before, self.current, self._low_since = self.current, to, None
-        self._fits.clear()
         if to != before:
             self.on_switch(before, to)

@@ -134,49 +134,86 @@ class Workload:
 
     WINDOW = 32
 
-    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(self, clock: Callable[[], float] = time.perf_counter, saturated_at: int = 0) -> None:
         self.clock = clock
         self.requests = 0
         self.images = 0.0  # admitted requests not yet read count as the mean request size
-        self._busy_since: float | None = None
-        self._busy_before = 0.0
-        self._answers: collections.deque[tuple[float, int]] = collections.deque(maxlen=self.WINDOW)
-        self._answered = 0  # the sum of the images in _answers
-
-    def _clock(self, now: float) -> float:
-        return self._busy_before + (now - self._busy_since if self._busy_since is not None else 0.0)
+        self.busy = _Clock(clock)  # time with at least one request in the system
+        # time with at least `saturated_at` requests in the system (every decoding and inference worker busy): the
+        # rate then is what the version can carry (the degrade controller's capacity)
+        self.saturated_at = saturated_at
+        self.saturated = _Clock(clock)
 
     def enter(self, images: float) -> None:
-        if self.requests == 0:
-            self._busy_since = self.clock()
         self.requests += 1
+        if self.requests == 1:
+            self.busy.start()
+        if self.requests == self.saturated_at:
+            self.saturated.start()
         self.images += images
 
     def resize(self, before: float, after: float) -> None:
         self.images += after - before
 
-    def leave(self, images: float, answered: int) -> None:
-        now = self.clock()
+    def leave(self, images: float, answered: float) -> None:
         if answered:
-            if len(self._answers) == self.WINDOW:
-                self._answered -= self._answers[0][1]
-            self._answers.append((self._clock(now), answered))
-            self._answered += answered
+            self.busy.answered(answered)
+            if self.saturated_at and self.requests >= self.saturated_at:
+                self.saturated.answered(answered)
+        if self.requests == self.saturated_at:
+            self.saturated.stop()
         self.requests -= 1
         self.images -= images
         if self.requests == 0:
-            self._busy_before, self._busy_since, self.images = self._clock(now), None, 0.0
+            self.busy.stop()
+            self.images = 0.0
 
     def rate(self) -> float | None:
         """Images answered per busy second, once a few answers are in."""
-        if len(self._answers) < 4:
-            return None
-        span = self._answers[-1][0] - self._answers[0][0]
-        return (self._answered - self._answers[0][1]) / span if span > 0 else None
+        return self.busy.rate(self.WINDOW)
+
+    def capacity(self) -> float | None:
+        """Images answered per second while every worker was busy, once a few such answers are in (else None)."""
+        return self.saturated.rate(self.WINDOW) if self.saturated_at else None
 
     def expected_wait(self) -> float | None:
         rate = self.rate()
         return self.images / rate if rate else None
+
+
+class _Clock:
+    """A clock that runs only between start() and stop(), and the answers given while it ran: a rate over the
+    last `window` answers on it."""
+
+    def __init__(self, clock: Callable[[], float]):
+        self.clock = clock
+        self._since: float | None = None
+        self._before = 0.0
+        self._answers: collections.deque[tuple[float, float]] = collections.deque()
+        self._answered = 0.0
+
+    def now(self) -> float:
+        return self._before + (self.clock() - self._since if self._since is not None else 0.0)
+
+    def start(self) -> None:
+        if self._since is None:
+            self._since = self.clock()
+
+    def stop(self) -> None:
+        if self._since is not None:
+            self._before, self._since = self.now(), None
+
+    def answered(self, amount: float, window: int = Workload.WINDOW) -> None:
+        if len(self._answers) == window:
+            self._answered -= self._answers.popleft()[1]
+        self._answers.append((self.now(), amount))
+        self._answered += amount
+
+    def rate(self, window: int) -> float | None:
+        if len(self._answers) < 4:
+            return None
+        span = self._answers[-1][0] - self._answers[0][0]
+        return (self._answered - self._answers[0][1]) / span if span > 0 else None
 
 
 class Admission:
@@ -313,7 +350,7 @@ class CascadeScheduler:
         # mean images per request (an exponential average), to reserve room for them before their size is known.
         self.pending = 0
         self.mean_request_images = 1.0
-        self.workload = Workload()
+        self.workload = Workload(saturated_at=max(min_admitted, 1))
         self.max_wait_s = max_wait_s
         self.min_admitted = min_admitted
         self.closed: str | None = None  # why the scheduler stopped (stop()): it admits nothing after
@@ -340,7 +377,10 @@ class CascadeScheduler:
     def _control(self) -> None:
         """Let the degrade controller choose the point new requests run at, from what is measured now."""
         self._controlled = time.perf_counter()
-        self.controller.update(self.workload.rate(), self.workload.expected_wait())
+        try:
+            self.controller.update(self.workload.rate(), self.workload.expected_wait(), self.workload.capacity())
+        except Exception:  # the point stays as it is; requests and dispatch go on
+            log.exception("the degrade controller of %s version %d failed", self.model, self.version)
 
     def weight(self, point: Point | None = None) -> float:
         """What an image costs at `point` (default: the controller's current one), in top-point images."""
