@@ -26,7 +26,7 @@ bound by HTTP and decoding are shed as before (503), which stays the last resort
 
 from __future__ import annotations
 
-import collections
+import bisect
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -125,26 +125,29 @@ def choose(capacity: float, weights: list[float], arrival: float, backlog: float
 
 
 class Arrivals:
-    """Images offered (admitted or refused) per second, over the last `window` seconds or any span up to `keep`."""
+    """Images offered (admitted or refused) per second, over the last `window` seconds or any span up to `keep`.
+    O(1) to add and O(log n) to read (cumulative sums, searched by time): it is read at every admission."""
 
     def __init__(self, window: float = 2.0, keep: float = 10.0, clock: Callable[[], float] = time.perf_counter):
         self.window, self.keep, self.clock = window, max(keep, window), clock
-        self._events: collections.deque[tuple[float, float]] = collections.deque()
+        self._times: list[float] = []
+        self._sums: list[float] = []  # images offered up to and including each event
+        self._first = 0  # events before it are older than `keep`
         self._start = clock()
 
     def add(self, images: float) -> None:
-        self._events.append((self.clock(), images))
+        self._times.append(self.clock())
+        self._sums.append((self._sums[-1] if self._sums else 0.0) + images)
 
     def rate(self, over: float | None = None) -> float:
         """Over the last `over` seconds (default the window)."""
         now, over = self.clock(), over or self.window
-        while self._events and self._events[0][0] < now - self.keep:
-            self._events.popleft()
-        total = 0.0
-        for t, images in reversed(self._events):
-            if t < now - over:
-                break
-            total += images
+        self._first = bisect.bisect_left(self._times, now - self.keep, self._first)
+        if self._first > 4096 and self._first > len(self._times) // 2:  # drop what no span reaches any more
+            del self._times[:self._first], self._sums[:self._first]
+            self._first = 0
+        i = bisect.bisect_left(self._times, now - over, self._first)
+        total = 0.0 if i >= len(self._times) else self._sums[-1] - (self._sums[i - 1] if i > 0 else 0.0)
         return total / min(over, max(now - self._start, 1e-3))
 
 

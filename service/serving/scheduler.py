@@ -319,6 +319,7 @@ class StageQueue:
 
 class CascadeScheduler:
     CONTROL_PERIOD_S = 0.25  # a degraded version's controller looks again at least this often, requests or not
+    CONTROL_MIN_S = 0.01  # and at most this often (it is consulted at admission: thousands of requests a second)
     def __init__(self, runtime: CascadeRuntime, runner: Engine, executor: Executor, *, model: str,
                  version: int, policy: Policy, max_batch_sizes: list[int], max_queue_delays_s: list[float],
                  max_queue_images: int, pipeline_depth: int, max_wait_s: float = 0.0, min_admitted: int = 0,
@@ -401,7 +402,8 @@ class CascadeScheduler:
             raise self._stopped()
         if self.controller is not None:
             self.controller.arrivals.add(self.mean_request_images)
-            self._control()
+            if time.perf_counter() - self._controlled >= self.CONTROL_MIN_S:
+                self._control()
         if q.size + self.pending * self.mean_request_images >= q.bound:
             raise QueueFull(f"model {self.model} version {self.version} has {q.size} images queued and "
                             f"{self.pending} request(s) being read (limit {q.bound} images); retry shortly")
