@@ -88,6 +88,7 @@ MODES = ("shed", "static", "adaptive")
 V2_IMAGES = 256
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SCRAPE_S = 0.5
+BUSY_TRIAL_CORES = 0.15  # a failed capacity trial during which other processes used more CPU is run again
 WANTED = ("reskd_operating_point", "reskd_degrade_level", "reskd_point_switches_total", "reskd_requests_total",
           "reskd_exit_reasons_total")
 
@@ -518,14 +519,20 @@ async def capacity(client: Client, work: Workload, parse, objective: float, firs
 
     async def passes(rate: float, draw: int = seed) -> bool:
         sched = arrivals([(trial_s, rate)], draw, len(work.bodies))
-        ph = await client.phase(work, sched, trial_s, parse, scrape=False)
-        s = summary(ph, objective)
-        ok = s["attainment"] >= 99.0 and s["rate_503"] < 0.1
+        for attempt in range(3):  # a trial other processes took CPU from is run again (a failure would be theirs)
+            ph = await client.phase(work, sched, trial_s, parse, scrape=False)
+            s = summary(ph, objective)
+            ok = s["attainment"] >= 99.0 and s["rate_503"] < 0.1
+            busy = ph.other_cpu / trial_s
+            log(f"  capacity {work.name}: {rate:7.2f} req/s -> within {s['attainment']:6.2f}%, 503 "
+                f"{s['rate_503']:5.2f}%, p99 {s['p99_ms']:7.1f} ms: {'pass' if ok else 'fail'}"
+                + (f" (other processes used {busy:.2f} cores meanwhile)" if busy > 0.05 else ""))
+            await client.settle(None)
+            if ok or busy <= BUSY_TRIAL_CORES or attempt == 2:
+                break
+            await wait_quiet(120, log)
         trials.append({"rate": rate, "attainment": s["attainment"], "rate_503": s["rate_503"],
-                       "p99_ms": s["p99_ms"], "pass": ok})
-        log(f"  capacity {work.name}: {rate:7.2f} req/s -> within {s['attainment']:6.2f}%, 503 {s['rate_503']:5.2f}%,"
-            f" p99 {s['p99_ms']:7.1f} ms: {'pass' if ok else 'fail'}")
-        await client.settle(None)
+                       "p99_ms": s["p99_ms"], "pass": ok, "other_cores": busy})
         return ok
 
     good, bad = None, None
@@ -855,7 +862,7 @@ async def main_async(args) -> dict:
                 await wait_quiet(args.quiet_wait_s, log)
                 log(f"round {i + 1}/{args.rounds}, mode {mode}")
                 code = code_fingerprint()
-                if code != result["code"]:
+                if code.split("+")[1] != result["code"].split("+")[1]:  # a commit of the same files changes nothing
                     log(f"  the server code changed on disk since the run started: {result['code']} -> {code}")
                 rnd[mode] = await run_mode(mode, repo, args, works, caps, top, log)
                 rnd[mode]["code"] = code
@@ -887,10 +894,10 @@ def report(result: dict, args, caps: dict, ip: dict) -> None:
     print(f"{len(rounds)} round(s); phases {args.phase_s:g} s (v1 {args.v1_phase_s:g} s); step "
           f"{'+'.join(f'{s:g}' for s in args.step_s)} s (v1 {'+'.join(f'{s:g}' for s in args.v1_step_s)} s); "
           f"wall {result['wall_s'] / 60:.1f} min")
-    codes = {r[m]["code"] for r in rounds for m in r}
+    codes = {r[m]["code"].split("+")[1] for r in rounds for m in r}
     print(f"server code (commit + hash of service/ and reskd/ on disk): at the start {result['code']}; "
           + "; ".join(f"round {i + 1}: " + ", ".join(f"{m} {r[m]['code']}" for m in r) for i, r in enumerate(rounds)))
-    if len(codes | {result["code"]}) > 1:
+    if len(codes | {result["code"].split("+")[1]}) > 1:
         print("WARNING: the server code changed on disk during the run: rounds and modes above ran different code")
     phases = [f"{m:g}x" for m in args.loads] + ["step"]
     for w in args.workloads:
