@@ -8,9 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from reskd.exit_policy import CascadeScores, ExitOutcome
-from reskd.manifest import (CalibrationSpec, ExitSpec, Manifest, MeasuredMetrics, OperatingPoint, OperatingPoints,
-                            write_manifest)
+from reskd.device import Device
+from reskd.exit_policy import CascadeScores, ExitOutcome, confidence, energy, exit_stages
+from reskd.manifest import (AuditSpec, CalibrationSpec, DriftSpec, ExitSpec, Manifest, ManifestError,
+                            MeasuredMetrics, OperatingPoint, OperatingPoints, parse_model_ref, write_manifest)
 from reskd.runtime import CascadeRuntime
 from reskd.stats import Bootstrap
 
@@ -20,6 +21,9 @@ from reskd.stats import Bootstrap
 # same point when the version is recalibrated.
 CURVE_BUDGETS_PCT = (1, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14, 16, 18, 20, 22.5, 25, 30, 35, 40, 45, 50, 60,
                      70, 80, 90, 100, 120, 150, 200, 300)
+# The levels at which the drift reference stores the validation distribution of stage 0's energy score: every
+# percentile, and finer in the upper tail, where inputs unlike the training data land.
+DRIFT_LEVELS = tuple(sorted({*(i / 100 for i in range(101)), 0.995, 0.999}))
 # Resamples of the paired bootstrap behind every point's interval against the full cascade (seeded: the same
 # manifest every time).
 BOOTSTRAP_SAMPLES = 1000
@@ -35,9 +39,10 @@ class EvalSet:
 
 def calibrate_version(version_dir: Path, val: EvalSet, test: EvalSet, *, target_drop_pt: float | None = None,
                       flops_budget_pct: float | None = None, bound: str = "upper", z: float = 1.0,
-                      runtime: CascadeRuntime | None = None) -> Manifest:
-    """Choose thresholds on `val`, measure on `test`, rewrite the manifest; returns the new manifest. The runtime
-    (made here if not given) serves the new thresholds afterwards."""
+                      runtime: CascadeRuntime | None = None, audit_model: str | None = None) -> Manifest:
+    """Choose thresholds on `val`, measure on `test`, store the audit and drift references (`references`), rewrite
+    the manifest; returns the new manifest. The runtime (made here if not given) serves the new thresholds
+    afterwards."""
     if (target_drop_pt is None) == (flops_budget_pct is None):
         raise ValueError("give exactly one of target_drop_pt or flops_budget_pct")
     rt = runtime or CascadeRuntime(version_dir)
@@ -60,8 +65,85 @@ def calibrate_version(version_dir: Path, val: EvalSet, test: EvalSet, *, target_
                                               "operating_points": points})
     metrics = measure_test(rt, test, manifest.teacher.flops, manifest.teacher.accuracy)  # under the new thresholds
     rt.manifest = rt.manifest.model_copy(update={"metrics": metrics})
+    audit, drift = references(rt, val, audit_model)
+    rt.manifest = rt.manifest.model_copy(update={"audit": audit, "drift": drift})
     write_manifest(version_dir, rt.manifest)
     return rt.manifest
+
+
+def store_references(version_dir: Path, val: EvalSet, audit_model: str | None = None) -> Manifest:
+    """Only the audit and drift references of a calibrated version, on `val`: thresholds, curve and test figures
+    stay as they are (`reskd calibrate --references-only`)."""
+    rt = CascadeRuntime(version_dir, device=Device.cpu())
+    audit, drift = references(rt, val, audit_model)
+    rt.manifest = rt.manifest.model_copy(update={"audit": audit, "drift": drift})
+    write_manifest(version_dir, rt.manifest)
+    return rt.manifest
+
+
+def audit_reference(rt: CascadeRuntime, audit_model: str | None = None) -> tuple[str | None, int | None]:
+    """What the server's shadow audit compares this version's early answers with: `audit_model` (NAME:VERSION)
+    when given; else the version's own fallback stage, a last stage that replaces the running logits and costs the
+    teacher's FLOPs (the teacher itself); else the manifest's teacher.model; else nothing, (None, None)."""
+    m = rt.manifest
+    if audit_model is not None:
+        return audit_model, None
+    last = len(m.stages) - 1
+    if last > 0 and m.stage_combine[last] == "replace" and m.stages[last].flops == m.teacher.flops:
+        return None, last
+    return m.teacher.model, None
+
+
+def references(rt: CascadeRuntime, val: EvalSet, audit_model: str | None = None
+               ) -> tuple[AuditSpec | None, DriftSpec]:
+    """The audit and drift references of the version `rt` runs, measured on the validation split `val` through the
+    runtime at every operating point of its manifest (the default point alone when it stores none):
+    - audit: how often each point's answers at each stage agree with the audit reference (audit_reference; None
+      when the version has none). A reference model NAME:VERSION is read from the version's own repository.
+    - drift: the distribution of the energy score of stage 0's logits, and the mean exit confidence per point."""
+    m = rt.manifest
+    running = rt.all_stage_logits(val.images)  # [S, N, C]
+    conf = confidence(running, m.exit.measure)
+    classes = running.argmax(-1)
+    n_stages, n = conf.shape
+    points = [(p.id, p.thresholds, p.max_stage) for p in m.operating_points.points] if m.operating_points else \
+        [("default", m.exit.thresholds, n_stages - 1)]
+    exits = {pid: exit_stages(conf, thresholds, max_stage) for pid, thresholds, max_stage in points}
+    rows = np.arange(n)
+
+    score = energy(running[0])
+    quantiles = np.quantile(score, DRIFT_LEVELS)
+    p99 = float(np.quantile(score, 0.99))
+    drift = DriftSpec(split="validation", n=n, levels=list(DRIFT_LEVELS), quantiles=quantiles.tolist(), p99=p99,
+                      above_p99=float((score > p99).mean()),
+                      exit_confidence={pid: float(conf[e, rows].mean()) for pid, e in exits.items()})
+
+    model, stage = audit_reference(rt, audit_model)
+    if model is None and stage is None:
+        return None, drift
+    if stage is not None:
+        reference = rt.stage_logits(stage, val.images).argmax(-1)
+    else:
+        name, version = parse_model_ref(model)
+        folder = rt.path.parent.parent / name / str(version)
+        if version is None or not folder.is_dir():
+            raise ManifestError(f"the audit reference {model} is not a version of the repository "
+                                f"{rt.path.parent.parent} (give NAME:VERSION of a version there)")
+        other = CascadeRuntime(folder, device=Device.cpu())
+        if other.input_shape != rt.input_shape or other.manifest.labels != m.labels:
+            raise ManifestError(f"the audit reference {model} does not take the same images or answer with the "
+                                f"same classes as {m.name}:{m.version}")
+        reference = other.run(val.images, early_exit=False).class_id
+    agree = classes == reference[None, :]  # [S, N]
+
+    def at_point(e: np.ndarray) -> list[float | None]:
+        return [None if s == stage or not (e == s).any() else float(agree[s, e == s].mean())
+                for s in range(n_stages)]
+
+    audit = AuditSpec(model=model, stage=stage, split="validation", n=n,
+                      stage_agreement=agree.mean(axis=1).tolist(),
+                      points={pid: at_point(e) for pid, e in exits.items()})
+    return audit, drift
 
 
 def operating_points(scores: CascadeScores, chosen: ExitOutcome, teacher_flops: int) -> OperatingPoints:

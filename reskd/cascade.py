@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .exit_policy import confidence, leaves_after
+from .exit_policy import confidence, energy, leaves_after
 
 
 class CascadeInputError(ValueError):
@@ -43,6 +43,9 @@ class CascadeResult:
     # client's own threshold or max_stage) and what validation measured for it (the server's record, or None)
     point: str | None = None
     point_figures: Any = None
+    # The energy score of each sample's stage-0 logits (reskd.exit_policy.energy): the drift signal (None: not
+    # recorded)
+    score0: np.ndarray | None = None
 
     def reasons(self) -> list[str]:
         """Each sample's exit reason by name."""
@@ -137,6 +140,7 @@ class CascadeSamples:
         self.confidence = np.zeros(n, np.float64)
         self.exit_stage = last.copy()
         self.exit_reason = np.full(n, FINAL, np.int8)
+        self.score0 = np.zeros(n, np.float64)  # energy of the stage-0 logits, set when stage 0 has run
 
     def settle(self, rows: np.ndarray, stage: int, reason: int) -> None:
         """Rows answered now from the running logits they have after `stage` (a deadline)."""
@@ -150,7 +154,7 @@ class CascadeSamples:
         """Valid once every sample has left."""
         return CascadeResult(self.running.astype(np.float32), self.running.argmax(-1).astype(np.int64),
                              self.confidence, self.exit_stage, cum_flops[self.exit_stage].astype(np.int64),
-                             self.exit_reason)
+                             self.exit_reason, score0=self.score0)
 
 
 Part = tuple[CascadeSamples, np.ndarray]  # some samples (row indices) of one CascadeSamples
@@ -169,12 +173,15 @@ def advance(rule: ExitRule, stage: int, parts: Sequence[Part], logits: np.ndarra
         thresholds = np.concatenate([s.thresholds[rows] for s, rows in parts])
         last = np.concatenate([s.last[rows] for s, rows in parts])
     out = cascade_step(rule, stage, running, logits, thresholds, last, early_exit)
+    score0 = energy(out.running) if stage == 0 else None  # the running logits after stage 0 are its own
     masks, offset = [], 0
     for samples, rows in parts:
         part = slice(offset, offset + len(rows))
         offset += len(rows)
         samples.running[rows] = out.running[part]
         samples.confidence[rows] = out.confidence[part]
+        if score0 is not None:
+            samples.score0[rows] = score0[part]
         leave = out.leave[part]
         left = rows[leave]
         samples.exit_stage[left] = stage

@@ -144,7 +144,7 @@ def _print_curve(path, manifest) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from reskd.export.calibrate import calibrate_version
+    from reskd.export.calibrate import calibrate_version, store_references
     from reskd.export.errors import ExportError
     from reskd.export.runs import eval_sets
     from reskd.manifest import ManifestError, ModelRepository, parse_model_ref
@@ -161,18 +161,43 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         if manifest.source is None:
             raise ManifestError(f"{path}/manifest.json: source.data is missing, so the validation split is unknown")
         val, test = eval_sets(manifest.source.data, manifest.input)
+        if args.references_only:
+            if args.target_drop is not None or args.flops_budget is not None:
+                raise ManifestError("--references-only keeps the thresholds: it takes neither --target-drop nor "
+                                    "--flops-budget")
+            new = store_references(path, val, args.audit_model)
+            _print_references(str(path), new)
+            return 0
         previous = manifest.calibration  # its bound and z stay, unless it had none (a FLOPs budget)
         bound = (previous and previous.bound) or "upper"
         z = previous.z if previous and previous.z is not None else 1.0
         target = args.target_drop if args.target_drop is not None or args.flops_budget is not None else 0.1
         new = calibrate_version(path, val, test, target_drop_pt=target, flops_budget_pct=args.flops_budget,
-                                bound=bound, z=z)
+                                bound=bound, z=z, audit_model=args.audit_model or (manifest.audit and
+                                                                                   manifest.audit.model))
     except (ExportError, ManifestError, DatasetError, ValueError) as err:
         print(f"reskd calibrate: {err}", file=sys.stderr)
         return 2
     _print_metrics(str(path), new)
     _print_curve(path, new)
+    _print_references(str(path), new)
     return 0
+
+
+def _print_references(path: str, manifest) -> None:
+    """The audit and drift references stored for the server's monitoring."""
+    a, d = manifest.audit, manifest.drift
+    if a is not None:
+        ref = a.model or f"stage {a.stage} ({manifest.stages[a.stage].name})"
+        default = manifest.operating_points.default if manifest.operating_points else "default"
+        shown = ", ".join("-" if v is None else f"{100 * v:.2f}%" for v in a.points.get(default, []))
+        print(f"{path}: audit reference {ref}; agreement on {a.split} ({a.n} images) at the default point, per exit "
+              f"stage: {shown}")
+    else:
+        print(f"{path}: no audit reference (no fallback stage, no teacher.model; --audit-model NAME:VERSION names one)")
+    if d is not None:
+        print(f"{path}: drift reference: stage-{d.stage} {d.score} score p50 {d.quantiles[d.levels.index(0.5)]:.3f}, "
+              f"p99 {d.p99:.3f} ({100 * d.above_p99:.2f}% of {d.split} above it)")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -329,6 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, metavar="NAME[:VERSION]")
     p.add_argument("--list", action="store_true",
                    help="print the version's stored operating points (the accuracy/compute curve) and change nothing")
+    p.add_argument("--references-only", action="store_true",
+                   help="keep the thresholds, curve and test figures; (re)compute only the audit and drift "
+                        "references the server's monitoring compares with (validation split)")
+    p.add_argument("--audit-model", metavar="NAME:VERSION",
+                   help="the version of the repository the shadow audit compares with (default: the version's own "
+                        "fallback stage, else its teacher.model)")
     _calibration_args(p)
     p.set_defaults(func=cmd_calibrate)
 

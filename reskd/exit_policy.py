@@ -41,6 +41,16 @@ def confidence(logits: np.ndarray, measure: str = "max_prob") -> np.ndarray:
     raise ValueError(f"unknown exit measure {measure!r}; use one of {', '.join(MEASURES)}")
 
 
+def energy(logits: np.ndarray) -> np.ndarray:
+    """The energy score of logits, -logsumexp over the last axis, float64 (Liu et al., NeurIPS 2020): low on inputs
+    like the training data, higher on inputs unlike it. Unlike max_prob it keeps the logits' scale, which
+    softmax throws away, so a sample the model has no strong evidence for scores high even when one class beats the
+    others. The server's drift signal on stage 0's logits (docs/serving.md, "Monitoring")."""
+    z = np.asarray(logits, dtype=np.float64)
+    top = z.max(axis=-1)
+    return -(top + np.log(np.exp(z - top[..., None]).sum(axis=-1)))
+
+
 def leaves_after(stage: int, num_stages: int, conf: np.ndarray, thresholds: np.ndarray,
                  last: np.ndarray) -> np.ndarray:
     """The exit rule, for n samples that have just run `stage`: a sample leaves at its last stage, and before the

@@ -223,6 +223,77 @@ class OperatingPoints(BaseModel):
         return next(p for p in self.points if p.id == point_id)
 
 
+class AuditSpec(BaseModel):
+    """What the server's shadow audit compares early answers with, and how often they agreed on the validation split
+    (docs/serving.md, "Monitoring"). The reference is a stage of this version (its fallback, usually the teacher:
+    `stage`) or another version of the repository (`model`, NAME:VERSION). An answer agrees when its class equals
+    the reference's; the server audits answers given before the last stage and compares their agreement with
+    these figures."""
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    stage: int | None = Field(None, ge=0)
+    split: str
+    n: int = Field(gt=0)
+    # Per stage: the running logits after it against the reference, every image of the split (the reference of
+    # answers cut short at that stage by a deadline).
+    stage_agreement: list[float]
+    # Per operating point (by id), per stage: the agreement among the images that leave at that stage under the
+    # point (None: none leave there, or the stage is the reference itself).
+    points: dict[str, list[float | None]] = Field(default_factory=dict)
+
+    @field_validator("model")
+    @classmethod
+    def _model_ref(cls, ref):
+        if ref is not None and not re.fullmatch(MODEL_REF, ref):
+            raise ValueError(f"{ref!r} should be NAME:VERSION, e.g. fashion-mnist-teacher:2")
+        return ref
+
+    @model_validator(mode="after")
+    def _one_reference(self):
+        if (self.model is None) == (self.stage is None):
+            raise ValueError("give exactly one of model (NAME:VERSION) or stage (a stage of this version)")
+        values = [*self.stage_agreement, *(a for v in self.points.values() for a in v if a is not None)]
+        if any(not 0.0 <= a <= 1.0 for a in values):
+            raise ValueError("agreements must lie in [0, 1]")
+        return self
+
+    def expected(self, point: str | None, stage: int, deadline: bool = False) -> float | None:
+        """The validation agreement an answer given at `stage` should have: its point's at that stage, or for an
+        answer cut short by a deadline (or at a stage where the point has no figure) the stage's over every image;
+        None for an answer of the client's own exit settings (no point)."""
+        if point is None:
+            return None
+        figures = self.points.get(point)
+        if not deadline and figures is not None and stage < len(figures) and figures[stage] is not None:
+            return figures[stage]
+        return self.stage_agreement[stage] if stage < len(self.stage_agreement) else None
+
+
+class DriftSpec(BaseModel):
+    """What the inputs looked like on the validation split, for drift signals that need no labels (docs/serving.md,
+    "Monitoring"): the distribution of the energy score of stage 0's logits (reskd.exit_policy.energy; high means
+    unlike the training data) as quantiles, its 99th percentile and the share of the split above it; and the mean
+    exit confidence at each operating point."""
+    model_config = ConfigDict(extra="allow")
+    score: Literal["energy"] = "energy"
+    stage: int = 0
+    split: str
+    n: int = Field(gt=0)
+    levels: list[float] = Field(min_length=1)
+    quantiles: list[float] = Field(min_length=1)
+    p99: float
+    above_p99: float = Field(ge=0, le=1)
+    exit_confidence: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _quantiles(self):
+        if len(self.levels) != len(self.quantiles):
+            raise ValueError("levels and quantiles need one value each")
+        if any(not 0 <= q <= 1 for q in self.levels) or self.levels != sorted(self.levels):
+            raise ValueError("levels must rise within [0, 1]")
+        return self
+
+
 class StageParity(BaseModel):
     """ONNX against PyTorch on every validation image: the stage's own logits, and the running logits through it
     (absent in manifests written before it was measured)."""
@@ -266,6 +337,10 @@ class Manifest(BaseModel):
     # The accuracy/compute curve on the validation split (export and `reskd calibrate` write it); absent in older
     # manifests.
     operating_points: OperatingPoints | None = None
+    # The shadow audit's reference and the drift signals' validation distribution (calibration writes them; absent
+    # in older manifests: `reskd calibrate --references-only` adds them).
+    audit: AuditSpec | None = None
+    drift: DriftSpec | None = None
 
     @field_validator("metrics", mode="before")
     @classmethod
@@ -314,6 +389,18 @@ class Manifest(BaseModel):
             raise ValueError(f"operating_points: the default point {default.id!r} (thresholds {default.thresholds}, "
                              f"max_stage {default.max_stage}) is not what exit.thresholds holds "
                              f"({self.exit.thresholds}, every stage); recalibrate with `reskd calibrate`")
+        return self
+
+    @model_validator(mode="after")
+    def _references_fit(self):
+        n = len(self.stages)
+        if self.audit is not None:
+            if self.audit.stage is not None and self.audit.stage >= n:
+                raise ValueError(f"audit.stage: {self.audit.stage} is past the last stage ({n - 1})")
+            if len(self.audit.stage_agreement) != n or any(len(v) != n for v in self.audit.points.values()):
+                raise ValueError(f"audit: stage_agreement and every point need {n} values (one per stage)")
+        if self.drift is not None and self.drift.stage >= n:
+            raise ValueError(f"drift.stage: {self.drift.stage} is past the last stage ({n - 1})")
         return self
 
     @property
