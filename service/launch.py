@@ -16,6 +16,7 @@ def serve(settings: ServeSettings) -> int:
     """Run `reskd serve` until signalled; -> the exit status. Raises ManifestError (a model that cannot load, named
     with its file), ValueError or RuntimeError before the port opens. Several workers (RESKD_WORKERS): the
     supervisor runs them."""
+    check_audit_model(settings)
     config = log_config(settings.log_format, settings.log_level)
     logging.config.dictConfig(config)
     cuda = settings.device == "cuda" or (settings.device == "auto" and cuda_offered())
@@ -27,6 +28,18 @@ def serve(settings: ServeSettings) -> int:
         finally:
             sock.close()
     return run_single(settings, config)
+
+
+def check_audit_model(settings: ServeSettings) -> None:
+    """RESKD_AUDIT_MODEL must name a version of the repository (ManifestError: `reskd serve` exits with status 2)."""
+    if settings.audit_model is None:
+        return
+    from reskd.manifest import ManifestError, ModelRepository, parse_model_ref
+
+    try:
+        ModelRepository(settings.repo).resolve(*parse_model_ref(settings.audit_model))
+    except ManifestError as err:
+        raise ManifestError(f"RESKD_AUDIT_MODEL: {err}") from None
 
 
 def cuda_offered() -> bool:

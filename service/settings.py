@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from reskd.manifest import MODEL_REF
+
 # The bundled repository: models/ at the project root (an editable or source install).
 BUNDLED_REPO = Path(__file__).resolve().parent.parent / "models"
 
@@ -59,6 +61,15 @@ class ServeSettings(BaseSettings):
     latency_slo_ms: float | None = Field(None, gt=0)
     degrade_hold_s: float = Field(5.0, gt=0)
     degrade_max_drop_pt: float = Field(1.0, ge=0, le=100)
+
+    # The shadow audit (service/serving/audit.py): this share of the answers given before a version's last stage is
+    # re-run through its audit model (its own fallback stage, else the version its manifest names, else
+    # audit_model), after the response and on spare capacity only, within audit_max_compute_pct of the FLOPs the
+    # version serves (more is dropped and counted). 0 turns it off. audit_model (NAME:VERSION of the repository) is
+    # for versions whose manifest names no audit model or teacher.
+    audit_fraction: float = Field(0.002, ge=0, le=1)
+    audit_max_compute_pct: float = Field(2.0, gt=0, le=10000)
+    audit_model: str | None = Field(None, pattern=MODEL_REF)
 
     # One thread budget: `inference_threads` stage batches run at once (the pipeline depth), each with
     # `intra_op_threads` onnxruntime threads. 0 = auto: two batches at once (one on a single core), each with half

@@ -33,6 +33,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from reskd.cascade import EXIT_REASONS, CascadeResult
 from reskd.manifest import Manifest
 
+from .audit import DROP_REASONS
 from .degrade import Point
 
 # Why the server closed a connection (service/rest/connections.py): the `reason` label of
@@ -116,6 +117,27 @@ class Metrics:
                                    multiprocess_mode="livesum")
         self.point_switches = Counter("reskd_point_switches_total", "changes of that point, down (under load) or "
                                       "up", [*M, "direction"], registry=r)
+        self.expected_confidence = Counter("reskd_expected_exit_confidence_total", "sum over the images of "
+                                           "reskd_expected_images_total of their point's validation mean exit "
+                                           "confidence: the reference of reskd_exit_confidence's mean", M,
+                                           registry=r)
+        # The shadow audit (service/serving/audit.py) and the drift signal: answers given early, re-run through the
+        # audit model (the teacher), against what validation measured.
+        self.audit_images = Counter("reskd_audit_images_total", "answers given before the last stage that were "
+                                    "re-run through the version's audit model", [*M, "stage"], registry=r)
+        self.audit_agreements = Counter("reskd_audit_agreements_total", "audited answers whose class equals the "
+                                        "audit model's", [*M, "stage"], registry=r)
+        self.audit_expected = Counter("reskd_audit_expected_agreements_total", "sum over the audited answers of the "
+                                      "agreement validation measured for each (its operating point at its exit "
+                                      "stage): / reskd_audit_images_total = the reference", [*M, "stage"],
+                                      registry=r)
+        self.audit_dropped = Counter("reskd_audit_dropped_total", "answers picked for the audit and not audited: "
+                                     "budget (RESKD_AUDIT_MAX_COMPUTE_PCT), busy (no spare capacity), unloaded (the "
+                                     "audit model is not served: the audit pauses), no_reference (the client's own "
+                                     "exit settings), failed", [*M, "reason"], registry=r)
+        self.ood_images = Counter("reskd_ood_images_total", "images whose stage-0 energy score is above the "
+                                  "validation 99th percentile the manifest stores (compare with "
+                                  "reskd_calibrated_ood_fraction)", M, registry=r)
         # Model control (service/serving/control.py): every load of a version.
         self.model_loads = Counter("reskd_model_loads_total", "model versions loaded, refused (verification or "
                                    "warm-up failed; the version served before goes on) or unloaded",
@@ -207,7 +229,8 @@ class ModelStateCollector:
         return list(self._families())
 
     def collect(self):
-        info, compute, exits, refused = self._families()
+        families = self._families()
+        info, compute, exits, refused, agreement, ood = families
         for name, version, manifest, routed in self.live():
             v = str(version)
             if routed:
@@ -217,9 +240,16 @@ class ModelStateCollector:
                 compute.add_metric([name, v], expected[0])
                 for stage, fraction in enumerate(expected[1]):
                     exits.add_metric([name, v, str(stage)], fraction)
+            if manifest.audit is not None:
+                default = manifest.operating_points.default if manifest.operating_points else "default"
+                for stage, value in enumerate(manifest.audit.points.get(default, [])):
+                    if value is not None and stage < len(manifest.stages) - 1:
+                        agreement.add_metric([name, v, str(stage)], value)
+            if manifest.drift is not None:
+                ood.add_metric([name, v], manifest.drift.above_p99)
         for name, version in self.refused():
             refused.add_metric([name, str(version)], 1)
-        return [info, compute, exits, refused]
+        return list(families)
 
     @staticmethod
     def _families() -> tuple[GaugeMetricFamily, ...]:
@@ -231,6 +261,12 @@ class ModelStateCollector:
                               "stage under the calibrated thresholds", labels=[*M, "stage"]),
             GaugeMetricFamily("reskd_model_refused", "1 while a version in the repository is refused (the reason "
                               "is in the log and GET/POST /v2/repository/index)", labels=M),
+            GaugeMetricFamily("reskd_audit_reference_agreement", "share of validation answers given at each stage "
+                              "before the last, at the default operating point, that agreed with the audit model",
+                              labels=[*M, "stage"]),
+            GaugeMetricFamily("reskd_calibrated_ood_fraction", "share of validation images whose stage-0 energy "
+                              "score is above its validation 99th percentile (the reference of "
+                              "reskd_ood_images_total / reskd_images_total)", labels=M),
         )
 
 
@@ -271,6 +307,17 @@ class ModelMetrics:
         self._level = m.degrade_level.labels(model, v, m.worker)
         self._switches = {d: m.point_switches.labels(model, v, d) for d in ("down", "up")}
         self._point_gauge = lambda point: m.operating_point.labels(model, v, m.worker, point)
+        self._expected_confidence = m.expected_confidence.labels(model, v)
+        self._audit_images = [m.audit_images.labels(model, v, s) for s in stages]
+        self._audit_agreements = [m.audit_agreements.labels(model, v, s) for s in stages]
+        self._audit_expected = [m.audit_expected.labels(model, v, s) for s in stages]
+        self._audit_dropped = {reason: m.audit_dropped.labels(model, v, reason) for reason in DROP_REASONS}
+        self._ood = m.ood_images.labels(model, v)
+        drift = manifest.drift
+        self._ood_above = drift.p99 if drift is not None else None
+        self._point_confidence = dict(drift.exit_confidence) if drift is not None else {}
+        if drift is not None and manifest.operating_points is not None and "default" not in self._point_confidence:
+            self._point_confidence["default"] = self._point_confidence.get(manifest.operating_points.default)
 
     def ladder(self, rungs: list[Point]) -> None:
         """The version's degrade ladder (service/serving/degrade.py): its points' series exist from now on, the top
@@ -303,6 +350,21 @@ class ModelMetrics:
     def dropped(self, images: int) -> None:
         self._dropped.inc(images)
 
+    def audited(self, stages: np.ndarray, agree: np.ndarray, expected: np.ndarray) -> None:
+        """An audit batch: each answer's exit stage, whether it agreed with the audit model, and the agreement
+        validation measured for it (NaN: none stored)."""
+        for stage in np.unique(stages).tolist():
+            mine = stages == stage
+            self._audit_images[stage].inc(int(mine.sum()))
+            self._audit_agreements[stage].inc(int(agree[mine].sum()))
+            reference = expected[mine]
+            reference = reference[~np.isnan(reference)]
+            if len(reference):
+                self._audit_expected[stage].inc(float(reference.sum()))
+
+    def audit_dropped(self, reason: str, images: int) -> None:
+        self._audit_dropped[reason].inc(images)
+
     def answered(self, result: CascadeResult) -> None:
         flops = result.flops
         n = len(flops)
@@ -322,7 +384,14 @@ class ModelMetrics:
                     self._reasons[reason].inc(count)
         self._point_images("custom" if result.point is None else result.point).inc(n)
         point = result.point_figures
+        if self._ood_above is not None and result.score0 is not None:
+            above = int((result.score0 > self._ood_above).sum())
+            if above:
+                self._ood.inc(above)
         if point is not None and point.accuracy is not None:
+            confidence = self._point_confidence.get(point.id)
+            if confidence is not None:
+                self._expected_confidence.inc(n * confidence)
             self._expected_images.inc(n)
             self._expected_correct.inc(n * point.accuracy)
             self._expected_flops.inc(n * point.mean_flops)

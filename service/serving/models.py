@@ -14,6 +14,7 @@ from reskd.machine import available_cores
 from reskd.manifest import Manifest, ManifestError, ModelRepository
 from reskd.runtime import CascadeRuntime
 
+from .audit import Auditor, audit_reference
 from .degrade import Controller, ladder
 from .errors import not_found
 from .metrics import Metrics, ModelMetrics
@@ -113,10 +114,12 @@ class ModelStore:
     reads it, and a request resolves its model once, so swapping an entry is atomic: requests that resolved the old
     one finish on it (service/serving/control.py drains it), later ones get the new one."""
 
-    def __init__(self, settings: ServeSettings, metrics: Metrics, executor: Executor, serving: ServingDevice):
+    def __init__(self, settings: ServeSettings, metrics: Metrics, executor: Executor, serving: ServingDevice,
+                 audit_executor: Executor | None = None):
         self.settings = settings
         self.metrics = metrics
         self.executor = executor
+        self.audit_executor = audit_executor
         self.serving = serving
         self.repo = ModelRepository(settings.repo)
         self._models: dict[str, dict[int, ServedModel]] = {}
@@ -151,12 +154,31 @@ class ModelStore:
             max_queue_images=s.max_queue_images, pipeline_depth=self.serving.workers,
             max_wait_s=s.max_queue_wait_ms / 1000,
             min_admitted=s.decode_workers + self.serving.workers, observer=metrics, controller=controller,
-            cost_clock="device" if cuda else "thread" if threads == 1 else "cores", cores=threads)
+            cost_clock="device" if cuda else "thread" if threads == 1 else "cores", cores=threads,
+            auditor=self.auditor(runtime, metrics), audit_executor=self.audit_executor)
         model = ServedModel(name, version, runtime.path, runtime, scheduler, metrics, fingerprint)
         log.info("loaded %s version %d: %d stage(s) on %s (%s engine%s), scheduler %s", name, version,
                  runtime.num_stages, model.device, runtime.engine.kind,
                  ", CUDA graphs" if runtime.engine_spec.graphs else "", self.policy)
         return model
+
+    def auditor(self, runtime: CascadeRuntime, metrics: ModelMetrics) -> Auditor | None:
+        """The version's shadow audit (service/serving/audit.py), or None: RESKD_AUDIT_FRACTION 0, a one-stage
+        version, or one without an audit model."""
+        s = self.settings
+        reference = audit_reference(runtime, s.audit_model) if s.audit_fraction > 0 else None
+        if reference is None:
+            return None
+        return Auditor(runtime, reference, self.served_runtime, fraction=s.audit_fraction,
+                       max_compute_pct=s.audit_max_compute_pct, observer=metrics)
+
+    def served_runtime(self, name: str, version: int | None) -> CascadeRuntime | None:
+        """The runtime serving NAME:VERSION now (the highest version when None), or None when it is not served."""
+        versions = self._models.get(name, {})
+        if not versions:
+            return None
+        model = versions.get(version if version is not None else max(versions))
+        return model.runtime if model is not None else None
 
     def controller(self, runtime: CascadeRuntime, metrics: ModelMetrics) -> Controller | None:
         """The version's degrade controller (service/serving/degrade.py), or None: RESKD_DEGRADE off, or a version

@@ -44,6 +44,7 @@ from reskd.cascade import DEADLINE, CascadeResult, CascadeSamples, advance
 from reskd.engine import Engine, Part, images_part
 from reskd.runtime import CascadeRuntime
 
+from .audit import Auditor
 from .degrade import HOST, Controller, Point
 
 
@@ -324,7 +325,8 @@ class CascadeScheduler:
                  version: int, policy: Policy, max_batch_sizes: list[int], max_queue_delays_s: list[float],
                  max_queue_images: int, pipeline_depth: int, max_wait_s: float = 0.0, min_admitted: int = 0,
                  observer: SchedulerObserver | None = None, controller: Controller | None = None,
-                 cost_clock: Literal["thread", "cores", "device"] = "device", cores: int = 1):
+                 cost_clock: Literal["thread", "cores", "device"] = "device", cores: int = 1,
+                 auditor: Auditor | None = None, audit_executor: Executor | None = None):
         self.runtime = runtime
         self.runner = runner
         self.executor = executor
@@ -363,6 +365,10 @@ class CascadeScheduler:
         self.cost_clock, self.cores = cost_clock, cores
         self._deadlines: list[tuple[float, int, Request]] = []  # a heap of the queued requests' deadlines
         self._controlled = 0.0  # when the controller last chose (a degraded version is looked at while idle too)
+        # The shadow audit (service/serving/audit.py): answered requests are offered to it; its batches run on their
+        # own thread (audit_executor), one at a time, only when nothing of this version is queued or being read.
+        self.auditor = auditor
+        self.audit_executor = audit_executor or executor
 
     def _stopped(self) -> QueueFull:
         """What a request gets from a stopped scheduler (503): which version, and why it stopped."""
@@ -372,7 +378,8 @@ class CascadeScheduler:
     def idle(self) -> bool:
         """Nothing admitted and unanswered, no batch running: stopping now fails no request (an unload drains
         until then)."""
-        return self.workload.requests == 0 and self.pending == 0 and self._in_flight == 0
+        return self.workload.requests == 0 and self.pending == 0 and self._in_flight == 0 and \
+            (self.auditor is None or not self.auditor.running)
 
     # --- admission -------------------------------------------------------------------------------------------
     def _control(self) -> None:
@@ -539,11 +546,14 @@ class CascadeScheduler:
                 stage = self._pick(now)
                 if stage is not None:
                     break
+                self._start_audit()
                 waiting = [q.deadline() for q in self.queues if q.items]
                 if self._deadlines:
                     waiting.append(self._deadlines[0][0])
                 if degraded:
                     waiting.append(self._controlled + self.CONTROL_PERIOD_S)
+                if self.auditor is not None and self.auditor.pending:
+                    waiting.append(self.auditor.pending[0].queued + self.auditor.STALE_S)
                 self._wakeup.clear()
                 try:
                     await asyncio.wait_for(self._wakeup.wait(), max(min(waiting) - now, 0) if waiting else None)
@@ -562,6 +572,35 @@ class CascadeScheduler:
             task = asyncio.get_running_loop().create_task(self._run(stage, batch))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
+
+    def _start_audit(self) -> None:
+        """Spare capacity (nothing of this version queued or being read, and the dispatcher holds a free slot): run
+        the next audit batch, if one waits and none is running."""
+        a = self.auditor
+        if a is None or not a.pending:
+            return
+        a.expire()
+        if not a.ready or self.pending or any(q.items for q in self.queues):
+            return
+        taken = a.take()
+        if taken is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._audit(*taken))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _audit(self, batch, audit) -> None:
+        classes = None
+        try:
+            classes = await asyncio.get_running_loop().run_in_executor(self.audit_executor, Auditor.run, batch, audit)
+        except asyncio.CancelledError:  # stop(): nothing to count
+            self.auditor.running = False
+            raise
+        except Exception:
+            log.exception("the audit of %s version %d against %s failed (%d images)", self.model, self.version,
+                          self.auditor.reference.describe(), sum(map(len, batch)))
+        self.auditor.record(batch, classes)
+        self._wakeup.set()
 
     def _expire(self, now: float) -> None:
         """Requests whose deadline has passed: their samples waiting at a later stage are answered from the running
@@ -705,3 +744,7 @@ class CascadeScheduler:
         req.future.set_result(result)
         HOST.images += len(result)
         self.observer.answered(result)
+        if self.auditor is not None:  # after the answer: the audit never delays it
+            self.auditor.offer(req.images, result, req.point_id)
+            if self.auditor.ready:
+                self._wakeup.set()

@@ -28,8 +28,10 @@ class ServerState:
         # threads (on CPU by default one batch using every core). Decoding has its own small pool.
         self.inference = ThreadPoolExecutor(serving.workers, thread_name_prefix="reskd-infer")
         self.decoding = DecodePool(settings.decode_workers)
+        # The shadow audit's own thread (service/serving/audit.py): an audit that hangs never holds an inference slot.
+        self.audit = ThreadPoolExecutor(1, thread_name_prefix="reskd-audit")
         self.worker = worker
-        self.store = ModelStore(settings, self.metrics, self.inference, serving)
+        self.store = ModelStore(settings, self.metrics, self.inference, serving, self.audit)
         if worker is None:
             self.control = ModelControl(settings, self.store, self.metrics, self.inference)
         else:
@@ -72,6 +74,7 @@ class ServerState:
         for model in self.store.all():
             await model.scheduler.stop()
         self.inference.shutdown(wait=True, cancel_futures=True)
+        self.audit.shutdown(wait=False, cancel_futures=True)
         self.decoding.shutdown()
 
     def require_ready(self, readiness: bool = False) -> None:
