@@ -232,7 +232,7 @@ def cmd_score(args: argparse.Namespace) -> int:
                            resume=args.resume, labels=args.labels, batch_size=args.batch_size,
                            shard_size=args.shard_size, device=args.device, workers=args.workers,
                            threads=args.threads, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
-                           progress=not args.quiet)
+                           progress=not args.quiet, audit=args.audit, audit_model=args.audit_model)
     try:
         summary = score(options)
     except (ScoreError, ManifestError) as err:
@@ -384,7 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("score", help="score image files offline (local processes or Ray Data); JSONL/CSV/Parquet",
                        description="Classify every input image with the cascade and write one row per input: path, "
-                                   "label, class_id, confidence, exit_stage, flops, flops_saved_vs_teacher, error. "
+                                   "label, class_id, confidence, exit_stage, flops, flops_saved_vs_teacher, error (--audit adds the audit "
+                                   "model's answer and the OOD score). "
                                    "An unreadable image becomes a row with `error` set; the job still exits 0. "
                                    "Exit status 2: the job could not run (the message says what to fix). "
                                    "See docs/scoring.md.")
@@ -410,6 +411,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=10_000,
                    help="inputs per committed shard: the most work a killed job loses (default 10000)")
     p.add_argument("--quiet", action="store_true", help="no progress bar (the summary is still printed)")
+    p.add_argument("--audit", action="store_true",
+                   help="check every answer given before the last stage against the version's audit model (as the "
+                        "server's shadow audit does) and flag images above the validation p99 of the stage-0 "
+                        "energy score: adds the columns audit_label, audit_class_id, audit_agrees, ood_score, ood "
+                        "and two summary lines")
+    p.add_argument("--audit-model", metavar="NAME[:VERSION]",
+                   help="the audit model, a version of REPO, in place of the manifest's (audit section, else "
+                        "teacher.model): needed for a version whose manifest names none; implies --audit")
     g = p.add_argument_group("local engine")
     g.add_argument("--workers", type=int, help="decode processes (default: one per core, each also classifying "
                                                "on CPU; under CUDA one fewer, at least 1, as a core feeds the GPU; "

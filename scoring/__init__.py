@@ -6,6 +6,8 @@ same per-sample compute accounting as the server.
               exception), then normalise + run the cascade
 - local.py    the local engine: decode worker processes feeding the runtime at large batch sizes
 - ray_engine.py  the Ray Data engine: the same two steps as map_batches tasks and an actor pool
+- audit.py    --audit: the audit model's answer for the answers given before the last stage, the OOD score, and
+              the summary's audit and drift lines against the manifest's validation figures
 - output.py   output schema, shards committed atomically (resume), final JSONL / CSV / Parquet file
 - job.py      the job: inputs -> engine -> shards -> output, progress bar and summary
 """

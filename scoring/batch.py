@@ -2,7 +2,8 @@
 
 decode_files runs where decoding is parallel (worker processes, Ray tasks): a file that cannot be read or decoded
 yields an error message, never an exception. classify runs where the cascade lives (the engine's main process, a
-Ray actor): it normalises the whole batch at once and runs the runtime on the images that decoded.
+worker, a Ray actor): it normalises the whole batch at once and runs the runtime on the images that decoded, then
+(--audit) the audit model on those answered before the last stage.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from reskd.preprocess import DEFAULT_MAX_PIXELS, ImageError, decode_pixels, norm
 
 if TYPE_CHECKING:  # decode workers never load onnxruntime
     from reskd.runtime import CascadeRuntime
+
+    from .audit import AuditRunner
 
 
 def read_file(path: str) -> bytes:
@@ -40,8 +43,11 @@ def decode_files(paths: list[str], spec: InputSpec, max_pixels: int = DEFAULT_MA
     return pixels, errors
 
 
-def classify(runtime: CascadeRuntime, index: np.ndarray, pixels: np.ndarray, errors) -> dict[str, np.ndarray]:
-    """One result per input: class_id, confidence, exit_stage, flops (-1 / NaN / -1 / 0 where `error` is set)."""
+def classify(runtime: CascadeRuntime, index: np.ndarray, pixels: np.ndarray, errors,
+             audit: AuditRunner | None = None) -> dict[str, np.ndarray]:
+    """One result per input: class_id, confidence, exit_stage, flops, score0 (-1 / NaN / -1 / 0 / NaN where `error`
+    is set); with `audit`, audit_class_id: the audit model's class for the answers given before the last stage (-1
+    for the others)."""
     n = len(index)
     ok = np.asarray([not e for e in errors], dtype=bool)
     out = {"index": np.asarray(index, dtype=np.int64),
@@ -49,11 +55,20 @@ def classify(runtime: CascadeRuntime, index: np.ndarray, pixels: np.ndarray, err
            "confidence": np.full(n, np.nan, dtype=np.float64),
            "exit_stage": np.full(n, -1, dtype=np.int32),
            "flops": np.zeros(n, dtype=np.int64),
+           "score0": np.full(n, np.nan, dtype=np.float64),
            "error": np.asarray([str(e) for e in errors], dtype=object)}
+    if audit is not None:
+        out["audit_class_id"] = np.full(n, -1, dtype=np.int64)
     if ok.any():
         result = runtime.run(normalise(pixels[ok], runtime.manifest.input))
         out["class_id"][ok] = result.class_id
         out["confidence"][ok] = result.confidence
         out["exit_stage"][ok] = result.exit_stage
         out["flops"][ok] = result.flops
+        if result.score0 is not None:
+            out["score0"][ok] = result.score0
+        if audit is not None:
+            early = np.flatnonzero(ok)[result.exit_stage < audit.plan.last_stage]
+            if len(early):
+                out["audit_class_id"][early] = audit.classes(pixels[early])
     return out

@@ -13,9 +13,10 @@ import pyarrow.compute as pc
 
 from reskd.manifest import ModelRepository, parse_model_ref, sha256_file
 
+from .audit import AuditPlan, AuditTally, audit_plan
 from .errors import ScoreError
 from .inputs import collect_inputs, inputs_digest, path_key, read_labels
-from .output import ShardStore, output_format, rows_table
+from .output import ShardStore, output_format, output_schema, rows_table
 
 DEFAULT_SHARD_SIZE = 10_000
 
@@ -37,6 +38,10 @@ class ScoreOptions:
     actors: int = 1  # ray engine: actor pool size
     gpus_per_actor: float = 0.0  # ray engine
     progress: bool = True
+    # Check every answer given before the last stage against the version's audit model and write the OOD score
+    # (scoring/audit.py); audit_model (NAME[:VERSION]) names that model, for a version whose manifest names none.
+    audit: bool = False
+    audit_model: str | None = None
 
 
 @dataclass
@@ -54,6 +59,7 @@ class Summary:
     correct: int = 0
     scored_now: int = 0  # rows scored by this run; a resumed run found the others in committed shards
     seconds: float = 0.0
+    audit: AuditTally | None = None  # --audit
 
     def add(self, table: pa.Table) -> None:
         """Tally a block of output rows."""
@@ -69,6 +75,8 @@ class Summary:
                 if truth is not None:
                     self.labelled += 1
                     self.correct += int(truth == class_id)
+        if self.audit is not None:
+            self.audit.add(ok)
 
     @property
     def mean_flops(self) -> float:
@@ -99,6 +107,8 @@ class Summary:
             acc = f"{self.accuracy:.2f}%" if self.labelled else "n/a"
             out.append(f"accuracy {acc} on {self.labelled} labelled images "
                        f"({ok - self.labelled} scored images had no label)")
+        if self.audit is not None:
+            out.extend(self.audit.lines())
         return out
 
 
@@ -111,7 +121,9 @@ def score(options: ScoreOptions) -> Summary:
         raise ScoreError("--batch-size and --shard-size must be >= 1")
     fmt = output_format(options.out)
     name, version = parse_model_ref(options.model)
-    version_dir, manifest = ModelRepository(options.repo).load(name, version)
+    repo = ModelRepository(options.repo)
+    version_dir, manifest = repo.load(name, version)
+    audit = audit_plan(repo, manifest, options.audit_model) if options.audit or options.audit_model else None
     paths = collect_inputs(options.inputs)
     labels = read_labels(options.labels, manifest.labels) if options.labels else None
     out = Path(options.out)
@@ -121,37 +133,39 @@ def score(options: ScoreOptions) -> Summary:
 
     job = {"model": f"{manifest.name}:{manifest.version}",
            "manifest_sha256": sha256_file(version_dir / "manifest.json"),
-           "inputs_sha256": inputs_digest(paths)}
-    store = ShardStore(out, job, len(paths), options.shard_size, options.resume)
+           "inputs_sha256": inputs_digest(paths),
+           "audit": audit.job_record() if audit else None}  # no key in a job.json from before --audit: None
+    store = ShardStore(out, job, len(paths), options.shard_size, options.resume, output_schema(audit is not None))
     todo = store.pending_indices()
     teacher_flops = manifest.teacher.flops
     if len(todo):
-        engine = _engine(options, version_dir)
-        _run(engine, store, paths, todo, manifest.labels, teacher_flops, options.progress)
+        engine = _engine(options, version_dir, audit)
+        _run(engine, store, paths, todo, manifest.labels, teacher_flops, options.progress, audit)
     summary = Summary(model=job["model"], out=str(out), stage_names=[s.name for s in manifest.stages],
-                      teacher_flops=teacher_flops, labels=labels, scored_now=len(todo))
+                      teacher_flops=teacher_flops, labels=labels, scored_now=len(todo),
+                      audit=AuditTally(audit) if audit else None)
     store.finish(fmt, each=summary.add)
     summary.seconds = time.perf_counter() - start
     return summary
 
 
-def _engine(options: ScoreOptions, version_dir: Path):
+def _engine(options: ScoreOptions, version_dir: Path, audit: AuditPlan | None):
     if options.engine == "ray":
         from .ray_engine import RayEngine
 
         return RayEngine(version_dir, batch_size=options.batch_size, actors=options.actors,
-                         gpus_per_actor=options.gpus_per_actor)
+                         gpus_per_actor=options.gpus_per_actor, audit=audit)
     from .local import LocalEngine
 
     try:
         return LocalEngine(version_dir, batch_size=options.batch_size, workers=options.workers,
-                           threads=options.threads, device=options.device)
+                           threads=options.threads, device=options.device, audit=audit)
     except RuntimeError as err:  # e.g. --device cuda without a CUDA onnxruntime
         raise ScoreError(str(err)) from None
 
 
 def _run(engine, store: ShardStore, paths: list[str], todo: np.ndarray, class_names: list[str],
-         teacher_flops: int, progress: bool) -> None:
+         teacher_flops: int, progress: bool, audit: AuditPlan | None = None) -> None:
     from tqdm import tqdm
 
     bar = tqdm(total=store.num_inputs, initial=store.num_inputs - len(todo), unit="img", desc="scoring",
@@ -159,7 +173,7 @@ def _run(engine, store: ShardStore, paths: list[str], todo: np.ndarray, class_na
     flops = scored = 0
     with bar:
         for result in engine.score(paths, todo):
-            store.add(rows_table(result, paths, class_names, teacher_flops))
+            store.add(rows_table(result, paths, class_names, teacher_flops, audit))
             ok = result["class_id"] >= 0
             flops += int(result["flops"][ok].sum())
             scored += int(ok.sum())

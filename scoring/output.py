@@ -9,10 +9,12 @@ never partial, and `--resume` rescores only the shards that are missing: no row 
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +25,9 @@ import pyarrow.parquet as pq
 from reskd.files import replacing, write_atomic
 
 from .errors import ScoreError
+
+if TYPE_CHECKING:
+    from .audit import AuditPlan
 
 # The output schema (docs/scoring.md). Nulls where `error` is set; `error` is null where the image was scored.
 SCHEMA = pa.schema([
@@ -35,6 +40,16 @@ SCHEMA = pa.schema([
     ("flops_saved_vs_teacher", pa.int64()),
     ("error", pa.string()),
 ])
+# --audit appends these (docs/scoring.md): the audit model's answer where the answer came before the last stage
+# (null elsewhere), and the stage-0 energy score with the OOD flag (null where the manifest has no drift.p99).
+AUDIT_FIELDS = [
+    ("audit_label", pa.string()),
+    ("audit_class_id", pa.int64()),
+    ("audit_agrees", pa.bool_()),
+    ("ood_score", pa.float64()),
+    ("ood", pa.bool_()),
+]
+AUDIT_SCHEMA = pa.schema([*SCHEMA, *(pa.field(name, kind) for name, kind in AUDIT_FIELDS)])
 SHARD_SCHEMA = SCHEMA.append(pa.field("index", pa.int64()))
 FORMATS = {".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 JOB_FILE = "job.json"
@@ -48,9 +63,17 @@ def output_format(path: str | Path) -> str:
     return FORMATS[suffix]
 
 
+def output_schema(audit: bool) -> pa.Schema:
+    return AUDIT_SCHEMA if audit else SCHEMA
+
+
+def shard_schema(schema: pa.Schema) -> pa.Schema:
+    return schema.append(pa.field("index", pa.int64()))
+
+
 def rows_table(result: dict[str, np.ndarray], paths: list[str], class_names: list[str],
-               teacher_flops: int) -> pa.Table:
-    """An engine's result batch -> output rows (plus `index`)."""
+               teacher_flops: int, audit: AuditPlan | None = None) -> pa.Table:
+    """An engine's result batch -> output rows (plus `index`); with `audit`, AUDIT_SCHEMA's columns."""
     index = result["index"]
     errors = np.asarray(result["error"], dtype=object)
     failed = errors.astype(bool)
@@ -65,16 +88,31 @@ def rows_table(result: dict[str, np.ndarray], paths: list[str], class_names: lis
         "flops": pa.array(result["flops"], pa.int64(), mask=failed),
         "flops_saved_vs_teacher": pa.array(teacher_flops - result["flops"], pa.int64(), mask=failed),
         "error": pa.array(errors, pa.string(), mask=~failed),
-        "index": pa.array(index, pa.int64()),
     }
-    return pa.table(columns, schema=SHARD_SCHEMA)
+    if audit is not None:
+        reference = result["audit_class_id"]
+        unaudited = reference < 0
+        score0 = result["score0"]
+        columns.update({
+            "audit_label": pa.array(np.asarray(class_names, dtype=object)[np.maximum(reference, 0)], pa.string(),
+                                    mask=unaudited),
+            "audit_class_id": pa.array(reference, pa.int64(), mask=unaudited),
+            "audit_agrees": pa.array(reference == class_id, pa.bool_(), mask=unaudited),
+            "ood_score": pa.array(score0, pa.float64(), mask=failed),
+            "ood": pa.array(score0 > (audit.p99 if audit.p99 is not None else np.inf), pa.bool_(),
+                            mask=failed | (audit.p99 is None)),
+        })
+    columns["index"] = pa.array(index, pa.int64())
+    return pa.table(columns, schema=shard_schema(output_schema(audit is not None)))
 
 
 class ShardStore:
     """OUT.parts/: job.json and the committed shards of one job."""
 
-    def __init__(self, out: Path, job: dict, num_inputs: int, shard_size: int, resume: bool):
+    def __init__(self, out: Path, job: dict, num_inputs: int, shard_size: int, resume: bool,
+                 schema: pa.Schema = SCHEMA):
         self.out = Path(out)
+        self.schema = schema
         self.dir = self.out.with_name(self.out.name + ".parts")
         self.num_inputs = num_inputs
         job = {**job, "inputs": num_inputs, "shard_size": shard_size}
@@ -90,8 +128,8 @@ class ShardStore:
             changed = [k for k in job if k != "shard_size" and previous.get(k) != job[k]]
             if changed:
                 raise ScoreError(f"--resume: the unfinished job in {self.dir} scored different "
-                                 f"{', '.join(changed)}; rerun it with the same model and INPUTS, or delete "
-                                 f"that folder to start over")
+                                 f"{', '.join(changed)}; rerun it with the same model, INPUTS and --audit, or "
+                                 f"delete that folder to start over")
             job["shard_size"] = previous["shard_size"]  # shards already committed fix it
         self.shard_size = job["shard_size"]
         self.num_shards = -(-num_inputs // self.shard_size)
@@ -156,7 +194,7 @@ class ShardStore:
     def tables(self) -> Iterator[pa.Table]:
         """Every committed row, in input order, checked to be one row per input."""
         for k in range(self.num_shards):
-            table = pq.read_table(self.shard_path(k), schema=SHARD_SCHEMA)
+            table = pq.read_table(self.shard_path(k), schema=shard_schema(self.schema))
             start = k * self.shard_size
             if not np.array_equal(table.column("index").to_numpy(), np.arange(start, start + self.shard_rows(k))):
                 raise ScoreError(f"{self.shard_path(k)} does not hold inputs {start}.. in order; delete "
@@ -171,17 +209,17 @@ class ShardStore:
                 yield table
 
         with replacing(self.out) as tmp:
-            write_table_stream(tables(), tmp, fmt)
+            write_table_stream(tables(), tmp, fmt, self.schema)
         shutil.rmtree(self.dir)
 
 
-def write_table_stream(tables: Iterator[pa.Table], path: Path, fmt: str) -> None:
+def write_table_stream(tables: Iterator[pa.Table], path: Path, fmt: str, schema: pa.Schema = SCHEMA) -> None:
     if fmt == "parquet":
-        with pq.ParquetWriter(path, SCHEMA) as writer:
+        with pq.ParquetWriter(path, schema) as writer:
             for table in tables:
                 writer.write_table(table)
     elif fmt == "csv":
-        with pacsv.CSVWriter(path, SCHEMA) as writer:
+        with pacsv.CSVWriter(path, schema) as writer:
             for table in tables:
                 writer.write_table(table)
     else:
@@ -191,14 +229,27 @@ def write_table_stream(tables: Iterator[pa.Table], path: Path, fmt: str) -> None
 
 
 def read_output(path: str | Path) -> pa.Table:
-    """A `reskd score` output file (any of the three formats) -> a table with SCHEMA."""
+    """A `reskd score` output file (any of the three formats) -> a table with SCHEMA, or AUDIT_SCHEMA when it was
+    written with --audit."""
     fmt = output_format(path)
+    schema = output_schema(_names(path, fmt)[len(SCHEMA):len(AUDIT_SCHEMA)] == AUDIT_SCHEMA.names[len(SCHEMA):])
     if fmt == "parquet":
-        return pq.read_table(path, schema=SCHEMA)
+        return pq.read_table(path, schema=schema)
     if fmt == "csv":
-        options = pacsv.ConvertOptions(column_types=SCHEMA, strings_can_be_null=True)
-        return pacsv.read_csv(path, convert_options=options).select(SCHEMA.names)
+        options = pacsv.ConvertOptions(column_types=schema, strings_can_be_null=True)
+        return pacsv.read_csv(path, convert_options=options).select(schema.names)
     if Path(path).stat().st_size == 0:
-        return SCHEMA.empty_table()
-    table = pajson.read_json(path, parse_options=pajson.ParseOptions(explicit_schema=SCHEMA))
-    return table.select(SCHEMA.names)
+        return schema.empty_table()
+    table = pajson.read_json(path, parse_options=pajson.ParseOptions(explicit_schema=schema))
+    return table.select(schema.names)
+
+
+def _names(path: str | Path, fmt: str) -> list[str]:
+    """The column names of an output file (its first row's, for JSONL; none for an empty one)."""
+    if fmt == "parquet":
+        return pq.read_schema(path).names
+    with open(path, encoding="utf-8") as f:
+        first = f.readline()
+    if fmt == "csv":
+        return next(csv.reader([first]), [])
+    return list(json.loads(first)) if first.strip() else []

@@ -8,7 +8,8 @@ same path. Reading inside the decode step, rather than with read_binary_files, i
 become an error row instead of failing the whole dataset. Ray fuses the decode step into the actors when their
 resources match (CPU actors): each actor then decodes and classifies its batches, and --actors scales both; GPU
 actors reserve a GPU, so decoding stays in CPU tasks feeding them. The model travels with the actors (its files are
-passed to their constructor), so workers need reskd installed but no copy of the model repository.
+passed to their constructor), so workers need reskd installed but no copy of the model repository; with --audit
+an audit version's files travel with them too.
 
 Ray is used as found: `ray.init()` joins the cluster named by RAY_ADDRESS, or starts a local instance; a Ray
 instance already initialised by the caller is used as it is.
@@ -24,6 +25,7 @@ import numpy as np
 
 from reskd.manifest import MANIFEST, InputSpec, load_manifest
 
+from .audit import AuditPlan, AuditRunner, version_files
 from .batch import classify, decode_files
 from .errors import ScoreError
 
@@ -33,26 +35,40 @@ def decode_batch(batch: dict[str, np.ndarray], spec: InputSpec) -> dict[str, np.
     return {"index": batch["index"], "pixels": pixels, "error": np.asarray(errors, dtype=object)}
 
 
-class CascadeActor:
-    """Holds one cascade runtime; `files` are the model version's files (name -> bytes)."""
+def _write(files: dict[str, bytes]) -> tempfile.TemporaryDirectory:
+    folder = tempfile.TemporaryDirectory(prefix="reskd-model-")
+    for name, data in files.items():
+        (Path(folder.name) / name).write_bytes(data)
+    return folder
 
-    def __init__(self, files: dict[str, bytes], device: str, threads: int):
+
+class CascadeActor:
+    """Holds one cascade runtime; `files` are the model version's files (name -> bytes). --audit: `audit`, and the
+    audit version's files when it is another version."""
+
+    def __init__(self, files: dict[str, bytes], device: str, threads: int, audit: AuditPlan | None = None,
+                 audit_files: dict[str, bytes] | None = None):
         from reskd.runtime import CascadeRuntime
 
         from .local import scoring_device
 
-        self._dir = tempfile.TemporaryDirectory(prefix="reskd-model-")
-        for name, data in files.items():
-            (Path(self._dir.name) / name).write_bytes(data)
+        self._dir = _write(files)
         # One onnxruntime thread per CPU the actor reserved: actors on one node do not oversubscribe its cores.
-        self.runtime = CascadeRuntime(self._dir.name, device=scoring_device(device, threads), check_folder_name=False)
+        resolved = scoring_device(device, threads)
+        self.runtime = CascadeRuntime(self._dir.name, device=resolved, check_folder_name=False)
+        self.audit = None
+        if audit is not None:
+            self._audit_dir = _write(audit_files) if audit_files else None
+            self.audit = AuditRunner(audit, self.runtime, resolved,
+                                     model_dir=self._audit_dir.name if self._audit_dir else None)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return classify(self.runtime, batch["index"], batch["pixels"], batch["error"])
+        return classify(self.runtime, batch["index"], batch["pixels"], batch["error"], self.audit)
 
 
 class RayEngine:
-    def __init__(self, version_dir: Path, *, batch_size: int = 512, actors: int = 1, gpus_per_actor: float = 0.0):
+    def __init__(self, version_dir: Path, *, batch_size: int = 512, actors: int = 1, gpus_per_actor: float = 0.0,
+                 audit: AuditPlan | None = None):
         try:
             import ray  # noqa: F401
             import ray.data  # noqa: F401
@@ -64,6 +80,11 @@ class RayEngine:
         self.spec = manifest.input
         self.files = {name: (Path(version_dir) / name).read_bytes()
                       for name in [MANIFEST] + [s.file for s in manifest.stages]}
+        self.audit = audit
+        self.audit_files = None
+        if audit is not None and audit.model_dir is not None:
+            self.audit_files = {name: (Path(audit.model_dir) / name).read_bytes()
+                                for name in version_files(audit.model_dir)}
         self.batch_size = batch_size
         self.actors = actors
         self.gpus_per_actor = gpus_per_actor
@@ -86,7 +107,8 @@ class RayEngine:
             ds = ds.map_batches(CascadeActor, batch_size=self.batch_size, batch_format="numpy",
                                 fn_constructor_kwargs={"files": self.files,
                                                        "device": "cuda" if self.gpus_per_actor > 0 else "cpu",
-                                                       "threads": 1},
+                                                       "threads": 1, "audit": self.audit,
+                                                       "audit_files": self.audit_files},
                                 compute=ray.data.ActorPoolStrategy(size=self.actors),
                                 num_gpus=self.gpus_per_actor or None)
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):

@@ -268,3 +268,19 @@ def test_ray_engine_gives_the_local_engines_rows(ray_local, images_dir, local_ru
         assert (a["confidence"] is None and b["confidence"] is None) or abs(a["confidence"] - b["confidence"]) <= 1e-6
     assert (summary.failures, summary.exits) == (local_run[1].failures, local_run[1].exits)
     assert ray_local.is_initialized()  # a caller's Ray instance is used, not shut down
+
+
+def test_ray_engine_audits_as_the_local_engine(ray_local, images_dir, tmp_path):
+    """--audit on Ray: the audit version's files travel to the actors, and the rows and summary lines are the local
+    engine's (tests/test_score_audit.py checks those against the audit model itself)."""
+    local = score(options([images_dir[0]], tmp_path / "local.jsonl", workers=0, audit=True))
+    ray = score(options([images_dir[0]], tmp_path / "ray.jsonl", engine="ray", batch_size=8, shard_size=5, actors=2,
+                        audit=True))
+    got, want = rows(tmp_path / "ray.jsonl"), rows(tmp_path / "local.jsonl")
+    assert [r["path"] for r in got] == [r["path"] for r in want]
+    for a, b in zip(got, want):
+        for key in ("confidence", "ood_score"):
+            assert (a[key] is None and b[key] is None) or abs(a.pop(key) - b.pop(key)) <= 1e-6
+        assert a == b
+    assert any(r["audit_agrees"] is not None for r in got)
+    assert ray.lines()[-2:] == local.lines()[-2:]
