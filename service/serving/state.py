@@ -4,6 +4,8 @@ inference and decoding pools, readiness."""
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -18,6 +20,14 @@ from .models import ModelStore, ServedModel, ServingDevice
 log = logging.getLogger("reskd.service")
 
 
+def lowest_priority() -> None:
+    """The calling thread at nice 19 (Linux schedules threads by their own nice value), where the system allows."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):  # not Linux, or not permitted: the audit runs at the process's priority
+        pass
+
+
 class ServerState:
     def __init__(self, settings: ServeSettings, serving: ServingDevice, worker: Coordinator | None = None):
         """worker: this process is one of several workers (service/supervisor.py): its link to the supervisor
@@ -28,8 +38,9 @@ class ServerState:
         # threads (on CPU by default one batch using every core). Decoding has its own small pool.
         self.inference = ThreadPoolExecutor(serving.workers, thread_name_prefix="reskd-infer")
         self.decoding = DecodePool(settings.decode_workers)
-        # The shadow audit's own thread (service/serving/audit.py): an audit that hangs never holds an inference slot.
-        self.audit = ThreadPoolExecutor(1, thread_name_prefix="reskd-audit")
+        # The shadow audit's own thread (service/serving/audit.py): an audit that hangs never holds an inference slot,
+        # and at the lowest CPU priority an audit batch gives way to the requests' stages on the cores it shares.
+        self.audit = ThreadPoolExecutor(1, thread_name_prefix="reskd-audit", initializer=lowest_priority)
         self.worker = worker
         self.store = ModelStore(settings, self.metrics, self.inference, serving, self.audit)
         if worker is None:
