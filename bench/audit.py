@@ -231,13 +231,12 @@ async def open_loop(url: str, bodies: list[tuple[bytes, dict]], rate: float, sec
     gaps = rng.exponential(1 / rate, int(rate * seconds * 1.5) + 10)
     due = np.cumsum(gaps)
     due = due[due < seconds]
-    latencies, errors = [], 0
+    latencies, errors = [], {}
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
                                      timeout=aiohttp.ClientTimeout(total=30)) as session:
         start = time.perf_counter()
 
         async def one(i: int, at: float):
-            nonlocal errors
             await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
             body, headers = bodies[i % len(bodies)]
             t0 = time.perf_counter()
@@ -247,9 +246,9 @@ async def open_loop(url: str, bodies: list[tuple[bytes, dict]], rate: float, sec
                     if r.status == 200:
                         latencies.append(time.perf_counter() - t0)
                     else:
-                        errors += 1
-            except (aiohttp.ClientError, asyncio.TimeoutError):
-                errors += 1
+                        errors[str(r.status)] = errors.get(str(r.status), 0) + 1
+            except (aiohttp.ClientError, asyncio.TimeoutError) as err:
+                errors[type(err).__name__] = errors.get(type(err).__name__, 0) + 1
 
         await asyncio.gather(*(one(i, at) for i, at in enumerate(due)))
     lat = np.asarray(latencies)
