@@ -3,6 +3,7 @@ what is served), then the test-set metrics measured the same way and written int
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,13 +85,16 @@ def store_references(version_dir: Path, val: EvalSet, audit_model: str | None = 
 def audit_reference(rt: CascadeRuntime, audit_model: str | None = None) -> tuple[str | None, int | None]:
     """What the server's shadow audit compares this version's early answers with: `audit_model` (NAME:VERSION)
     when given; else the version's own fallback stage, a last stage that replaces the running logits and costs the
-    teacher's FLOPs (the teacher itself); else the manifest's teacher.model; else nothing, (None, None)."""
+    teacher's FLOPs (the teacher itself); else the version its manifest's audit section named before (a
+    recalibration keeps it); else the manifest's teacher.model; else nothing, (None, None)."""
     m = rt.manifest
     if audit_model is not None:
         return audit_model, None
     last = len(m.stages) - 1
     if last > 0 and m.stage_combine[last] == "replace" and m.stages[last].flops == m.teacher.flops:
         return None, last
+    if m.audit is not None and m.audit.model is not None:
+        return m.audit.model, None
     return m.teacher.model, None
 
 
@@ -99,7 +103,9 @@ def references(rt: CascadeRuntime, val: EvalSet, audit_model: str | None = None
     """The audit and drift references of the version `rt` runs, measured on the validation split `val` through the
     runtime at every operating point of its manifest (the default point alone when it stores none):
     - audit: how often each point's answers at each stage agree with the audit reference (audit_reference; None
-      when the version has none). A reference model NAME:VERSION is read from the version's own repository.
+      when the version has none). A reference model NAME:VERSION is read from the version's own repository: one
+      named by `audit_model` must be there (ManifestError); one the manifest names and the repository lacks (a
+      version copied alone) leaves the audit section out, with a warning.
     - drift: the distribution of the energy score of stage 0's logits, and the mean exit confidence per point."""
     m = rt.manifest
     running = rt.all_stage_logits(val.images)  # [S, N, C]
@@ -126,6 +132,10 @@ def references(rt: CascadeRuntime, val: EvalSet, audit_model: str | None = None
     else:
         name, version = parse_model_ref(model)
         folder = rt.path.parent.parent / name / str(version)
+        if (version is None or not folder.is_dir()) and audit_model is None:
+            warnings.warn(f"{m.name}:{m.version}: its audit model {model} is not in {rt.path.parent.parent}; the "
+                          f"manifest gets no audit section (--audit-model NAME:VERSION names one that is)")
+            return None, drift
         if version is None or not folder.is_dir():
             raise ManifestError(f"the audit reference {model} is not a version of the repository "
                                 f"{rt.path.parent.parent} (give NAME:VERSION of a version there)")

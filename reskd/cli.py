@@ -173,8 +173,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         z = previous.z if previous and previous.z is not None else 1.0
         target = args.target_drop if args.target_drop is not None or args.flops_budget is not None else 0.1
         new = calibrate_version(path, val, test, target_drop_pt=target, flops_budget_pct=args.flops_budget,
-                                bound=bound, z=z, audit_model=args.audit_model or (manifest.audit and
-                                                                                   manifest.audit.model))
+                                bound=bound, z=z, audit_model=args.audit_model)
     except (ExportError, ManifestError, DatasetError, ValueError) as err:
         print(f"reskd calibrate: {err}", file=sys.stderr)
         return 2

@@ -236,3 +236,31 @@ def test_the_stored_references_are_what_the_runtime_gives_on_validation(tmp_path
     assert m.drift.above_p99 == pytest.approx(0.01, abs=0.002)
     assert m.drift.quantiles[m.drift.levels.index(0.99)] == pytest.approx(m.drift.p99)
     assert m.audit.stage == 2 and m.audit.points[m.operating_points.default][2] is None
+
+
+def test_each_answer_is_held_to_its_own_points_reference(fallback, test_images):
+    """An answer of a point chosen under load is compared with that point's validation agreement at its exit stage,
+    an answer cut short by a deadline with its stage's over every image, and a client's own threshold with none."""
+    from reskd.cascade import DEADLINE
+
+    spec = fallback.manifest.audit
+    seen = []
+
+    class Observer:
+        def audited(self, stages, agree, expected):
+            seen.append(expected)
+
+        def audit_dropped(self, reason, images):
+            seen.append(reason)
+
+    auditor = Auditor(fallback, AuditReference(stage=2), lambda *_: None, fraction=1.0, max_compute_pct=10000,
+                      observer=Observer())
+    x = test_images[:2]
+    result = fallback.run(x, max_stage=1, threshold=1.0)  # both answered at stage 1
+    result.exit_reason[:] = [DEADLINE, 0]
+    auditor._budget = 1e15
+    assert spec.points["budget-14"][1] not in (None, spec.stage_agreement[1])
+    auditor.offer(x, result, "budget-14")
+    assert auditor.pending[0].expected.tolist() == [spec.stage_agreement[1], spec.points["budget-14"][1]]
+    auditor.offer(x, result, None)  # the client's own exit settings: no reference
+    assert seen == ["no_reference"] and len(auditor.pending) == 1
