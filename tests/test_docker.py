@@ -63,14 +63,15 @@ def image(engine):
 
 
 class Container:
-    def __init__(self, engine: Engine, tag: str):
+    def __init__(self, engine: Engine, tag: str, **env: str):
         self.engine = engine
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.name = f"reskd-pytest-{uuid.uuid4().hex[:8]}"
         # Host networking (no bridge here): the port is chosen by a setting, as a user would.
+        settings = [x for k, v in env.items() for x in ("-e", f"{k}={v}")]
         self.id = engine.docker("run", "-d", "--network=host", "--name", self.name, "-e", f"RESKD_PORT={self.port}",
-                                "-e", "RESKD_INTRA_OP_THREADS=1", tag).stdout.strip()
+                                "-e", "RESKD_INTRA_OP_THREADS=1", *settings, tag).stdout.strip()
 
     def logs(self) -> str:
         r = self.engine.docker("logs", self.id, check=False)
@@ -101,7 +102,9 @@ class _Proc:  # wait_until_ready's view of a container
 
 @pytest.fixture(scope="module")
 def container(engine, image):
-    c = Container(engine, image["tag"])
+    # Every answer given early audited (the default fraction would audit none of the tests' few images), so the
+    # dashboard's audit panels have data.
+    c = Container(engine, image["tag"], RESKD_AUDIT_FRACTION="1", RESKD_AUDIT_MAX_COMPUTE_PCT="10000")
     try:
         wait_until_ready(f"{c.url}/v2/health/ready", _Proc(c), c.logs, "the reskd container", timeout=90)
         yield c
