@@ -483,11 +483,17 @@ class ModelRepository:
     def models(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and self.versions(p.name))
 
+    def holds(self, name: str) -> bool:
+        """Whether `name` is a model folder of the repository, matched against its listing before any path is built
+        from it: a name too long for the file system, or one naming another place ("..", a separator), is simply
+        not one."""
+        return name in {p.name for p in self.root.iterdir() if p.is_dir()}
+
     def folders(self, name: str) -> list[Path]:
         """Every version folder of the model, finished (with a manifest) or not."""
-        d = self.root / name
-        if not d.is_dir():
+        if not self.holds(name):
             return []
+        d = self.root / name
         return sorted((p for p in d.iterdir() if p.is_dir() and self.VERSION_FOLDER.fullmatch(p.name)),
                       key=lambda p: int(p.name))
 

@@ -261,6 +261,13 @@ def test_explicit_load_through_tritonclient_under_load(repo, workers):
         assert r.status_code == 400 and "not supported" in r.json()["error"]
         r = c.post("/v2/repository/models/no-such-model/load")
         assert r.status_code == 404 and "no-such-model" in r.json()["error"]
+        # Names that are no model of the repository, whatever their length or bytes: 404, never a path built from
+        # them (a name longer than the file system's 255 bytes once gave 500; an encoded "..", the parent folder).
+        for bad in ("x" * 300, "é" * 200, "%2e%2e", "a%00b", "manifest.json"):
+            for action in ("load", "unload"):
+                r = c.post(f"/v2/repository/models/{bad}/{action}")
+                assert r.status_code == 404 and "no model" in r.json()["error"], (bad, action, r.text)
+                assert len(r.json()["error"]) < 600
         # Bodies that are not what the API takes: 400 saying what is wrong, and nothing changes.
         for path, body, says in [(f"/v2/repository/models/{NAME}/load", b"{not json", "invalid request body"),
                                  (f"/v2/repository/models/{NAME}/unload", b'{"parameters": {"force": true}}',

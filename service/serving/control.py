@@ -51,6 +51,11 @@ Fingerprint = tuple[str, tuple[tuple[str, int, int], ...]]
 POLL_INTERVAL_IDLE_S = 0.01  # how often a drain looks whether its version still holds requests
 
 
+def shown(name: str) -> str:
+    """A client's model name as an error message quotes it: at most 64 characters of it."""
+    return repr(name if len(name) <= 64 else name[:64] + "...")
+
+
 def fingerprint(folder: Path) -> Fingerprint:
     """What a version folder holds: the manifest's sha256, every file's name, size and mtime. Raises OSError while
     the folder is being changed (a file gone between listing and reading)."""
@@ -491,7 +496,7 @@ class ModelControl:
         are served)."""
         self._explicit_only("loading a model")
         if not self.store.repo.versions(name):
-            raise UnknownModel(f"no model {name!r} in the model repository (models: "
+            raise UnknownModel(f"no model {shown(name)} in the model repository (models: "
                             f"{', '.join(self.store.repo.models()) or 'none'}); copy its version folder there first")
         if self.coordinator is not None:
             refused = await self.coordinator.request("load", name)
@@ -509,7 +514,7 @@ class ModelControl:
         repository does not hold either is a 404."""
         self._explicit_only("unloading a model")
         if not self.store.versions(name) and not self.store.repo.versions(name):
-            raise UnknownModel(f"no model {name!r} (served: {', '.join(self.store.names()) or 'none'})")
+            raise UnknownModel(f"no model {shown(name)} (served: {', '.join(self.store.names()) or 'none'})")
         if self.coordinator is not None:
             await self.coordinator.request("unload", name)
             return
