@@ -247,6 +247,47 @@ def test_stock_triton_client(server, runtime, real_files):
     tc.close()
 
 
+def test_classification_extension_lists_v1s_top_k(server, client, runtime, real_files):
+    """Triton's classification extension through stock tritonclient: an output asked for with class_count k comes
+    back as BYTES [N, k] "value:index:label", the top k of v1's top_k for the same images (probabilities), or the
+    running logits' top k; binary and JSON alike. Bad counts, or an output without a class axis, get 400."""
+    import tritonclient.http as triton
+
+    def text(v) -> str:  # bytes from binary outputs, str from JSON ones
+        return v.decode() if isinstance(v, bytes) else v
+
+    files = real_files[:6]
+    top = [p["top_k"] for p in classify(client, files, top_k=3, threshold=1.0)["predictions"]]
+    tc = triton.InferenceServerClient(server.url.removeprefix("http://"))
+    assert {"classification", "model_repository"} <= set(tc.get_server_metadata()["extensions"])
+    blobs = np.array([d for _, d in files], dtype=np.object_)
+    inp = triton.InferInput("image_bytes", [len(files)], "BYTES")
+    inp.set_data_from_numpy(blobs)
+    want = expected(runtime, list(blobs), threshold=1.0)
+    for binary in (True, False):
+        result = tc.infer("fashion-mnist", [inp], parameters={"threshold": 1.0}, outputs=[
+            triton.InferRequestedOutput("probabilities", binary_data=binary, class_count=3),
+            triton.InferRequestedOutput("logits", binary_data=binary, class_count=2)])
+        probs = result.as_numpy("probabilities")
+        assert probs.shape == (len(files), 3)
+        for row, listed in zip(probs, top):
+            parts = [text(v).split(":", 2) for v in row]
+            assert [(int(i), label) for _, i, label in parts] == [(t["class_id"], t["label"]) for t in listed]
+            assert [float(v) for v, _, _ in parts] == pytest.approx([t["probability"] for t in listed], abs=5e-7)
+        logits = result.as_numpy("logits")
+        order = np.argsort(-want.logits, axis=-1, kind="stable")[:, :2]
+        for row, ids, values in zip(logits, order, want.logits):
+            assert [int(text(v).split(":")[1]) for v in row] == ids.tolist()
+            assert [float(text(v).split(":")[0]) for v in row] == pytest.approx(values[ids], abs=5e-6)
+    for name, k, says in [("class_id", 2, "only an output with a class axis"), ("logits", 0, ">= 1"),
+                          ("logits", "3", ">= 1"), ("logits", True, ">= 1")]:
+        r = client.post("/v2/models/fashion-mnist/infer", json={
+            "inputs": [{"name": "images", "datatype": "FP32", "shape": [1, 1, 28, 28], "data": [0.0] * 784}],
+            "outputs": [{"name": name, "parameters": {"classification": k}}]})
+        assert r.status_code == 400 and says in r.json()["error"], (name, k, r.text)
+    tc.close()
+
+
 def test_metrics_move_by_exactly_what_was_served(client, real_files):
     manifest = load_manifest(CASCADE)
     before = scrape(client)

@@ -157,7 +157,8 @@ def test_the_server_survives_the_edge_cases(server, client):
 def test_content_encodings_are_decoded(client, encoding, body):
     r = client.post(INFER, content=body, headers={"content-encoding": encoding, "content-type": "application/json"})
     assert r.status_code == 200, r.text
-    assert [o["name"] for o in r.json()["outputs"]] == ["logits", "class_id", "exit_stage", "flops", "exit_reason"]
+    assert [o["name"] for o in r.json()["outputs"]] == ["logits", "probabilities", "class_id", "exit_stage", "flops",
+                                                     "exit_reason"]
 
 
 def test_an_encoding_with_surrounding_whitespace_is_decoded():

@@ -285,13 +285,15 @@ def _dtype(t: TensorIn) -> str:
 
 
 def encode_response(head: dict, outputs: list[tuple[str, str, np.ndarray, bool]]) -> tuple[bytes, int | None]:
-    """outputs: (name, datatype, array (a list of str for BYTES), binary?). -> (body, JSON header length or None when
-    all JSON)."""
+    """outputs: (name, datatype, array (for BYTES a list of str, or an object array of str of any shape), binary?).
+    -> (body, JSON header length or None when all JSON)."""
     entries, blobs = [], []
     for name, datatype, arr, binary in outputs:
-        if datatype == "BYTES":  # a list of str: UTF-8 elements, each 4-byte length-prefixed in binary
-            values = [v.encode() if isinstance(v, str) else bytes(v) for v in arr]
-            entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": [len(values)]}
+        if datatype == "BYTES":  # str elements: UTF-8, each 4-byte length-prefixed in binary, in row-major order
+            shape = list(arr.shape) if isinstance(arr, np.ndarray) else [len(arr)]
+            flat = arr.reshape(-1).tolist() if isinstance(arr, np.ndarray) else arr
+            values = [v.encode() if isinstance(v, str) else bytes(v) for v in flat]
+            entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": shape}
             if binary:
                 blob = b"".join(struct.pack("<I", len(v)) + v for v in values)
                 entry["parameters"] = {"binary_data_size": len(blob)}

@@ -15,6 +15,7 @@ from ..serving.errors import bad_request, too_large, unsupported
 from ..serving.models import ServedModel
 from ..serving.pipeline import admit, run_cascade
 from ..serving.state import ServerState
+from ..serving.tensors import probabilities
 from . import multipart
 from .deps import get_state, served
 from .disconnects import until_disconnected
@@ -71,9 +72,7 @@ def response_body(model: ServedModel, result: CascadeResult, top_k: int, filenam
     schema's; tests/test_serve_fuzz.py checks every response against it."""
     labels = model.manifest.labels
     k = min(top_k, len(labels))
-    logits = result.logits.astype(np.float64)
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
+    probs = probabilities(result)
     order = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
     top = zip(order.tolist(), np.take_along_axis(probs, order, -1).tolist())
     teacher, cascade = model.teacher_flops, model.cascade_flops

@@ -22,7 +22,7 @@ from ..serving.models import ServedModel
 from ..serving.pipeline import admit, run_cascade
 from ..serving.scheduler import Admission
 from ..serving.state import ServerState
-from ..serving.tensors import INPUTS, OUTPUTS
+from ..serving.tensors import INPUTS, OUTPUTS, classify
 from . import kserve
 from .deps import get_state, served
 from .disconnects import until_disconnected
@@ -50,7 +50,8 @@ async def ready(state: ServerState = Depends(get_state)):
 @router.get("/v2", summary="Server metadata")
 async def server_metadata():
     return {"name": "reskd", "version": reskd.__version__,
-            "extensions": ["binary_tensor_data", "model_configuration", "reskd_early_exit"]}
+            "extensions": ["binary_tensor_data", "classification", "model_configuration", "model_repository",
+                           "reskd_early_exit"]}
 
 
 def _metadata(model: ServedModel, versions: list[int]) -> dict:
@@ -189,10 +190,11 @@ def _parameter(params: dict, key: str, kind: type):
         raise invalid(f"parameter {key!r} is out of range, got an integer of {len(str(value))} digits") from None
 
 
-def _outputs(req: kserve.InferRequest) -> list[tuple[str, bool]]:
-    """The requested outputs (all when none is named) as (name, binary?). binary_data_output (the request's
-    default) and each output's binary_data must be JSON booleans: a string such as "false" is refused, not read
-    as true."""
+def _outputs(req: kserve.InferRequest) -> list[tuple[str, bool, int | None]]:
+    """The requested outputs (all when none is named) as (name, binary?, classification k or None). binary_data_output
+    (the request's default) and each output's binary_data must be JSON booleans: a string such as "false" is
+    refused, not read as true. `classification` (Triton's extension, on an output with a class axis) must be a
+    JSON integer >= 1."""
     def flag(params: dict, key: str, default: bool, where: str = "") -> bool:
         value = params.get(key)
         if value is None:
@@ -208,7 +210,15 @@ def _outputs(req: kserve.InferRequest) -> list[tuple[str, bool]]:
     for o in wanted:
         if o.name not in OUTPUTS:
             raise bad_request(f"unknown output {o.name!r} (outputs: {', '.join(OUTPUTS)})")
-        outputs.append((o.name, flag(o.parameters, "binary_data", binary_default, f" of output {o.name!r}")))
+        k = o.parameters.get("classification")
+        if k is not None:
+            if not OUTPUTS[o.name].per_class:
+                raise bad_request(f"parameter 'classification' of output {o.name!r}: only an output with a class "
+                                  f"axis can be classified ({', '.join(n for n, t in OUTPUTS.items() if t.per_class)})")
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                raise bad_request(f"parameter 'classification' of output {o.name!r} must be a JSON integer >= 1 (how "
+                                  f"many classes to list), got {kserve.clip(k)!r}")
+        outputs.append((o.name, flag(o.parameters, "binary_data", binary_default, f" of output {o.name!r}"), k))
     return outputs
 
 
@@ -263,7 +273,9 @@ async def _infer_body(request: Request, state: ServerState, model: ServedModel, 
     result = await run_cascade(state, model, admission, images, threshold, max_stage, point,
                                degrade=degrade is not False, timeout_s=timeout_us / 1e6 if timeout_us else None)
 
-    outputs = [(name, OUTPUTS[name].datatype, OUTPUTS[name].value(result), binary) for name, binary in wanted]
+    labels = model.manifest.labels
+    outputs = [(name, "BYTES", classify(np.asarray(OUTPUTS[name].value(result)), k, labels), binary) if k else
+               (name, OUTPUTS[name].datatype, OUTPUTS[name].value(result), binary) for name, binary, k in wanted]
     head = {"model_name": model.name, "model_version": str(model.version)}
     if req.id is not None:
         head["id"] = req.id

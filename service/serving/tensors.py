@@ -2,8 +2,10 @@
 and the infer responses (HTTP now, gRPC alike) are all written from these tables.
 
 Inputs: `images` FP32 [N, C, H, W] (normalised as the manifest says) or `image_bytes` BYTES [N] (encoded images).
-Outputs: `logits` FP32 [N, classes], `class_id` INT64 [N], `exit_stage` INT32 [N], `flops` INT64 [N], `exit_reason`
-BYTES [N] (why each image left: confident, final, max_stage, load or deadline).
+Outputs: `logits` FP32 [N, classes], `probabilities` FP32 [N, classes] (their softmax), `class_id` INT64 [N],
+`exit_stage` INT32 [N], `flops` INT64 [N], `exit_reason` BYTES [N] (why each image left: confident, final, max_stage,
+load or deadline). The two with a class axis can be asked for as Triton's classification extension: the top k
+classes of each image as BYTES "value:index:label" (`classify`).
 """
 
 from __future__ import annotations
@@ -38,12 +40,38 @@ class Tensor:
         return entry
 
 
+def probabilities(result: CascadeResult) -> np.ndarray:
+    """The softmax of each image's running logits, float64 (what v1's top_k lists)."""
+    logits = result.logits.astype(np.float64)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    return probs / probs.sum(-1, keepdims=True)
+
+
+def classify(scores: np.ndarray, k: int, labels: list[str]) -> np.ndarray:
+    """Triton's classification extension: each row's k highest scores (ties: the lower index first) as strings
+    "value:index:label", value printed as C++'s std::to_string prints a float (six decimals). -> object [N, k]."""
+    k = min(k, scores.shape[-1])
+    order = np.argsort(-scores, axis=-1, kind="stable")[:, :k]
+    top = np.take_along_axis(scores, order, -1)
+    out = np.empty(order.shape, dtype=object)
+    for (i, j), index in np.ndenumerate(order):
+        out[i, j] = f"{top[i, j]:f}:{index}:{labels[index]}"
+    return out
+
+
 class Output(Tensor):
     def value(self, result: CascadeResult) -> np.ndarray | list[str]:
         """This output of a cascade result (the result's field of the same name; exit reasons by name)."""
         if self.name == "exit_reason":
             return result.reasons()
+        if self.name == "probabilities":
+            return probabilities(result)
         return getattr(result, self.name)
+
+    @property
+    def per_class(self) -> bool:
+        """Whether it has a class axis (so the classification extension applies)."""
+        return self.name in ("logits", "probabilities")
 
 
 INPUTS: dict[str, Tensor] = {t.name: t for t in (
@@ -53,6 +81,7 @@ INPUTS: dict[str, Tensor] = {t.name: t for t in (
 
 OUTPUTS: dict[str, Output] = {t.name: t for t in (
     Output("logits", "FP32", lambda model: [len(model.manifest.labels)]),
+    Output("probabilities", "FP32", lambda model: [len(model.manifest.labels)]),
     Output("class_id", "INT64", lambda model: []),
     Output("exit_stage", "INT32", lambda model: []),
     Output("flops", "INT64", lambda model: []),
