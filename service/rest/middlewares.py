@@ -134,4 +134,8 @@ class RequestMetrics:
             endpoint = getattr(route, "path", "") if route is not None else ""
             model, version = scope.get("reskd.model", ("", ""))
             self.metrics.requests.labels(model, str(version), endpoint, str(status)).inc()
-            self.metrics.request_duration.labels(model, str(version), endpoint).observe(time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            self.metrics.request_duration.labels(model, str(version), endpoint).observe(seconds)
+            if model and endpoint.endswith(("/classify", "/infer")):  # the statistics extension's success / fail
+                outcome = "success" if status == 200 else "fail"
+                self.metrics.inference_requests.labels(model, str(version), outcome).observe(seconds)

@@ -3,6 +3,8 @@ raw image body; the format is sniffed from the bytes), one prediction with its c
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import orjson
 from fastapi import APIRouter, Depends, Query, Request
@@ -97,16 +99,21 @@ async def _classify(request: Request, state: ServerState, name: str, version: st
     model = served(request, state, name, version)
     s = state.settings
     with admit(state, model) as admission:
+        start = time.perf_counter()
         blobs, names, filenames = await read_images(request, s.max_images)
 
         async def classify() -> CascadeResult:
             images = await decode_batch(state.decoding, blobs, names, model.manifest.input, s.max_pixels,
                                         s.max_request_pixels)
+            model.metrics.phase("input", time.perf_counter() - start)
             return await run_cascade(state, model, admission, images, threshold, max_stage, point, degrade=degrade,
                                      timeout_s=timeout_ms / 1000 if timeout_ms else None)
 
         result = await until_disconnected(request, classify())
-    return Response(response_body(model, result, top_k, filenames), media_type="application/json")
+    start = time.perf_counter()
+    body = response_body(model, result, top_k, filenames)
+    model.metrics.phase("output", time.perf_counter() - start)
+    return Response(body, media_type="application/json")
 
 
 TopK = Query(1, ge=1, description="how many classes to list per image (capped at the number of classes)")

@@ -10,6 +10,8 @@ documented in the OpenAPI by service/rest/openapi.py; Triton's repository extens
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
@@ -22,6 +24,7 @@ from ..serving.models import ServedModel
 from ..serving.pipeline import admit, run_cascade
 from ..serving.scheduler import Admission
 from ..serving.state import ServerState
+from ..serving.statistics import model_statistics
 from ..serving.tensors import INPUTS, OUTPUTS, classify
 from . import kserve
 from .deps import get_state, served
@@ -51,7 +54,7 @@ async def ready(state: ServerState = Depends(get_state)):
 async def server_metadata():
     return {"name": "reskd", "version": reskd.__version__,
             "extensions": ["binary_tensor_data", "classification", "model_configuration", "model_repository",
-                           "reskd_early_exit"]}
+                           "statistics", "reskd_early_exit"]}
 
 
 def _metadata(model: ServedModel, versions: list[int]) -> dict:
@@ -82,6 +85,29 @@ def _metadata(model: ServedModel, versions: list[int]) -> dict:
         "metrics": m.metrics.model_dump() if m.metrics else {},
         "operating_points": m.operating_points.model_dump() if m.operating_points else None,
     }
+
+
+# The statistics extension (service/serving/statistics.py), before the metadata routes: /v2/models/stats is not a
+# model named "stats".
+@router.get("/v2/models/stats", summary="Statistics of every served version (Triton's statistics extension)")
+async def all_statistics(state: ServerState = Depends(get_state)):
+    state.require_ready()
+    state.control.sync()
+    return model_statistics(state.metrics, [(m.name, m.version, m.runtime.num_stages) for m in
+                                            sorted(state.store.all(), key=lambda m: (m.name, m.version))])
+
+
+@router.get("/v2/models/{name}/stats", summary="Statistics of every served version of a model")
+async def statistics_of_model(request: Request, name: str, state: ServerState = Depends(get_state)):
+    served(request, state, name)  # 404 for a model not served
+    models = [state.store.get(name, v) for v in state.store.versions(name)]
+    return model_statistics(state.metrics, [(m.name, m.version, m.runtime.num_stages) for m in models])
+
+
+@router.get("/v2/models/{name}/versions/{version}/stats", summary="Statistics of one model version")
+async def statistics_of_version(request: Request, name: str, version: str, state: ServerState = Depends(get_state)):
+    m = served(request, state, name, version)
+    return model_statistics(state.metrics, [(m.name, m.version, m.runtime.num_stages)])
 
 
 @router.get("/v2/models/{name}", summary="Model metadata: versions, tensors, stages, thresholds, FLOPs")
@@ -225,12 +251,13 @@ def _outputs(req: kserve.InferRequest) -> list[tuple[str, bool, int | None]]:
 async def _infer(request: Request, state: ServerState, name: str, version: str | None) -> Response:
     model = served(request, state, name, version)
     with admit(state, model) as admission:
+        start = time.perf_counter()
         raw = await request.body()
-        return await until_disconnected(request, _infer_body(request, state, model, admission, raw))
+        return await until_disconnected(request, _infer_body(request, state, model, admission, raw, start))
 
 
 async def _infer_body(request: Request, state: ServerState, model: ServedModel, admission: Admission,
-                      raw: bytes) -> Response:
+                      raw: bytes, start: float) -> Response:
     s = state.settings
     encoding, header_length = request.headers.get("content-encoding"), request.headers.get(kserve.HEADER_LENGTH)
 
@@ -270,9 +297,11 @@ async def _infer_body(request: Request, state: ServerState, model: ServedModel, 
         raise invalid(f"parameter 'timeout' must be a number of microseconds >= 0 (0: no deadline), got "
                       f"{kserve.clip(req.parameters['timeout'])!r}")
     wanted = _outputs(req)
+    model.metrics.phase("input", time.perf_counter() - start)
     result = await run_cascade(state, model, admission, images, threshold, max_stage, point,
                                degrade=degrade is not False, timeout_s=timeout_us / 1e6 if timeout_us else None)
 
+    start = time.perf_counter()
     labels = model.manifest.labels
     outputs = [(name, "BYTES", classify(np.asarray(OUTPUTS[name].value(result)), k, labels), binary) if k else
                (name, OUTPUTS[name].datatype, OUTPUTS[name].value(result), binary) for name, binary, k in wanted]
@@ -281,6 +310,7 @@ async def _infer_body(request: Request, state: ServerState, model: ServedModel, 
         head["id"] = req.id
     head["parameters"] = point_parameters(result)
     content, header_length = kserve.encode_response(head, outputs)
+    model.metrics.phase("output", time.perf_counter() - start)
     if header_length is None:
         return Response(content, media_type="application/json")
     return Response(content, media_type="application/octet-stream",

@@ -22,11 +22,12 @@ deploy/prometheus compare the served figures against."""
 from __future__ import annotations
 
 import os
+import time
 from typing import Callable, Iterable
 
 import numpy as np
 import prometheus_client
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -138,6 +139,16 @@ class Metrics:
         self.ood_images = Counter("reskd_ood_images_total", "images whose stage-0 energy score is above the "
                                   "validation 99th percentile the manifest stores (compare with "
                                   "reskd_calibrated_ood_fraction)", M, registry=r)
+        # The statistics extension's figures (service/serving/statistics.py): inference requests by outcome, and the
+        # time spent turning a request into images (reading, parsing, decoding) and results into a response.
+        self.inference_requests = Summary("reskd_inference_request_seconds", "inference requests (v1 classify, v2 "
+                                          "infer) by outcome (success: 200; fail: any other status), from request "
+                                          "to response", [*M, "outcome"], registry=r)
+        self.request_phase = Summary("reskd_request_phase_seconds", "time an inference request spent reading, "
+                                     "parsing and decoding its images (input) and encoding its response (output)",
+                                     [*M, "phase"], registry=r)
+        self.last_inference = Gauge("reskd_last_inference_timestamp_seconds", "when the version last answered a "
+                                    "request (Unix time)", M, registry=r, multiprocess_mode="max")
         # Model control (service/serving/control.py): every load of a version.
         self.model_loads = Counter("reskd_model_loads_total", "model versions loaded, refused (verification or "
                                    "warm-up failed; the version served before goes on) or unloaded",
@@ -186,6 +197,13 @@ class Metrics:
             self.degrade_level.remove(model, v, self.worker)
         except KeyError:
             pass
+
+    def families(self):
+        """The metric families as the exposition shows them: this process's, or with several workers every
+        worker's, summed (service/serving/statistics.py reads the statistics extension from them)."""
+        if not self.multiprocess_dir:
+            return self.registry.collect()
+        return MultiProcessCollector(None, self.multiprocess_dir).collect()
 
     def exposition(self) -> bytes:
         if not self.multiprocess_dir:
@@ -313,6 +331,10 @@ class ModelMetrics:
         self._audit_expected = [m.audit_expected.labels(model, v, s) for s in stages]
         self._audit_dropped = {reason: m.audit_dropped.labels(model, v, reason) for reason in DROP_REASONS}
         self._ood = m.ood_images.labels(model, v)
+        self._phase = {p: m.request_phase.labels(model, v, p) for p in ("input", "output")}
+        self._last = m.last_inference.labels(model, v)
+        for outcome in ("success", "fail"):  # zero series from the start, as every other
+            m.inference_requests.labels(model, v, outcome)
         drift = manifest.drift
         self._ood_above = drift.p99 if drift is not None else None
         self._point_confidence = dict(drift.exit_confidence) if drift is not None else {}
@@ -350,6 +372,11 @@ class ModelMetrics:
     def dropped(self, images: int) -> None:
         self._dropped.inc(images)
 
+    def phase(self, phase: str, seconds: float) -> None:
+        """An inference request spent `seconds` on its input (reading, parsing, decoding) or its output (encoding the
+        response)."""
+        self._phase[phase].observe(seconds)
+
     def audited(self, stages: np.ndarray, agree: np.ndarray, expected: np.ndarray) -> None:
         """An audit batch: each answer's exit stage, whether it agreed with the audit model, and the agreement
         validation measured for it (NaN: none stored)."""
@@ -366,6 +393,7 @@ class ModelMetrics:
         self._audit_dropped[reason].inc(images)
 
     def answered(self, result: CascadeResult) -> None:
+        self._last.set(time.time())
         flops = result.flops
         n = len(flops)
         self._images.inc(n)
