@@ -111,7 +111,8 @@ class ShardStore:
 
     def __init__(self, out: Path, job: dict, num_inputs: int, shard_size: int, resume: bool,
                  schema: pa.Schema = SCHEMA):
-        self.out = Path(out)
+        # absolute: pyarrow reads a relative name with a colon ("o-fashion-mnist:2.parquet") as a URI scheme
+        self.out = Path(out).absolute()
         self.schema = schema
         self.dir = self.out.with_name(self.out.name + ".parts")
         self.num_inputs = num_inputs
@@ -231,6 +232,7 @@ def write_table_stream(tables: Iterator[pa.Table], path: Path, fmt: str, schema:
 def read_output(path: str | Path) -> pa.Table:
     """A `reskd score` output file (any of the three formats) -> a table with SCHEMA, or AUDIT_SCHEMA when it was
     written with --audit."""
+    path = Path(path).absolute()  # a relative name with a colon would be read as a URI
     fmt = output_format(path)
     schema = output_schema(_names(path, fmt)[len(SCHEMA):len(AUDIT_SCHEMA)] == AUDIT_SCHEMA.names[len(SCHEMA):])
     if fmt == "parquet":
