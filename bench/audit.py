@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import socket
 import subprocess
@@ -42,6 +41,7 @@ from shifted import SETS, shifted  # noqa: E402
 
 from reskd.manifest import ModelRepository  # noqa: E402
 from reskd.preprocess import normalise  # noqa: E402
+from reskd.stats import wilson  # noqa: E402
 
 VERSIONS = ("fashion-mnist:2", "fashion-mnist-fallback:1")
 TEACHERS = ("fashion-mnist-teacher:2",)
@@ -129,14 +129,10 @@ def parse(r: httpx.Response) -> dict[str, np.ndarray]:
     return out
 
 
-def wilson(k: float, n: float, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return (math.nan, math.nan)
-    p = k / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return (100 * (c - h), 100 * (c + h))
+def wilson_pct(k: float, n: float) -> tuple[float, float]:
+    """reskd.stats.wilson in percent, z = 1.96 as these figures were always computed."""
+    lo, hi = wilson(k, n, z=1.96)
+    return 100 * lo, 100 * hi
 
 
 # --- signals ---------------------------------------------------------------------------------------------------------
@@ -190,9 +186,9 @@ def signals(args, sets: dict[str, tuple[np.ndarray, np.ndarray | None]], spec) -
                         row = {
                             "images": int(images_n), "early": early, "audited": int(n),
                             "dropped": int(d["reskd_audit_dropped_total"]),
-                            "agreement_pct": 100 * k / n if n else None, "agreement_ci95": wilson(k, n),
+                            "agreement_pct": 100 * k / n if n else None, "agreement_ci95": wilson_pct(k, n),
                             "reference_pct": 100 * d["reskd_audit_expected_agreements_total"] / n if n else None,
-                            "ood_pct": 100 * ood / images_n, "ood_ci95": wilson(ood, images_n),
+                            "ood_pct": 100 * ood / images_n, "ood_ci95": wilson_pct(ood, images_n),
                             "exit0_pct": 100 * float((stages == 0).mean()),
                             "accuracy_pct": 100 * float((classes == labels).mean()) if labels is not None else None,
                             "seconds": time.perf_counter() - t0}

@@ -80,6 +80,7 @@ from pathlib import Path
 import numpy as np
 
 from common import MODELS, ROOT, machine, pinned, test_set
+from reskd.stats import wilson
 
 sys.path.insert(0, str(ROOT / "tests"))
 from server_process import ServerProcess, children_of  # noqa: E402
@@ -431,14 +432,10 @@ class Client:
 
 
 # --- figures -------------------------------------------------------------------------------------------------------
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return (math.nan, math.nan)
-    p = k / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return (100 * (c - h), 100 * (c + h))
+def wilson_pct(k: float, n: float) -> tuple[float, float]:
+    """reskd.stats.wilson in percent, z = 1.96 as these figures were always computed."""
+    lo, hi = wilson(k, n, z=1.96)
+    return 100 * lo, 100 * hi
 
 
 def summary(ph: Phase, objective: float, window: tuple[float, float] | None = None) -> dict:
@@ -461,7 +458,7 @@ def summary(ph: Phase, objective: float, window: tuple[float, float] | None = No
         "attainment": 100 * len(within) / n if n else math.nan,
         "admitted_within": 100 * len(within) / len(ok) if ok else math.nan,
         "accuracy": 100 * correct_ok / images_ok if images_ok else math.nan,
-        "accuracy_ci95": wilson(correct_ok, images_ok),
+        "accuracy_ci95": wilson_pct(correct_ok, images_ok),
         "rate_503": 100 * sum(r[2] == 503 for r in reqs) / n if n else math.nan,
         "other_failures": sum(r[2] not in (200, 503) for r in reqs),
         "p50_ms": 1000 * float(np.percentile(lat, 50)) if lat else math.nan,

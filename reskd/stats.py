@@ -1,9 +1,25 @@
-"""Paired bootstrap intervals for accuracy and accuracy differences (numpy only): the training report and the
-manifest's operating points use the same resampling."""
+"""Intervals (numpy only): paired bootstrap intervals for accuracy and accuracy differences (the training report and
+the manifest's operating points use the same resampling), and the Wilson score interval of a proportion (the audit's
+agreement and out-of-distribution share, in `reskd score` and the benchmarks)."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+
+Z95 = 1.959963984540054  # the standard normal's 97.5th percentile
+
+
+def wilson(k: float, n: float, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of the proportion k / n (95% by default), as fractions; (nan, nan) for n = 0."""
+    if n == 0:
+        return math.nan, math.nan
+    p = k / n
+    d = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / d
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 class Bootstrap:

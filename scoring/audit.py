@@ -18,7 +18,6 @@ above the p99 with drift.above_p99 (about 1%).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,6 +28,7 @@ import pyarrow.compute as pc
 
 from reskd.manifest import Manifest, ManifestError, ModelRepository, parse_model_ref, sha256_file
 from reskd.preprocess import normalise
+from reskd.stats import wilson
 
 from .errors import ScoreError
 
@@ -36,7 +36,6 @@ if TYPE_CHECKING:  # decode workers never load onnxruntime
     from reskd.device import Device
     from reskd.runtime import CascadeRuntime
 
-Z95 = 1.959963984540054  # the standard normal's 97.5th percentile
 DECODING = ("channels", "height", "width", "color", "resize")  # the InputSpec fields decoding depends on
 
 
@@ -121,17 +120,6 @@ class AuditRunner:
         if self.other is None:
             return self.runtime.stage_logits(self.plan.stage, images).argmax(-1).astype(np.int64)
         return self.other.run(images, early_exit=False).class_id
-
-
-def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval of the proportion k / n (95% by default)."""
-    if n == 0:
-        return math.nan, math.nan
-    p = k / n
-    d = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / d
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 @dataclass
