@@ -12,9 +12,9 @@ import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .files import write_atomic
 from .validation import describe
@@ -105,20 +105,22 @@ class StageSpec(BaseModel):
 MODEL_REF = r"^[A-Za-z0-9][A-Za-z0-9._-]*:[1-9][0-9]*$"  # NAME:VERSION of a model version in a repository
 
 
+def _model_ref(ref: str) -> str:
+    if not re.fullmatch(MODEL_REF, ref):
+        raise ValueError(f"{ref!r} should be NAME:VERSION, e.g. fashion-mnist-teacher:2")
+    return ref
+
+
+ModelRef = Annotated[str, AfterValidator(_model_ref)]  # a manifest field naming another version
+
+
 class TeacherSpec(BaseModel):
     model_config = ConfigDict(extra="allow")
     flops: int = Field(gt=0)
     accuracy: float | None = None
     # The teacher as a model version of the repository, NAME:VERSION (the audit's reference); absent in older
     # manifests.
-    model: str | None = None
-
-    @field_validator("model")
-    @classmethod
-    def _model_ref(cls, ref):
-        if ref is not None and not re.fullmatch(MODEL_REF, ref):
-            raise ValueError(f"{ref!r} should be NAME:VERSION, e.g. fashion-mnist-teacher:2")
-        return ref
+    model: ModelRef | None = None
 
 
 class ExitSpec(BaseModel):
@@ -230,7 +232,7 @@ class AuditSpec(BaseModel):
     the reference's; the server audits answers given before the last stage and compares their agreement with
     these figures."""
     model_config = ConfigDict(extra="allow")
-    model: str | None = None
+    model: ModelRef | None = None
     stage: int | None = Field(None, ge=0)
     split: str
     n: int = Field(gt=0)
@@ -240,13 +242,6 @@ class AuditSpec(BaseModel):
     # Per operating point (by id), per stage: the agreement among the images that leave at that stage under the
     # point (None: none leave there, or the stage is the reference itself).
     points: dict[str, list[float | None]] = Field(default_factory=dict)
-
-    @field_validator("model")
-    @classmethod
-    def _model_ref(cls, ref):
-        if ref is not None and not re.fullmatch(MODEL_REF, ref):
-            raise ValueError(f"{ref!r} should be NAME:VERSION, e.g. fashion-mnist-teacher:2")
-        return ref
 
     @model_validator(mode="after")
     def _one_reference(self):
