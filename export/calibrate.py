@@ -48,7 +48,8 @@ def calibrate_version(version_dir: Path, val: EvalSet, test: EvalSet, *, target_
         raise ValueError("give exactly one of target_drop_pt or flops_budget_pct")
     rt = runtime or CascadeRuntime(version_dir)
     manifest = rt.manifest
-    scores = CascadeScores(rt.all_stage_logits(val.images), val.labels, rt.stage_flops, manifest.exit.measure)
+    running = rt.all_stage_logits(val.images)  # the thresholds and the references are chosen on the same logits
+    scores = CascadeScores(running, val.labels, rt.stage_flops, manifest.exit.measure)
     if target_drop_pt is not None:
         z = z if bound == "upper" else 0.0
         chosen = scores.calibrate(target_drop=target_drop_pt / 100, z=z)
@@ -66,7 +67,7 @@ def calibrate_version(version_dir: Path, val: EvalSet, test: EvalSet, *, target_
                                               "operating_points": points})
     metrics = measure_test(rt, test, manifest.teacher.flops, manifest.teacher.accuracy)  # under the new thresholds
     rt.manifest = rt.manifest.model_copy(update={"metrics": metrics})
-    audit, drift = references(rt, val, audit_model)
+    audit, drift = references(rt, val, audit_model, running)
     rt.manifest = rt.manifest.model_copy(update={"audit": audit, "drift": drift})
     write_manifest(version_dir, rt.manifest)
     return rt.manifest
@@ -98,7 +99,7 @@ def audit_reference(rt: CascadeRuntime, audit_model: str | None = None) -> tuple
     return m.teacher.model, None
 
 
-def references(rt: CascadeRuntime, val: EvalSet, audit_model: str | None = None
+def references(rt: CascadeRuntime, val: EvalSet, audit_model: str | None = None, running: np.ndarray | None = None
                ) -> tuple[AuditSpec | None, DriftSpec]:
     """The audit and drift references of the version `rt` runs, measured on the validation split `val` through the
     runtime at every operating point of its manifest (the default point alone when it stores none):
@@ -108,7 +109,8 @@ def references(rt: CascadeRuntime, val: EvalSet, audit_model: str | None = None
       version copied alone) leaves the audit section out, with a warning.
     - drift: the distribution of the energy score of stage 0's logits, and the mean exit confidence per point."""
     m = rt.manifest
-    running = rt.all_stage_logits(val.images)  # [S, N, C]
+    if running is None:  # the running logits after every stage [S, N, C] (calibration passes its own)
+        running = rt.all_stage_logits(val.images)
     conf = confidence(running, m.exit.measure)
     classes = running.argmax(-1)
     n_stages, n = conf.shape
@@ -127,8 +129,8 @@ def references(rt: CascadeRuntime, val: EvalSet, audit_model: str | None = None
     model, stage = audit_reference(rt, audit_model)
     if model is None and stage is None:
         return None, drift
-    if stage is not None:
-        reference = rt.stage_logits(stage, val.images).argmax(-1)
+    if stage is not None:  # a replacing stage: its running logits are its own
+        reference = running[stage].argmax(-1)
     else:
         name, version = parse_model_ref(model)
         folder = rt.path.parent.parent / name / str(version)
