@@ -337,9 +337,8 @@ class ModelMetrics:
             m.inference_requests.labels(model, v, outcome)
         drift = manifest.drift
         self._ood_above = drift.p99 if drift is not None else None
-        self._point_confidence = dict(drift.exit_confidence) if drift is not None else {}
-        if drift is not None and manifest.operating_points is not None and "default" not in self._point_confidence:
-            self._point_confidence["default"] = self._point_confidence.get(manifest.operating_points.default)
+        # by the points' own ids, as Point.of names them (the manifest's "default" resolved to its point's id)
+        self._point_confidence = drift.exit_confidence if drift is not None else {}
 
     def ladder(self, rungs: list[Point]) -> None:
         """The version's degrade ladder (service/serving/degrade.py): its points' series exist from now on, the top
