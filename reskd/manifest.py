@@ -398,6 +398,13 @@ class Manifest(BaseModel):
             raise ValueError(f"drift.stage: {self.drift.stage} is past the last stage ({n - 1})")
         return self
 
+    def audit_target(self) -> tuple[int | None, str | None]:
+        """(stage, NAME:VERSION) the version's answers are audited against, as its manifest names it: its audit
+        section's stage or model, else teacher.model; (None, None) when it names none."""
+        if self.audit is not None:
+            return self.audit.stage, self.audit.model
+        return None, self.teacher.model
+
     @property
     def stage_combine(self) -> list[str]:
         """How each stage's logits make the running logits: its own `combine`, else the cascade's."""

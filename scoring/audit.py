@@ -72,10 +72,11 @@ def audit_plan(repo: ModelRepository, manifest: Manifest, audit_model: str | Non
     def figures() -> tuple[float | None, ...]:
         return tuple(spec.expected(default, s) for s in range(n))
 
-    if audit_model is None and spec is not None and spec.stage is not None:
-        return AuditPlan(reference=f"stage {spec.stage} ({manifest.stages[spec.stage].name})", stage=spec.stage,
+    stage, named = manifest.audit_target()
+    if audit_model is None and stage is not None:
+        return AuditPlan(reference=f"stage {stage} ({manifest.stages[stage].name})", stage=stage,
                          expected=figures(), **common)
-    ref = audit_model or (spec.model if spec is not None else None) or manifest.teacher.model
+    ref = audit_model or named
     if ref is None:
         raise ScoreError(f"--audit: {me} has no audit reference (its manifest has no audit section and no "
                          f"teacher.model): name one with --audit-model NAME:VERSION")

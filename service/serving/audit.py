@@ -66,12 +66,12 @@ class AuditReference:
 def audit_reference(runtime: CascadeRuntime, fallback_model: str | None) -> AuditReference | None:
     """The version's audit model: the manifest's audit section (its fallback stage or a version), else its
     teacher.model, else `fallback_model` (RESKD_AUDIT_MODEL); None for a one-stage version or when none is named."""
-    m = runtime.manifest
     if runtime.num_stages < 2:
         return None
-    if m.audit is not None:
-        return AuditReference(stage=m.audit.stage, model=m.audit.model)
-    model = m.teacher.model or fallback_model
+    stage, model = runtime.manifest.audit_target()
+    if stage is not None:
+        return AuditReference(stage=stage)
+    model = model or fallback_model
     return AuditReference(model=model) if model else None
 
 
