@@ -159,6 +159,14 @@ def wait_gone(pids: list[int], timeout: float) -> list[int]:
         time.sleep(0.1)
 
 
+def serve_settings_refused(**env: str) -> subprocess.CompletedProcess:
+    """`reskd serve` on the bundled models with only `env`'s RESKD_* settings (none inherited) and a port it never
+    gets to open: for settings it must refuse at start (status 2 and a message naming them)."""
+    return subprocess.run([sys.executable, "-m", "reskd.cli", "serve", "--device", "cpu", "--port", "1"],
+                          capture_output=True, text=True, timeout=120,
+                          env={**{k: v for k, v in os.environ.items() if not k.startswith("RESKD_")}, **env})
+
+
 def scrape(client: httpx.Client) -> dict[tuple[str, frozenset], float]:
     """/metrics parsed with prometheus_client's own parser: {(sample name, labels): value}."""
     from prometheus_client.parser import text_string_to_metric_families

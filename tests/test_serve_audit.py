@@ -5,9 +5,6 @@ audit (counted); bad audit settings stop `reskd serve` with status 2 and a messa
 from __future__ import annotations
 
 import gzip
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,7 +13,7 @@ from conftest import FASHION_MNIST_DIR, real_fashion_mnist_or_fail
 from reskd.manifest import load_manifest
 from reskd.preprocess import normalise
 from reskd.runtime import CascadeRuntime
-from server_process import BUNDLED, InProcessServer, metric, scrape
+from server_process import serve_settings_refused, BUNDLED, InProcessServer, metric, scrape
 
 pytestmark = pytest.mark.server
 
@@ -110,20 +107,15 @@ def test_an_unloaded_audit_model_pauses_the_audit(repo, test_images):
 
 
 def test_bad_audit_settings_stop_the_start_with_a_message():
-    def serve(**env):
-        return subprocess.run([sys.executable, "-m", "reskd.cli", "serve", "--device", "cpu", "--port", "1"],
-                              capture_output=True, text=True, timeout=120,
-                              env={**{k: v for k, v in os.environ.items() if not k.startswith("RESKD_")}, **env})
-
-    out = serve(RESKD_AUDIT_FRACTION="-0.1", RESKD_AUDIT_MAX_COMPUTE_PCT="0")
+    out = serve_settings_refused(RESKD_AUDIT_FRACTION="-0.1", RESKD_AUDIT_MAX_COMPUTE_PCT="0")
     assert out.returncode == 2, out.stderr
     assert "RESKD_AUDIT_FRACTION: Input should be greater than or equal to 0" in out.stderr, out.stderr
     assert "RESKD_AUDIT_MAX_COMPUTE_PCT: Input should be greater than 0" in out.stderr, out.stderr
-    out = serve(RESKD_AUDIT_FRACTION="1.5", RESKD_AUDIT_MAX_COMPUTE_PCT="20000")
+    out = serve_settings_refused(RESKD_AUDIT_FRACTION="1.5", RESKD_AUDIT_MAX_COMPUTE_PCT="20000")
     assert out.returncode == 2, out.stderr
     assert "RESKD_AUDIT_FRACTION: Input should be less than or equal to 1" in out.stderr, out.stderr
     assert "RESKD_AUDIT_MAX_COMPUTE_PCT: Input should be less than or equal to 10000" in out.stderr, out.stderr
-    out = serve(RESKD_AUDIT_MODEL="no-such-model:1")
+    out = serve_settings_refused(RESKD_AUDIT_MODEL="no-such-model:1")
     assert out.returncode == 2 and "RESKD_AUDIT_MODEL: no model 'no-such-model'" in out.stderr, out.stderr
-    out = serve(RESKD_AUDIT_MODEL="teacher")  # no version
+    out = serve_settings_refused(RESKD_AUDIT_MODEL="teacher")  # no version
     assert out.returncode == 2 and "RESKD_AUDIT_MODEL" in out.stderr, out.stderr

@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server_process import BUNDLED, MODELS, InProcessServer, ServerProcess, metric, scrape
+from server_process import serve_settings_refused, BUNDLED, MODELS, InProcessServer, ServerProcess, metric, scrape
 
 pytestmark = pytest.mark.server
 
@@ -180,15 +177,10 @@ def test_bad_degrade_and_timeout_values_get_422_naming_them(repo):
 
 
 def test_bad_degrade_settings_stop_the_start_with_a_message():
-    def serve(**env):
-        return subprocess.run([sys.executable, "-m", "reskd.cli", "serve", "--device", "cpu", "--port", "1"],
-                              capture_output=True, text=True, timeout=120,
-                              env={**{k: v for k, v in os.environ.items() if not k.startswith("RESKD_")}, **env})
-
-    out = serve(RESKD_LATENCY_SLO_MS="500", RESKD_MAX_QUEUE_WAIT_MS="250")
+    out = serve_settings_refused(RESKD_LATENCY_SLO_MS="500", RESKD_MAX_QUEUE_WAIT_MS="250")
     assert out.returncode == 2 and "RESKD_LATENCY_SLO_MS (500) must not exceed RESKD_MAX_QUEUE_WAIT_MS (250)" \
         in out.stderr, out.stderr
-    out = serve(RESKD_DEGRADE="sometimes", RESKD_DEGRADE_HOLD_S="0", RESKD_LATENCY_SLO_MS="-5")
+    out = serve_settings_refused(RESKD_DEGRADE="sometimes", RESKD_DEGRADE_HOLD_S="0", RESKD_LATENCY_SLO_MS="-5")
     assert out.returncode == 2, out.stderr
     assert "RESKD_DEGRADE: Input should be a valid boolean" in out.stderr, out.stderr
     assert "RESKD_DEGRADE_HOLD_S: Input should be greater than 0" in out.stderr, out.stderr
