@@ -86,6 +86,13 @@ class _Pending:
     def __len__(self) -> int:
         return len(self.answered)
 
+    def split(self, k: int) -> tuple[_Pending, _Pending]:
+        """The first k images, and the rest (both queued when this was)."""
+        def part(rows: slice) -> _Pending:
+            return _Pending(self.images[rows], self.answered[rows], self.stages[rows], self.expected[rows],
+                            self.queued)
+        return part(slice(None, k)), part(slice(k, None))
+
 
 Resolve = Callable[[str, int | None], CascadeRuntime | None]
 
@@ -196,10 +203,8 @@ class Auditor:
             item = self.pending.popleft()
             room = self.BATCH - size
             if len(item) > room:  # audit the first images now, the rest in a later batch
-                self.pending.appendleft(_Pending(item.images[room:], item.answered[room:], item.stages[room:],
-                                                 item.expected[room:], item.queued))
-                item = _Pending(item.images[:room], item.answered[:room], item.stages[:room], item.expected[:room],
-                                item.queued)
+                item, rest = item.split(room)
+                self.pending.appendleft(rest)
             batch.append(item)
             size += len(item)
         self.pending_images -= size
