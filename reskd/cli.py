@@ -160,11 +160,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             raise ManifestError(f"{name} has a single stage: there is no exit to calibrate")
         if manifest.source is None:
             raise ManifestError(f"{path}/manifest.json: source.data is missing, so the validation split is unknown")
+        if args.references_only and (args.target_drop is not None or args.flops_budget is not None):
+            raise ManifestError("--references-only keeps the thresholds: it takes neither --target-drop nor "
+                                "--flops-budget")
         val, test = eval_sets(manifest.source.data, manifest.input)
         if args.references_only:
-            if args.target_drop is not None or args.flops_budget is not None:
-                raise ManifestError("--references-only keeps the thresholds: it takes neither --target-drop nor "
-                                    "--flops-budget")
             new = store_references(path, val, args.audit_model)
             _print_references(str(path), new)
             return 0

@@ -175,3 +175,23 @@ def test_calibrating_the_independent_cascade_for_a_budget_gives_the_ablations_cu
     assert 100 * manifest.metrics.adaptive_accuracy == pytest.approx(92.62, abs=0.005)
     assert manifest.metrics.pct_teacher_flops == pytest.approx(16.08, abs=0.005)
     assert manifest.metrics.exit_counts == [8758, 518, 724]
+
+
+@pytest.mark.real_data
+def test_calibrate_references_only_refuses_what_it_cannot_do(tmp_path, capsys):
+    """`reskd calibrate --references-only` keeps the thresholds, so a calibration rule beside it is refused before
+    any data is read; an --audit-model that is not a version of the repository is refused naming it. Status 2, the
+    manifest untouched."""
+    from reskd.cli import main
+
+    real_fashion_mnist_or_fail()
+    shutil.copytree(MODELS / "fashion-mnist-fallback", tmp_path / "fashion-mnist-fallback")
+    manifest = tmp_path / "fashion-mnist-fallback" / "1" / "manifest.json"
+    before = manifest.read_bytes()
+    ref = ["calibrate", "--repo", str(tmp_path), "--model", "fashion-mnist-fallback:1", "--references-only"]
+    assert main([*ref, "--target-drop", "0.2"]) == 2
+    assert "--references-only keeps the thresholds" in capsys.readouterr().err
+    for bad in ("no-such-teacher:1", "fashion-mnist-teacher"):
+        assert main([*ref, "--audit-model", bad]) == 2
+        assert f"the audit reference {bad} is not a version of the repository" in capsys.readouterr().err
+    assert manifest.read_bytes() == before
