@@ -6,9 +6,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import math
 import re
-import struct
 import sys
 import zlib
 from dataclasses import dataclass
@@ -21,11 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from reskd.validation import describe
 
 from ..serving.errors import bad_request, too_large, unsupported
+from ..serving.wire import (DTYPES, INT64_MAX, MAX_DIMS, byte_elements, check_shape, clip, count, from_raw, numpy_dtype,
+                            to_raw)
 
 HEADER_LENGTH = "inference-header-content-length"
-INT64_MAX = 2**63 - 1
-MAX_DIMS = 32  # numpy's limit on an array's dimensions (32 before numpy 2, 64 since)
-DTYPES = {"FP32": "<f4", "FP64": "<f8", "INT64": "<i8", "INT32": "<i4", "UINT8": "u1"}
 
 
 # What the schemas below document beyond their types is checked by parse_request, with its own messages.
@@ -165,7 +162,7 @@ def parse_request(body: bytes, header_length: str | None) -> tuple[InferRequest,
     offset = 0
     tensors = []
     for t in req.inputs:
-        _check_shape(t)
+        check_shape(t.name, t.shape, t.datatype)
         size = t.parameters.get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
@@ -173,7 +170,7 @@ def parse_request(body: bytes, header_length: str | None) -> tuple[InferRequest,
             if offset + size > len(binary):
                 raise bad_request(f"input {t.name!r}: binary_data_size {size!r} runs past the {len(binary)} bytes "
                                   f"of binary data after the JSON header")
-            value = _from_binary(t, bytes(binary[offset:offset + size]))
+            value = from_raw(t.name, t.datatype, t.shape, bytes(binary[offset:offset + size]))
             offset += size
         else:
             if t.data is None:
@@ -186,77 +183,24 @@ def parse_request(body: bytes, header_length: str | None) -> tuple[InferRequest,
     return req, tensors
 
 
-def clip(value: Any, width: int = 40) -> Any:
-    """A value from the request, shortened for an error message when its text is long."""
-    text = str(value)
-    return value if len(text) <= width else f"{text[:width]}... ({len(text)} characters)"
-
-
-def _check_shape(t: TensorIn) -> None:
-    """Every dimension, the element count and the byte size fit int64 (what the protocol's shapes are), and an
-    array can have that many dimensions: counts below are exact Python integers, never wrapped."""
-    if len(t.shape) > MAX_DIMS:
-        raise bad_request(f"input {t.name!r}: shape has {len(t.shape)} dimensions, at most {MAX_DIMS} are "
-                          f"supported")
-    for i, d in enumerate(t.shape):
-        if d < 0:
-            raise bad_request(f"input {t.name!r}: dimension {i} of the shape ({clip(d)}) is negative")
-        if d > INT64_MAX:
-            raise bad_request(f"input {t.name!r}: dimension {i} of the shape ({clip(d)}) is beyond int64 (at most "
-                              f"2**63 - 1)")
-    span = math.prod(d for d in t.shape if d)  # what numpy sizes an array by, even one with no elements
-    if span > INT64_MAX:
-        raise bad_request(f"input {t.name!r}: the dimensions of shape {t.shape} multiply to more than int64 can "
-                          f"count")
-    if t.datatype in DTYPES and span * np.dtype(DTYPES[t.datatype]).itemsize > INT64_MAX:
-        raise bad_request(f"input {t.name!r}: shape {t.shape} of {t.datatype} needs more bytes than int64 can count")
-
-
-def _count(shape: list[int]) -> int:
-    return math.prod(shape)  # exact: the shape was checked, so the count fits int64
-
-
-def _from_binary(t: TensorIn, raw: bytes) -> np.ndarray | list[bytes]:
-    if t.datatype == "BYTES":
-        items, i = [], 0
-        while i < len(raw):
-            if i + 4 > len(raw):
-                raise bad_request(f"input {t.name!r}: BYTES data ends inside a 4-byte length prefix")
-            (n,) = struct.unpack_from("<I", raw, i)
-            if i + 4 + n > len(raw):
-                raise bad_request(f"input {t.name!r}: a BYTES element of {n} bytes runs past the tensor's data")
-            items.append(raw[i + 4:i + 4 + n])
-            i += 4 + n
-        if len(items) != _count(t.shape):
-            raise bad_request(f"input {t.name!r}: shape {t.shape} needs {_count(t.shape)} BYTES elements, the "
-                              f"binary data holds {len(items)}")
-        return items
-    dtype = _dtype(t)
-    want = _count(t.shape) * np.dtype(dtype).itemsize
-    if len(raw) != want:
-        raise bad_request(f"input {t.name!r}: shape {t.shape} of {t.datatype} needs {want} bytes, binary_data_size "
-                          f"is {len(raw)}")
-    return np.frombuffer(raw, dtype=dtype).reshape(t.shape)
-
-
 def _from_json(t: TensorIn) -> np.ndarray | list[bytes]:
     if t.datatype == "BYTES":
         flat = _flatten(t)
-        if len(flat) != _count(t.shape) or not all(isinstance(x, str) for x in flat):
-            raise bad_request(f"input {t.name!r}: shape {t.shape} needs {_count(t.shape)} BYTES elements as "
+        if len(flat) != count(t.shape) or not all(isinstance(x, str) for x in flat):
+            raise bad_request(f"input {t.name!r}: shape {t.shape} needs {count(t.shape)} BYTES elements as "
                               f"strings, got {len(flat)}")
         try:
             return [base64.b64decode(x, validate=True) for x in flat]
         except (binascii.Error, ValueError):
             raise bad_request(f"input {t.name!r}: in JSON, BYTES elements must be base64 strings of the encoded "
                               f"images (or send them as binary tensor data)") from None
-    dtype = _dtype(t)
+    dtype = numpy_dtype(t.name, t.datatype)
     try:
         arr = np.asarray(t.data, dtype=np.float64 if dtype.startswith("<f") else np.int64)
     except (ValueError, TypeError, OverflowError, RecursionError):
         raise bad_request(f"input {t.name!r}: 'data' must be a (possibly nested) list of numbers") from None
-    if arr.size != _count(t.shape):
-        raise bad_request(f"input {t.name!r}: shape {t.shape} needs {_count(t.shape)} values, 'data' has {arr.size}")
+    if arr.size != count(t.shape):
+        raise bad_request(f"input {t.name!r}: shape {t.shape} needs {count(t.shape)} values, 'data' has {arr.size}")
     return arr.astype(dtype).reshape(t.shape)
 
 
@@ -278,37 +222,22 @@ def _flatten(t: TensorIn) -> list:
     return flat
 
 
-def _dtype(t: TensorIn) -> str:
-    if t.datatype not in DTYPES:
-        raise bad_request(f"input {t.name!r}: datatype {t.datatype!r} is not one of {sorted(DTYPES)} or BYTES")
-    return DTYPES[t.datatype]
-
-
 def encode_response(head: dict, outputs: list[tuple[str, str, np.ndarray, bool]]) -> tuple[bytes, int | None]:
     """outputs: (name, datatype, array (for BYTES a list of str, or an object array of str of any shape), binary?).
     -> (body, JSON header length or None when all JSON)."""
     entries, blobs = [], []
     for name, datatype, arr, binary in outputs:
-        if datatype == "BYTES":  # str elements: UTF-8, each 4-byte length-prefixed in binary, in row-major order
-            shape = list(arr.shape) if isinstance(arr, np.ndarray) else [len(arr)]
-            flat = arr.reshape(-1).tolist() if isinstance(arr, np.ndarray) else arr
-            values = [v.encode() if isinstance(v, str) else bytes(v) for v in flat]
-            entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": shape}
-            if binary:
-                blob = b"".join(struct.pack("<I", len(v)) + v for v in values)
-                entry["parameters"] = {"binary_data_size": len(blob)}
-                blobs.append(blob)
-            else:
-                entry["data"] = [v.decode() for v in values]
-            entries.append(entry)
-            continue
-        arr = np.ascontiguousarray(arr, dtype=DTYPES[datatype])
-        entry = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
+        entry: dict[str, Any] = {"name": name, "datatype": datatype}
         if binary:
-            blob = arr.tobytes()
+            entry["shape"], blob = to_raw(datatype, arr)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
+        elif datatype == "BYTES":  # str elements as JSON strings
+            entry["shape"], values = byte_elements(arr)
+            entry["data"] = [v.decode() for v in values]
         else:
+            arr = np.ascontiguousarray(arr, dtype=DTYPES[datatype])
+            entry["shape"] = list(arr.shape)
             entry["data"] = arr.reshape(-1)  # orjson writes numpy arrays natively (shortest round-trip floats)
         entries.append(entry)
     header = orjson.dumps({**head, "outputs": entries}, option=orjson.OPT_SERIALIZE_NUMPY)

@@ -90,10 +90,7 @@ async def repository_index_get(ready: bool = False, state: ServerState = Depends
                 "traffic")
 async def repository_load(request: Request, name: str, state: ServerState = Depends(get_state)):
     body = await _json_object(request, LoadRequest)
-    if body.parameters:
-        raise bad_request(f"load parameters are not supported (got {', '.join(sorted(body.parameters))}): put the "
-                          f"version folder, manifest.json last, into the model repository, then load")
-    await repository.load(state, name)
+    await repository.load(state, name, list(body.parameters or {}))
     return Response(status_code=200)
 
 

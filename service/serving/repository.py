@@ -4,7 +4,7 @@ unload, with model control's refusals (service/serving/control.py) turned into S
 from __future__ import annotations
 
 from .control import ControlError, ControlUnavailable, LoadRefused, UnknownModel, WrongMode
-from .errors import ServingError
+from .errors import ServingError, bad_request
 from .state import ServerState
 
 STATUS: dict[type[ControlError], int] = {WrongMode: 400, LoadRefused: 400, UnknownModel: 404,
@@ -20,10 +20,13 @@ def index(state: ServerState, ready_only: bool) -> list[dict]:
     return state.control.index(ready_only=ready_only)
 
 
-async def load(state: ServerState, name: str) -> None:
-    """Load the model's versions as the repository holds them now: 400 under another model control mode or when
-    versions are refused (naming each), 404 for a model the repository does not hold, 503 when the change could
-    not be made now."""
+async def load(state: ServerState, name: str, parameters: list[str] = ()) -> None:
+    """Load the model's versions as the repository holds them now: 400 under another model control mode, when
+    versions are refused (naming each) or for load parameters (Triton's config and file overrides: `parameters`,
+    their names); 404 for a model the repository does not hold, 503 when the change could not be made now."""
+    if parameters:
+        raise bad_request(f"load parameters are not supported (got {', '.join(sorted(parameters))}): put the "
+                          f"version folder, manifest.json last, into the model repository, then load")
     state.require_ready()
     try:
         await state.control.load(name)
