@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 
 .PHONY: run train train-reference test test-fast setup-serve setup-train setup-test data docker-tools docker docker-gpu docker-standin \
-	k8s-rules device-pack device-pack-run device-train device-run
+	k8s-rules grpc-protocol device-pack device-pack-run device-train device-run
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -85,6 +85,10 @@ docker-standin:
 # tests fail while it is out of date).
 k8s-rules:
 	$(PYTHON) deploy/k8s/components/monitoring/prometheusrule.py
+
+# The gRPC protocol's Python modules from the vendored .proto files (grpcio-tools, in the test install).
+grpc-protocol: setup-test
+	$(BIN)/python -m reskd.service.rpc.protocol.generate
 
 # The main job: the server on the bundled models (no torch in this install).
 run: setup-serve

@@ -208,7 +208,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from reskd.validation import describe
 
     overrides = {k: v for k, v in {"repo": args.repo, "host": args.host, "port": args.port,
-                                   "device": args.device, "model_control": args.model_control,
+                                   "grpc_port": args.grpc_port, "device": args.device, "model_control": args.model_control,
                                    "workers": args.workers}.items() if v is not None}
     try:
         settings = ServeSettings(**overrides)
@@ -362,14 +362,17 @@ def build_parser() -> argparse.ArgumentParser:
     _calibration_args(p)
     p.set_defaults(func=cmd_calibrate)
 
-    p = sub.add_parser("serve", help="serve a model repository over HTTP with early exit (v1 + KServe v2)",
+    p = sub.add_parser("serve", help="serve a model repository over HTTP and gRPC with early exit (v1 + KServe v2)",
                        description="Serve every model and version in REPO: /v1/.../classify, the KServe v2 / "
-                                   "Triton HTTP endpoints, /metrics. Every setting can also come from a RESKD_* "
+                                   "Triton HTTP endpoints, /metrics; with --grpc-port the KServe v2 / Triton gRPC service too. Every setting can also come from a RESKD_* "
                                    "environment variable (docs/serving.md, \"Settings\"); flags win over the "
                                    "environment.")
     p.add_argument("--repo", metavar="REPO", help="model repository (default: RESKD_REPO, else the bundled models/)")
     p.add_argument("--host", help="bind address (default 127.0.0.1; 0.0.0.0 in containers)")
     p.add_argument("--port", type=int, help="default 8000")
+    p.add_argument("--grpc-port", type=int, metavar="PORT",
+                   help="serve KServe v2's gRPC protocol (and grpc.health.v1) on this port too, e.g. 8001; 0: no gRPC "
+                        "(default RESKD_GRPC_PORT, else 0)")
     p.add_argument("--device", choices=DEVICES,
                    help="auto: the CUDA EP when onnxruntime offers it, else CPU (default auto)")
     p.add_argument("--model-control", choices=["none", "poll", "explicit"],

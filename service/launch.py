@@ -7,6 +7,7 @@ import logging
 import logging.config
 
 from .logs import log_config
+from .rpc.server import check_port
 from .server import run_single
 from .settings import ServeSettings
 from .supervisor import Supervisor, listen_socket, worker_count
@@ -17,6 +18,8 @@ def serve(settings: ServeSettings) -> int:
     with its file), ValueError or RuntimeError before the port opens. Several workers (RESKD_WORKERS): the
     supervisor runs them."""
     check_audit_model(settings)
+    if settings.grpc_port:
+        check_port(settings.host, settings.grpc_port)  # before any model is opened: a taken port fails at once
     config = log_config(settings.log_format, settings.log_level)
     logging.config.dictConfig(config)
     cuda = settings.device == "cuda" or (settings.device == "auto" and cuda_offered())

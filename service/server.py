@@ -1,5 +1,5 @@
 """One server process: the application (service/rest/app.py) under uvicorn, on its own port or, as one worker of
-several, on the supervisor's socket.
+several, on the supervisor's socket; with RESKD_GRPC_PORT the gRPC front end (service/rpc) on the same event loop.
 
 Start-up: every model is loaded (manifests, sha256 of every file, an onnxruntime session per stage) before the
 port opens, so a broken model fails `reskd serve` at once with status 2 and a message naming it. The server then
@@ -26,6 +26,7 @@ from reskd.manifest import ManifestError
 from .link import WorkerLink
 from .rest.app import create_app
 from .rest.connections import REFUSAL_MARGIN, ConnectionGuard
+from .rpc.server import RpcServer
 from .serving.decoding import release_large_allocations
 from .serving.metrics import Metrics
 from .serving.models import ServingDevice, engine_spec
@@ -67,9 +68,10 @@ class Server(uvicorn.Server):
     gives in-flight requests shutdown_timeout_s. SIGINT skips the drain window. A second signal exits at once.
     Exit status 0, or 2 when the models failed to load or warm up."""
 
-    def __init__(self, config: uvicorn.Config, state: ServerState):
+    def __init__(self, config: uvicorn.Config, state: ServerState, rpc: RpcServer | None = None):
         super().__init__(config)
         self.state = state
+        self.rpc = rpc  # the gRPC front end (RESKD_GRPC_PORT), started and stopped with HTTP
         self.drain_until: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.exit_status = 0
@@ -118,6 +120,37 @@ class Server(uvicorn.Server):
                 yield
         finally:
             signal.signal(signal.SIGHUP, previous)
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self.rpc is not None and not self.should_exit:
+            # After the app's start-up: a restarted worker (service/supervisor.py) takes gRPC calls only once warm,
+            # as it does HTTP connections.
+            try:
+                await self.rpc.start()
+            except RuntimeError as err:
+                log.error("%s: stopping", err)
+                self.exit_status = 2
+                self.should_exit = True
+
+    async def shutdown(self, sockets=None) -> None:
+        """gRPC stops with the HTTP listener: new calls refused, those in progress given shutdown_timeout_s as HTTP's
+        requests are; the application (models, pools) stops after both."""
+        if self.rpc is None:
+            return await super().shutdown(sockets)
+        stopping = asyncio.ensure_future(self.rpc.stop(0 if self.force_exit else
+                                                       self.state.settings.shutdown_timeout_s))
+        stop_app = self.lifespan.shutdown
+
+        async def after_rpc() -> None:
+            await stopping
+            await stop_app()
+
+        self.lifespan.shutdown = after_rpc
+        try:
+            await super().shutdown(sockets)
+        finally:
+            await stopping
 
     async def on_tick(self, counter: int) -> bool:
         if self.drain_until is not None and time.monotonic() >= self.drain_until:
@@ -182,6 +215,7 @@ def _run(settings: ServeSettings, app: FastAPI, state: ServerState, config: dict
                         timeout_keep_alive=settings.keep_alive_s, timeout_graceful_shutdown=settings.shutdown_timeout_s)
     uv.load()
     uv.http_protocol_class = guard.protocol(uv.http_protocol_class)
-    server = Server(uv, state)
+    rpc = RpcServer(state, shared_port=sock is not None) if settings.grpc_port else None
+    server = Server(uv, state, rpc)
     server.run(sockets=[sock] if sock is not None else None)
     return server.exit_status

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from reskd.manifest import MODEL_REF
@@ -20,6 +20,9 @@ class ServeSettings(BaseSettings):
     repo: Path = Field(BUNDLED_REPO, description="model repository; every model and version in it is served")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    # The gRPC front end (service/rpc: KServe v2's inference.GRPCInferenceService and grpc.health.v1) on this port of
+    # the same host; 0: off. It shares everything with HTTP: models, queues, limits, auth, metrics.
+    grpc_port: int = Field(0, ge=0, le=65535)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     default_model: str = Field("fashion-mnist", description="the model POST /v1/classify uses")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
@@ -149,11 +152,20 @@ class ServeSettings(BaseSettings):
                              f"raise RESKD_MAX_QUEUE_WAIT_MS or lower the objective")
         return self
 
-    @field_validator("port", mode="before")
+    @model_validator(mode="after")
+    def _two_ports(self):
+        if self.grpc_port and self.grpc_port == self.port:
+            raise ValueError(f"RESKD_GRPC_PORT ({self.grpc_port}) is RESKD_PORT too: gRPC needs a port of its own "
+                             f"(Triton's convention: HTTP 8000, gRPC 8001)")
+        return self
+
+    @field_validator("port", "grpc_port", mode="before")
     @classmethod
-    def _not_a_service_link(cls, value):
+    def _not_a_service_link(cls, value, info: ValidationInfo):
         if isinstance(value, str) and value.startswith("tcp://"):
-            raise ValueError(f"{value!r} is a Kubernetes service link, not a port: a Service named 'reskd' sets "
-                             f"RESKD_PORT in every pod of its namespace; set enableServiceLinks: false in the pod "
-                             f"spec (deploy/k8s does) or RESKD_PORT explicitly")
+            var = f"RESKD_{info.field_name.upper()}"
+            service = "reskd" if info.field_name == "port" else "reskd-grpc"
+            raise ValueError(f"{value!r} is a Kubernetes service link, not a port: a Service named {service!r} sets "
+                             f"{var} in every pod of its namespace; set enableServiceLinks: false in the pod "
+                             f"spec (deploy/k8s does) or {var} explicitly")
         return value

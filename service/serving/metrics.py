@@ -61,7 +61,8 @@ class Metrics:
         self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         self.state: ModelStateCollector | None = None
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("reskd_requests_total", "HTTP requests answered", [*M, "endpoint", "code"],
+        self.requests = Counter("reskd_requests_total", "HTTP requests and gRPC calls answered (a call: its "
+                                "method's path and the HTTP status of its outcome)", [*M, "endpoint", "code"],
                                 registry=r)
         self.request_duration = Histogram("reskd_request_duration_seconds", "time from request to response",
                                           [*M, "endpoint"], buckets=LATENCY_BUCKETS, registry=r)

@@ -1,0 +1,106 @@
+"""The grpc.aio server of one server process, on its event loop (uvicorn's): the inference service and
+grpc.health.v1 (SERVING while HTTP's readiness answers 200, for Kubernetes' gRPC probes and gRPC load balancers).
+
+Options from the settings: messages up to RESKD_MAX_BODY_BYTES (larger: RESOURCE_EXHAUSTED, from grpcio itself, so
+neither counted nor logged by reskd), responses unbounded, RESKD_MAX_CONNECTIONS calls in progress at once
+(RESOURCE_EXHAUSTED beyond, from grpcio), connections idle for RESKD_KEEP_ALIVE_S closed (clients reconnect).
+The port: taken by another socket, start-up fails (grpcio would otherwise share it through SO_REUSEPORT); the
+workers of one server (RESKD_WORKERS) do share it that way, the kernel spreading connections over them, once the
+supervisor has checked that nothing else holds it (check_port)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+
+from ..serving.errors import ServingError
+from ..serving.state import ServerState
+from .protocol.grpc_service_pb2_grpc import add_GRPCInferenceServiceServicer_to_server
+from .service import SERVICE, InferenceService
+
+log = logging.getLogger("reskd.service")
+
+HEALTH_POLL_S = 0.25
+
+
+def address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def check_port(host: str, port: int) -> None:
+    """RuntimeError when host:port cannot be bound by a socket of its own (in use, or not an address here)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpcio does: TIME_WAIT is no conflict
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise RuntimeError(f"cannot bind the gRPC port {host}:{port} (RESKD_GRPC_PORT): "
+                               f"{(err.strerror or str(err)).lower()}") from None
+
+
+class RpcServer:
+    def __init__(self, state: ServerState, shared_port: bool):
+        """shared_port: one worker of several on the port (SO_REUSEPORT)."""
+        self.state = state
+        self.shared_port = shared_port
+        self.service = InferenceService(state)
+        self.health = health_aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.watch: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        """Bind and start serving. RuntimeError when the port cannot be bound."""
+        s = self.state.settings
+        options = [("grpc.max_receive_message_length", s.max_body_bytes), ("grpc.max_send_message_length", -1),
+                   ("grpc.so_reuseport", 1 if self.shared_port else 0),
+                   ("grpc.max_connection_idle_ms", int(s.keep_alive_s * 1000))]
+        server = grpc.aio.server(options=options, maximum_concurrent_rpcs=s.max_connections)
+        add_GRPCInferenceServiceServicer_to_server(self.service, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        where = address(s.host, s.grpc_port)
+        try:
+            server.add_insecure_port(where)
+        except RuntimeError:
+            await server.stop(None)
+            raise RuntimeError(f"cannot bind the gRPC port {where} (RESKD_GRPC_PORT): in use, or not an address of "
+                               f"this machine") from None
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.start()
+        self.server = server
+        self.watch = asyncio.create_task(self._follow_readiness())
+        log.info("gRPC (KServe v2, grpc.health.v1) on %s", where)
+
+    async def _set_health(self, status) -> None:
+        for name in ("", SERVICE):
+            await self.health.set(name, status)
+
+    async def _follow_readiness(self) -> None:
+        serving = health_pb2.HealthCheckResponse
+        current = serving.NOT_SERVING
+        while True:
+            try:
+                self.state.require_ready(readiness=True)
+                status = serving.SERVING
+            except ServingError:
+                status = serving.NOT_SERVING
+            if status != current:
+                await self._set_health(status)
+                current = status
+            await asyncio.sleep(HEALTH_POLL_S)
+
+    async def stop(self, grace_s: float | None) -> None:
+        """New calls are refused at once; calls in progress get grace_s to finish, then are cancelled (counted
+        503)."""
+        if self.server is None:
+            return
+        if self.watch is not None:
+            self.watch.cancel()
+        await self.health.enter_graceful_shutdown()
+        self.service.stopping = True
+        await self.server.stop(grace_s)
