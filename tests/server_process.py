@@ -46,6 +46,29 @@ def wait_until_ready(url: str, proc: subprocess.Popen, output, what: str, timeou
     raise RuntimeError(f"{what} not ready after {timeout} s:\n{output()}")
 
 
+def wait_until_serving(target: str, failed, timeout: float = 60) -> None:
+    """Poll grpc.health.v1 at `target` until it says SERVING (gRPC opens after HTTP); failed(): why the server is
+    gone, or None while it runs."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            why = failed()
+            if why is not None:
+                raise RuntimeError(why)
+            try:
+                if health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == \
+                        health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    raise RuntimeError(f"gRPC at {target} not serving after {timeout} s:\n{failed() or ''}")
+
+
 class Loopback:
     """A server on loopback at self.url, stopped at the end of a `with` block."""
 
@@ -65,8 +88,10 @@ class Loopback:
 
 
 class ServerProcess(Loopback):
-    def __init__(self, wait_ready: bool = True, **settings):
+    def __init__(self, wait_ready: bool = True, grpc: bool = False, **settings):
+        """grpc: serve gRPC too, on a free port of its own (self.grpc: its target, host:port)."""
         lanes.require("server", "a `reskd serve` process")
+        self.with_grpc = grpc
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("RESKD_")}
         self.env.update({f"RESKD_{k.upper()}": str(v) for k, v in settings.items()})
         self.env.setdefault("RESKD_INTRA_OP_THREADS", "1")
@@ -86,6 +111,10 @@ class ServerProcess(Loopback):
     def _start(self) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        if self.with_grpc:
+            grpc_port = free_port()
+            self.env["RESKD_GRPC_PORT"] = str(grpc_port)
+            self.grpc = f"127.0.0.1:{grpc_port}"
         self.log = tempfile.NamedTemporaryFile("w+", prefix="reskd-serve-", suffix=".log")
         self.proc = subprocess.Popen([sys.executable, "-m", "reskd.cli", "serve", "--port", str(self.port),
                                       "--device", "cpu"], env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
@@ -103,7 +132,11 @@ class ServerProcess(Loopback):
         exits at once saying so, and is started again on another port."""
         for attempt in range(3):
             try:
-                return wait_until_ready(f"{self.url}/v2/health/ready", self.proc, self.output, "reskd serve", timeout)
+                wait_until_ready(f"{self.url}/v2/health/ready", self.proc, self.output, "reskd serve", timeout)
+                if self.with_grpc:
+                    wait_until_serving(self.grpc, lambda: None if self.proc.poll() is None else
+                                       f"reskd serve exited with {self.proc.returncode}:\n{self.output()}", timeout)
+                return
             except RuntimeError:
                 if attempt == 2 or self.proc.poll() is None or "address already in use" not in self.output():
                     raise
@@ -185,7 +218,8 @@ class InProcessServer(Loopback):
     """`create_app` under a real uvicorn server on loopback, in a thread of the test process, so a test can reach
     into the served models (e.g. to break one). The socket is bound before the server starts: no port race."""
 
-    def __init__(self, **settings):
+    def __init__(self, grpc: bool = False, **settings):
+        """grpc: the gRPC front end too, as `reskd serve` runs it (self.grpc: its target, host:port)."""
         import threading
 
         import uvicorn
@@ -195,12 +229,22 @@ class InProcessServer(Loopback):
         from reskd.service.rest.app import create_app
         from reskd.service.settings import ServeSettings
 
+        grpc_port = free_port() if grpc else 0
         self.app = create_app(ServeSettings(**{"device": "cpu", "intra_op_threads": 1, "max_queue_wait_ms": 0,
-                                               "repo": MODELS, **settings}))
+                                               "repo": MODELS, "grpc_port": grpc_port, **settings}))
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning"))
+        config = uvicorn.Config(self.app, log_level="warning")
+        if grpc:
+            from reskd.service.rpc.server import RpcServer
+            from reskd.service.server import Server
+
+            state = self.app.state.reskd
+            self.grpc = f"127.0.0.1:{grpc_port}"
+            self.server = Server(config, state, RpcServer(state, shared_port=False))
+        else:
+            self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 60
@@ -209,6 +253,12 @@ class InProcessServer(Loopback):
                 self.stop()
                 raise RuntimeError(f"in-process server not ready: {self.app.state.reskd.failed}")
             time.sleep(0.05)
+        if grpc:
+            try:
+                wait_until_serving(self.grpc, lambda: None if self.thread.is_alive() else "the server stopped")
+            except BaseException:
+                self.stop()
+                raise
 
     def stop(self) -> None:
         self.server.should_exit = True
