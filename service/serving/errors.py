@@ -2,7 +2,8 @@
 
 A ServingError carries what went wrong in words the client can act on, and its outcome as an HTTP status code:
 the common vocabulary of inference servers (KServe's and Triton's HTTP and gRPC protocols both describe errors
-by it). The HTTP layer answers with it as is (service/rest/errors.py); a gRPC front end maps it to its own codes.
+by it). The HTTP layer answers with it as is (service/rest/errors.py); the gRPC front end maps it to its own codes
+(service/rpc/service.py).
 Nothing here knows of FastAPI or a request object.
 """
 

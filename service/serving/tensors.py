@@ -1,5 +1,5 @@
 """The tensors a served cascade takes and gives, named once: the KServe v2 metadata, Triton's model configuration
-and the infer responses (HTTP now, gRPC alike) are all written from these tables.
+and the infer responses (HTTP and gRPC) are all written from these tables.
 
 Inputs: `images` FP32 [N, C, H, W] (normalised as the manifest says) or `image_bytes` BYTES [N] (encoded images).
 Outputs: `logits` FP32 [N, classes], `probabilities` FP32 [N, classes] (their softmax), `class_id` INT64 [N],
