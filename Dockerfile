@@ -65,9 +65,12 @@ RUN useradd --system --uid 10001 --user-group --no-create-home --home-dir /nonex
 ENV PATH=/opt/venv/bin:$PATH \
     RESKD_REPO=/opt/reskd/models \
     RESKD_HOST=0.0.0.0 \
-    RESKD_PORT=8000
+    RESKD_PORT=8000 \
+    RESKD_GRPC_PORT=8001
 USER 10001
-EXPOSE 8000
+# 8000: HTTP (KServe v2 REST, v1, /metrics); 8001: gRPC (inference.GRPCInferenceService, grpc.health.v1), Triton's
+# numbering. RESKD_GRPC_PORT=0 turns gRPC off.
+EXPOSE 8000 8001
 # Ready = every model loaded and warmed (GET /v2/health/ready); a few seconds after start on a CPU.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python3", "-m", "reskd.service.healthcheck"]

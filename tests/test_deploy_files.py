@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -119,24 +120,43 @@ def manylinux_platforms() -> list[str]:
     return [arg for tag in tags for arg in ("--platform", tag)]
 
 
-@pytest.mark.timeout(300)
-def test_gpu_image_install_step_resolves(tmp_path):
-    """The GPU target's pip step (requirements-gpu.txt under the serving constraints) resolves for the image's
-    Python and platform (3.11, glibc 2.36, x86-64) on PyPI. Wheels are not downloaded: --dry-run reads their
-    metadata. The full build is `make docker-gpu`."""
+def resolve_for_the_image(tmp_path: Path, *requirements) -> dict[str, str]:
+    """What pip would install, under the serving constraints, for the image's Python and platform (3.11, glibc
+    2.36, x86-64) from PyPI -> {normalised name: version}. Wheels are not downloaded: --dry-run reads their
+    metadata."""
     env = {k: v for k, v in os.environ.items() if k not in ("PIP_FIND_LINKS", "PIP_EXTRA_INDEX_URL", "PIP_CONSTRAINT")}
     env["PIP_CONFIG_FILE"] = os.devnull  # PyPI only, as in the image: no local wheel folders or indexes
     result = run(sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed",
                  "--only-binary=:all:", "--python-version", "3.11", *manylinux_platforms(),
                  "--target", tmp_path / "t", "--report", tmp_path / "report.json",
-                 "-c", DEPLOY / "docker" / "constraints.txt", "-r", DEPLOY / "docker" / "requirements-gpu.txt",
-                 timeout=280, env=env)
+                 "-c", DEPLOY / "docker" / "constraints.txt", *requirements, timeout=280, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
-    installed = {i["metadata"]["name"].lower(): i["metadata"]["version"]
-                 for i in json.loads((tmp_path / "report.json").read_text())["install"]}
+    return {re.sub(r"[-_.]+", "-", i["metadata"]["name"]).lower(): i["metadata"]["version"]
+            for i in json.loads((tmp_path / "report.json").read_text())["install"]}
+
+
+@pytest.mark.timeout(300)
+def test_gpu_image_install_step_resolves(tmp_path):
+    """The GPU target's pip step (requirements-gpu.txt under the serving constraints) resolves on PyPI. The full
+    build is `make docker-gpu`."""
+    installed = resolve_for_the_image(tmp_path, "-r", DEPLOY / "docker" / "requirements-gpu.txt")
     assert "onnxruntime-gpu" in installed and "onnxruntime" not in installed
     assert any(name.startswith("nvidia-cudnn") for name in installed)
     assert any(name.startswith("nvidia-cublas") for name in installed)
+
+
+@pytest.mark.timeout(300)
+def test_the_image_constraints_pin_every_package_of_the_serve_extra(tmp_path):
+    """The CPU image installs `.[serve]` under constraints.txt: every package of its closure is pinned there (so a
+    rebuild gets the same versions; a package added to the extra without a pin fails here), the pins resolve
+    together, and none is left over."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = [*project["dependencies"], *project["optional-dependencies"]["serve"]]
+    installed = resolve_for_the_image(tmp_path, *requirements)
+    pins = dict(line.split("==") for line in (DEPLOY / "docker" / "constraints.txt").read_text().split()
+                if "==" in line)
+    assert {name: version for name, version in installed.items() if pins.get(name) != version} == {}
+    assert set(pins) - set(installed) == set(), "pins of packages the serve extra no longer needs"
 
 
 # --- every name the deploy files use exists in the code ----------------------------------------------------------
@@ -237,8 +257,11 @@ def test_settings_ports_and_paths_the_deploy_files_use_exist():
     port = int(env["RESKD_PORT"])
     assert port == ServeSettings.model_fields["port"].default
     assert env["RESKD_HOST"] == "0.0.0.0" and env["RESKD_REPO"] == "/opt/reskd/models"
-    assert f"EXPOSE {port}" in texts["Dockerfile"]
-    assert compose["services"]["reskd"]["ports"] == [f"{port}:{port}"]
+    # gRPC beside HTTP: on in the image (it is off by default), on Triton's port after HTTP's, exposed and published.
+    grpc_port = int(env["RESKD_GRPC_PORT"])
+    assert ServeSettings.model_fields["grpc_port"].default == 0 and grpc_port == port + 1
+    assert f"EXPOSE {port} {grpc_port}" in texts["Dockerfile"]
+    assert compose["services"]["reskd"]["ports"] == [f"{port}:{port}", f"{grpc_port}:{grpc_port}"]
     # Prometheus scrapes the compose service on that port at the server's /metrics.
     scrape = yaml.safe_load((PROM / "prometheus.yml").read_text())["scrape_configs"][0]
     assert scrape["static_configs"][0]["targets"] == [f"reskd:{port}"]

@@ -65,13 +65,14 @@ def image(engine):
 class Container:
     def __init__(self, engine: Engine, tag: str, **env: str):
         self.engine = engine
-        self.port = free_port()
+        self.port, self.grpc_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.name = f"reskd-pytest-{uuid.uuid4().hex[:8]}"
         # Host networking (no bridge here): the port is chosen by a setting, as a user would.
         settings = [x for k, v in env.items() for x in ("-e", f"{k}={v}")]
         self.id = engine.docker("run", "-d", "--network=host", "--name", self.name, "-e", f"RESKD_PORT={self.port}",
-                                "-e", "RESKD_INTRA_OP_THREADS=1", *settings, tag).stdout.strip()
+                                "-e", f"RESKD_GRPC_PORT={self.grpc_port}", "-e", "RESKD_INTRA_OP_THREADS=1", *settings,
+                                tag).stdout.strip()
 
     def logs(self) -> str:
         r = self.engine.docker("logs", self.id, check=False)
@@ -172,6 +173,28 @@ def test_container_classifies_real_images_as_the_in_process_runtime(container, p
     assert metric(samples, "reskd_ready") == 1
 
 
+def test_container_answers_grpc_as_http(container, pngs):
+    """The image serves gRPC beside HTTP (RESKD_GRPC_PORT, 8001 unless set): a stock tritonclient.grpc call gets the
+    classes, exits and compute the HTTP route gave for the same real images."""
+    import tritonclient.grpc as grpcclient
+
+    runtime = CascadeRuntime(CASCADE, device=Device.cpu())
+    images = np.stack([preprocess(data, runtime.manifest.input) for _, data in pngs]).astype(np.float32)
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{container.grpc_port}")
+    try:
+        assert client.is_server_ready()
+        tensor = grpcclient.InferInput("images", list(images.shape), "FP32")
+        tensor.set_data_from_numpy(images)
+        result = client.infer("fashion-mnist", [tensor], outputs=[
+            grpcclient.InferRequestedOutput(n) for n in ("class_id", "exit_stage", "flops")])
+    finally:
+        client.close()
+    served = classify(container.url, pngs)
+    assert result.as_numpy("class_id").tolist() == [p["class_id"] for p in served]
+    assert result.as_numpy("exit_stage").tolist() == [p["exit_stage"] for p in served]
+    assert result.as_numpy("flops").tolist() == [p["flops"] for p in served]
+
+
 def test_image_runs_as_non_root_without_torch(engine, image, container):
     assert engine.docker("image", "inspect", "-f", "{{.Config.User}}", image["tag"]).stdout.strip() == UID
     status = container.exec("cat", "/proc/1/status")  # the server is the container's first process
@@ -186,6 +209,10 @@ def test_image_runs_as_non_root_without_torch(engine, image, container):
     assert "CPUExecutionProvider" in providers and "CUDAExecutionProvider" not in providers
     packages = container.exec("python3", "-m", "pip", "list", "--format=freeze").lower()
     assert "torch" not in packages and "onnxruntime==" in packages
+    # The versions deploy/docker/constraints.txt pins, every one of them installed.
+    pins = {line.lower() for line in (ROOT / "deploy" / "docker" / "constraints.txt").read_text().split() if "==" in line}
+    installed = {line.replace("_", "-") for line in packages.split()}
+    assert pins <= installed, pins - installed
     assert image["size"] < 1 << 30, f"image is {image['size'] / 2**20:.0f} MiB"
     # Writable only where it must be: the bundled models belong to root.
     assert container.exec("stat", "-c", "%u", "/opt/reskd/models").strip() == "0"

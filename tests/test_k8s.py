@@ -355,6 +355,10 @@ def test_ports_and_paths_the_manifests_use_exist(rendered):
         port = port_number(server, "http")
         assert port == settings.port == server["ports"][0]["containerPort"], where  # KServe routes to the first
         assert settings.host == "0.0.0.0", where
+        # gRPC, the second port: named `h2c` as KServe's runtimes name it, `grpc` elsewhere (the Service's name).
+        grpc_name = "h2c" if where == "kserve" else "grpc"
+        assert [p["name"] for p in server["ports"]] == ["http", grpc_name], where
+        assert port_number(server, grpc_name) == settings.grpc_port != 0, where
         for kind, probe in probes(server).items():
             assert probe["httpGet"]["path"] in routes, f"{where} {kind}"
             assert port_number(server, probe["httpGet"]["port"]) == port, f"{where} {kind}"
@@ -367,8 +371,12 @@ def test_ports_and_paths_the_manifests_use_exist(rendered):
         assert int(annotations["prometheus.io/port"]) == port_number(server, "http")
         assert annotations["prometheus.io/path"] == scrape["metrics_path"] in routes
         service = only(objects, "Service")
-        (service_port,) = service["spec"]["ports"]
+        service_port, grpc_port = service["spec"]["ports"]
         assert port_number(server, service_port["targetPort"]) == port_number(server, "http"), name
+        assert service_port["port"] == port_number(server, "http"), name
+        assert (grpc_port["name"], grpc_port["appProtocol"]) == ("grpc", "kubernetes.io/h2c"), name
+        assert port_number(server, grpc_port["targetPort"]) == grpc_port["port"] \
+            == settings_from(server_env(objects, server)).grpc_port, name
         monitor = only(objects, "ServiceMonitor")
         assert [e["port"] for e in monitor["spec"]["endpoints"]] == [service_port["name"]]
         assert [e["path"] for e in monitor["spec"]["endpoints"]] == [scrape["metrics_path"]]
