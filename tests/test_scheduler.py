@@ -239,6 +239,33 @@ def test_an_idle_scheduler_dispatches_a_lone_request_at_once(rt, policy):
     asyncio.run(go())
 
 
+def test_requests_arriving_one_by_one_after_concurrent_ones_wait_for_their_batch(rt):
+    """A client sending one request at a time gets each dispatched at once; once requests have come several to a
+    batch, a lone newcomer within a queue delay of the last batch's end waits for the delay (or a full batch), as
+    under load, so calls arriving one by one (gRPC) are batched; its survivors still move on at once."""
+    async def go():
+        sched = scheduler(rt, rt.engine, batch=(64, 64, 64), delay_ms=(60_000,) * 3)
+        sched.start()
+        one = np.zeros((1, 1, 28, 28), np.float32)
+        try:
+            for _ in range(5):  # one at a time, each through every stage at once
+                assert (await asyncio.wait_for(sched.submit(one, 1.0), 20)).exit_stage.tolist() == [2]
+            # Four together: dispatched at once as one batch (nothing in flight), and then through every stage.
+            together = await asyncio.wait_for(asyncio.gather(*(sched.submit(one, 1.0) for _ in range(4))), 20)
+            assert [r.exit_stage.tolist() for r in together] == [[2]] * 4
+            waiting = sched.submit(one, 1.0)  # right after: held for its batch
+            await asyncio.sleep(0.3)
+            assert not waiting.done() and sched.queues[0].size == 1
+            # A full batch closes at once all the same, the lone request's with it.
+            full = sched.submit(np.zeros((63, 1, 28, 28), np.float32), 1.0)
+            assert (await asyncio.wait_for(waiting, 20)).exit_stage.tolist() == [2]
+            assert (await asyncio.wait_for(full, 20)).exit_stage.tolist() == [2] * 63
+        finally:
+            await sched.stop()
+
+    asyncio.run(go())
+
+
 def test_a_full_next_queue_holds_back_the_stage_before_it(rt):
     sched = scheduler(rt, rt.engine, batch=(4, 4, 4), delay_ms=(0, 0, 0), bound=4)
     q0, q1 = sched.queues[0], sched.queues[1]

@@ -320,6 +320,10 @@ class StageQueue:
 
 class CascadeScheduler:
     CONTROL_PERIOD_S = 0.25  # a degraded version's controller looks again at least this often, requests or not
+    # _pick's idle rule: requests come concurrently when recent stage-0 batches held this many on average (a moving
+    # average over about 1 / TOGETHER_WEIGHT batches)
+    CONCURRENT = 1.25
+    TOGETHER_WEIGHT = 0.1
     CONTROL_MIN_S = 0.01  # and at most this often (it is consulted at admission: thousands of requests a second)
     def __init__(self, runtime: CascadeRuntime, runner: Engine, executor: Executor, *, model: str,
                  version: int, policy: Policy, max_batch_sizes: list[int], max_queue_delays_s: list[float],
@@ -349,6 +353,10 @@ class CascadeScheduler:
         self._task: asyncio.Task | None = None
         self._running: set[asyncio.Task] = set()
         self._in_flight = 0  # batches dispatched and not finished
+        # Whether requests come concurrently: when the last batch ended, and the requests per stage-0 batch lately
+        # (moving average; 1 = one at a time). _pick's idle rule reads them.
+        self._ended = float("-inf")
+        self._together = 1.0
         # Admission: requests admitted and not yet submitted (their bodies are being read and decoded), and the
         # mean images per request (an exponential average), to reserve room for them before their size is known.
         self.pending = 0
@@ -521,8 +529,16 @@ class CascadeScheduler:
     def _pick(self, now: float) -> int | None:
         """The deepest ready stage whose next queue has room (back-pressure). An idle scheduler (no batch in flight,
         samples in one queue only) dispatches that queue at once instead of charging a lone request the queue
-        delay; under load batches are in flight, so queues fill up and close by size or delay as before."""
-        idle = self._in_flight == 0 and sum(1 for q in self.queues if q.items) == 1
+        delay; under load batches are in flight, so queues fill up and close by size or delay as before.
+        New requests (stage 0) are not dispatched at once, though, within a queue delay of the last batch's end
+        while recent stage-0 batches held several requests: concurrent requests that arrive one at a time, as gRPC
+        calls do (each reaches the loop on its own, where HTTP requests read in one loop turn come together), would
+        otherwise run as batches of one or two, each paying a batch's overhead, and take a third less of them
+        through. A lone client waiting for each answer before its next request (batches of one) keeps the
+        immediate dispatch, and so do survivors (they move on together)."""
+        idle = self._in_flight == 0 and sum(1 for q in self.queues if q.items) == 1 and not (
+            self.queues[0].items and now - self._ended < self.queues[0].max_delay_s
+            and self._together >= self.CONCURRENT)
         for s in range(len(self.queues) - 1, -1, -1):
             q = self.queues[s]
             if not q.ready(now, idle):
@@ -562,6 +578,8 @@ class CascadeScheduler:
             q = self.queues[stage]
             batch = q.take(whole_requests=self.policy != "stage", one_request=self.policy == "none",
                            max_blocks=self.runner.max_blocks)
+            if stage == 0 and batch:
+                self._together += self.TOGETHER_WEIGHT * (len(batch) - self._together)
             self.observer.queue_depth(stage, q.size)
             if not batch:
                 self._slots.release()
@@ -654,6 +672,7 @@ class CascadeScheduler:
             return
         finally:
             self._in_flight -= 1
+            self._ended = time.perf_counter()
             self._slots.release()
             self._wakeup.set()
         for req, count in exited:  # counted here, on the loop, as batches in flight may share a request
