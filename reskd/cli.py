@@ -25,38 +25,77 @@ def _parse_set(items: list[str]) -> dict:
     return out
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _distributed(command: str, args: argparse.Namespace, work) -> int:
+    """Run work(world, device) as this process's rank (torchrun's environment; one process otherwise), with the
+    errors every training command reports: a bad recipe, data or run directory, or ranks that cannot train
+    together, exit 2; a process group that failed under the run (another rank died or stopped answering) exits 1.
+    Each rank reports its own error, prefixed with its rank in a distributed run."""
     from reskd.training.data import DatasetError
-    from reskd.training.pipeline import train
-    from reskd.training.recipe import RecipeError, load_recipe
+    from reskd.training.distributed import DistributedError, World
+    from reskd.training.pipeline import pick_device
+    from reskd.training.recipe import RecipeError
     from reskd.training.rundir import RunDirError
 
+    where = f"reskd {command}"
     try:
-        recipe = load_recipe(args.recipe, _parse_set(args.set))
-        report = train(recipe, args.out, resume=args.resume, device=args.device)
-    except (RecipeError, DatasetError, RunDirError, FileNotFoundError) as err:
-        print(f"reskd train: {err}", file=sys.stderr)
+        world = World.from_env()
+        if world.distributed:
+            where += f" (rank {world.rank} of {world.size})"
+        device = world.start(pick_device(args.device), args.dist_timeout)
+    except (DistributedError, RuntimeError, ValueError) as err:
+        print(f"{where}: {err}", file=sys.stderr)
         return 2
-    a = report["adaptive"]["test"]
-    print(f"teacher {report['models']['teacher']['test_accuracy']:.2f}%  student "
-          f"{report['models']['student']['test_accuracy']:.2f}%  adaptive {a['accuracy']:.2f}% at "
-          f"{a['pct_teacher_flops']:.2f}% of teacher FLOPs -> {args.out}/report.md")
-    return 0
+    try:
+        return work(world, device)
+    except (RecipeError, DatasetError, RunDirError, FileNotFoundError, DistributedError) as err:
+        print(f"{where}: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:  # gloo's and NCCL's errors are RuntimeErrors (torch.distributed.DistError or not)
+        if not (world.distributed and _in_process_group(err)):
+            raise
+        print(f"{where}: the process group failed: another rank died or did not answer within --dist-timeout "
+              f"{args.dist_timeout:g} s ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})",
+              file=sys.stderr)
+        return 1
+    finally:
+        world.stop()
+
+
+def _in_process_group(err: BaseException) -> bool:
+    """Whether an error was raised inside torch.distributed (a collective whose peers failed)."""
+    import traceback
+
+    return any("/torch/distributed/" in frame.filename.replace("\\", "/")
+               for frame in traceback.extract_tb(err.__traceback__))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from reskd.training.pipeline import train
+    from reskd.training.recipe import load_recipe
+
+    def work(world, device) -> int:
+        recipe = load_recipe(args.recipe, _parse_set(args.set), tiny=args.tiny)
+        report = train(recipe, args.out, resume=args.resume, device=device, world=world)
+        if report is None:  # another rank than 0: rank 0 reports
+            return 0
+        a = report["adaptive"]["test"]
+        print(f"teacher {report['models']['teacher']['test_accuracy']:.2f}%  student "
+              f"{report['models']['student']['test_accuracy']:.2f}%  adaptive {a['accuracy']:.2f}% at "
+              f"{a['pct_teacher_flops']:.2f}% of teacher FLOPs -> {args.out}/report.md")
+        return 0
+
+    return _distributed("train", args, work)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from reskd.training.data import DatasetError
-    from reskd.training.recipe import RecipeError
-    from reskd.training.rundir import RunDirError
     from reskd.training.sweep import run_sweep
 
-    try:
-        run_sweep(args.sweep, args.out, tiny=args.tiny, device=args.device,
-                  only=args.only.split(",") if args.only else None)
-    except (RecipeError, DatasetError, RunDirError, FileNotFoundError) as err:
-        print(f"reskd sweep: {err}", file=sys.stderr)
-        return 2
-    return 0
+    def work(world, device) -> int:
+        run_sweep(args.sweep, args.out, tiny=args.tiny, device=device,
+                  only=args.only.split(",") if args.only else None, world=world)
+        return 0
+
+    return _distributed("sweep", args, work)
 
 
 def cmd_device_train(args: argparse.Namespace) -> int:
@@ -247,6 +286,13 @@ def _print_metrics(path: str, manifest) -> None:
           f"{100 * m.adaptive_accuracy:.2f}% at {m.pct_teacher_flops:.2f}% of teacher FLOPs, exits {m.exit_counts}")
 
 
+def add_dist_timeout(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dist-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="under torchrun: how long a rank waits for the others at a collective before the job fails "
+                        "(a rank that died or hangs); rank 0's evaluation between a sweep's variants must fit in it "
+                        "(default: %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reskd", description="Train ResKD cascades and serve them with early exit.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -264,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=DEVICES, default="auto", help="default: cuda when present")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field, e.g. --set teacher.epochs=2 (repeatable)")
+    p.add_argument("--tiny", action="store_true",
+                   help="apply the recipe's [tiny] overrides (before --set): a smoke run in seconds on a CPU")
+    add_dist_timeout(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sweep", help="train a grid of recipe variants, sharing identical stages; pick on validation",
@@ -277,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", metavar="LABEL[,LABEL...]",
                    help="train and evaluate only these variants (e.g. in a second process beside a first); the "
                         "others are read back where up to date, so stages are still shared and summarised")
+    add_dist_timeout(p)
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("device-train", help="the reference cascade on a GPU host, in resumable named steps",

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from .batches import Augmentation, Normalizer, batches
 from .data import Split
+from .distributed import SINGLE, World
 from .recipe import TrainConfig
 
 # step(images, labels) -> (loss, logits used for the running accuracy)
@@ -98,10 +99,13 @@ def make_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch:
 
 def fit(model: torch.nn.Module, step: StepFn, train: Split, cfg: TrainConfig, *, normalizer: Normalizer,
         device: torch.device, seed: int, desc: str, resume: Progress | None = None,
-        on_epoch: Callable[[Progress], None] | None = None) -> list[dict]:
+        on_epoch: Callable[[Progress], None] | None = None, world: World = SINGLE) -> list[dict]:
     """Train `model` in place; returns the per-epoch history [{epoch, loss, accuracy, lr, seconds}].
     on_epoch receives the Progress after every epoch (its tensors are the live ones: save or copy them at once);
-    resume, one such Progress of an earlier call with the same arguments, continues from the epoch after it."""
+    resume, one such Progress of an earlier call with the same arguments, continues from the epoch after it.
+    world: with several ranks each trains on its share of every batch (cfg.batch_size is the global batch) and
+    `step` must run the model under DistributedDataParallel; the history counts every rank's samples, and the
+    ranks' weights are compared after each epoch (World.settle). Rank 0 alone reports and gets on_epoch."""
     steps_per_epoch = len(train) // cfg.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"{desc}: batch_size {cfg.batch_size} exceeds the {len(train)} training images")
@@ -125,9 +129,10 @@ def fit(model: torch.nn.Module, step: StepFn, train: Split, cfg: TrainConfig, *,
         total_correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
         bar = tqdm(batches(train, cfg.batch_size, normalizer=normalizer, device=device, shuffle=True,
-                           seed=seed * 1000 + epoch, augmentation=Augmentation.of(cfg), drop_last=True),
+                           seed=seed * 1000 + epoch, augmentation=Augmentation.of(cfg), drop_last=True,
+                           shard=world.shard(cfg.batch_size) if world.distributed else None),
                    total=steps_per_epoch, desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=not sys.stderr.isatty(), dynamic_ncols=True)
+                   disable=not (world.main and sys.stderr.isatty()), dynamic_ncols=True)
         for i, (x, y) in enumerate(bar):
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -144,11 +149,16 @@ def fit(model: torch.nn.Module, step: StepFn, train: Split, cfg: TrainConfig, *,
             seen += len(y)
             if i % 20 == 0:  # a sync every step would stall the GPU
                 bar.set_postfix(loss=f"{total_loss.item() / seen:.4f}", acc=f"{total_correct.item() / seen:.4f}")
-        record = {"epoch": epoch + 1, "loss": total_loss.item() / seen, "accuracy": total_correct.item() / seen,
-                  "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - started, 1)}
+        total_loss, total_correct, seen = world.sum(total_loss, total_correct, torch.tensor(seen))
+        record = {"epoch": epoch + 1, "loss": total_loss.item() / seen.item(),
+                  "accuracy": total_correct.item() / seen.item(), "lr": opt.param_groups[0]["lr"],
+                  "seconds": round(time.time() - started, 1)}
         if not math.isfinite(record["loss"]):
             raise FloatingPointError(f"{desc}: loss became {record['loss']} in epoch {epoch + 1}; lower the lr")
         history.append(record)
+        world.settle(model, f"{desc} epoch {epoch + 1}")
+        if not world.main:
+            continue
         print(f"{desc} epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f} train-acc {record['accuracy']:.4f} "
               f"({record['seconds']:.0f} s)", file=sys.stderr, flush=True)
         if on_epoch is not None:

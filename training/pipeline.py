@@ -25,11 +25,12 @@ import torch.nn.functional as F
 
 from . import loop
 from .batches import Augmentation, Normalizer, batches
-from .data import DataBundle, load_dataset
+from .data import DataBundle, DatasetError, load_dataset
+from .distributed import SINGLE, World, sync_batchnorm
 from .flops import count_flops, count_params
 from .losses import cross_entropy, kd_loss, reach_weights, residual_mse, residual_target
 from .models import ModelSpec, build_model
-from .recipe import Recipe, ResStudentConfig
+from .recipe import Recipe, RecipeError, ResStudentConfig
 from .report import analyse, plot_pareto, render_markdown
 from .rundir import Checkpoint, PartialCheckpoint, RunDir, RunDirError, read_weights
 
@@ -101,7 +102,8 @@ def pick_device(name: str = "auto") -> torch.device:
 
 # Settings added after run directories existed enter a fingerprint only when they are set to something else than
 # their default (the value that reproduces the earlier training), so earlier runs stay resumable.
-LATER_SETTINGS = {"random_erasing": (None, 0.0), "autocast": (None, "auto"), "channels_last": (None,)}
+LATER_SETTINGS = {"random_erasing": (None, 0.0), "autocast": (None, "auto"), "channels_last": (None,),
+                  "sync_batchnorm": (None, False)}
 
 
 def settled(cfg) -> dict:
@@ -115,19 +117,49 @@ def _seed(recipe: Recipe, name: str, offset: int = 0) -> int:
 
 
 class Trainer:
-    def __init__(self, recipe: Recipe, out: Path, *, resume: bool = False, device: str = "auto",
-                 on_checkpoint: Callable[[], None] | None = None, predictions: dict | None = None):
+    def __init__(self, recipe: Recipe, out: Path, *, resume: bool = False, device: str | torch.device = "auto",
+                 on_checkpoint: Callable[[], None] | None = None, predictions: dict | None = None,
+                 world: World = SINGLE):
         """on_checkpoint: called after every partial checkpoint is written (each epoch of each stage), e.g. to
         copy the run somewhere that outlives the machine. predictions: logits already computed in this process,
         by stage fingerprint and evaluation split (a sweep passes one dict to all its variants, which share the
-        teacher, the student and the baselines); this trainer adds its own."""
+        teacher, the student and the baselines); this trainer adds its own. world: this process's rank of a
+        distributed run (training/distributed.py; its process group started, device: this rank's)."""
         self.recipe = recipe
         self.run_dir = RunDir(out)
         self.resume = resume
         self.on_checkpoint = on_checkpoint
         self.predictions = {} if predictions is None else predictions
-        self.device = pick_device(device)
-        self._check_run_dir()
+        self.device = device if isinstance(device, torch.device) else pick_device(device)
+        self.world = world
+        world.same(hashlib.sha256(json.dumps(recipe.model_dump(mode="json"), sort_keys=True).encode()).hexdigest(),
+                   "the recipe (file and --set overrides)")
+        self._agree(self._check_batches)
+        self._agree(self._check_run_dir, main_only=True)
+
+    def _agree(self, check: Callable[[], object], main_only: bool = False):
+        """check() (on rank 0 alone when main_only) -> what it returns. In a distributed run an error it raises on
+        any rank stops every rank with that rank's message (DistributedError); in one process it is raised as is."""
+        if not self.world.distributed:
+            return check()
+        problem, result = None, None
+        if self.world.main or not main_only:
+            try:
+                result = check()
+            except (RunDirError, DatasetError, RecipeError, FileNotFoundError, ValueError) as err:
+                problem = str(err)
+        self.world.agree(problem)
+        return result
+
+    def _check_batches(self) -> None:
+        """Every stage's batch_size (the global batch) splits evenly over the ranks."""
+        r = self.recipe
+        sections = {"teacher": r.teacher, "student": r.student, "baselines": r.baselines,
+                    **{f"res_students[{k}]": c for k, c in enumerate(r.res_students)}}
+        problems = [self.world.check_batch(c.resolve(r.train).batch_size, name) for name, c in sections.items()]
+        problems = [p for p in problems if p]
+        if problems:
+            raise RecipeError("; ".join(problems))
 
     # -- run directory ------------------------------------------------------------------------------------------
     def _check_run_dir(self) -> None:
@@ -143,8 +175,8 @@ class Trainer:
     def environment(self) -> dict:
         return {
             "torch": torch.__version__, "python": platform.python_version(), "device": str(self.device),
-            "device_name": torch.cuda.get_device_name() if self.device.type == "cuda" else _cpu_name(),
-            "threads": torch.get_num_threads(),
+            "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else _cpu_name(),
+            "threads": torch.get_num_threads(), "world_size": self.world.size,
         }
 
     def _write_run_file(self, data: DataBundle) -> None:
@@ -162,22 +194,37 @@ class Trainer:
     # -- stages -------------------------------------------------------------------------------------------------
     def _build(self, spec: ModelSpec, seed: int, in_channels: int, data: DataBundle) -> torch.nn.Module:
         torch.manual_seed(seed)
-        return loop.prepare(build_model(spec, in_channels, len(data.labels)), self.device,
-                            loop.uses_channels_last(self.device, self.recipe.train))
+        model = build_model(spec, in_channels, len(data.labels))
+        if self.world.distributed and self.recipe.train.sync_batchnorm:
+            model = sync_batchnorm(model, self.device)
+        return loop.prepare(model, self.device, loop.uses_channels_last(self.device, self.recipe.train))
 
     def _load_checkpoint(self, name: str, fingerprint: str, model: torch.nn.Module) -> Checkpoint | None:
-        if not self.run_dir.has_checkpoint(name):
+        """The stage's finished checkpoint loaded into `model`, or None. Rank 0 reads it and sends it to the
+        other ranks."""
+        ckpt = self._agree(lambda: self._read_checkpoint(name, fingerprint), main_only=True)
+        ckpt = self.world.broadcast(ckpt)
+        if ckpt is None:
             return None
-        ckpt = self.run_dir.load_checkpoint(name, map_location=self.device)
-        if ckpt.fingerprint != fingerprint:
-            raise RunDirError(f"{self.run_dir.checkpoint_path(name)} was trained with other settings than the recipe "
-                              f"now gives for stage {name!r}; delete that checkpoint (and later ones) to retrain it, "
-                              "or use another --out")
         model.load_state_dict(ckpt.state_dict)
         model.eval()
         return ckpt
 
+    def _read_checkpoint(self, name: str, fingerprint: str) -> Checkpoint | None:
+        if not self.run_dir.has_checkpoint(name):
+            return None
+        ckpt = self.run_dir.load_checkpoint(name, map_location="cpu" if self.world.distributed else self.device)
+        if ckpt.fingerprint != fingerprint:
+            raise RunDirError(f"{self.run_dir.checkpoint_path(name)} was trained with other settings than the recipe "
+                              f"now gives for stage {name!r}; delete that checkpoint (and later ones) to retrain it, "
+                              "or use another --out")
+        return ckpt
+
     def _load_partial(self, name: str, fingerprint: str) -> PartialCheckpoint | None:
+        """The stage's partial checkpoint (--resume), read by rank 0 and sent to the other ranks, or None."""
+        return self.world.broadcast(self._agree(lambda: self._read_partial(name, fingerprint), main_only=True))
+
+    def _read_partial(self, name: str, fingerprint: str) -> PartialCheckpoint | None:
         if not self.run_dir.has_partial(name):
             return None
         partial = self.run_dir.load_partial(name)
@@ -188,6 +235,8 @@ class Trainer:
         return partial
 
     def _save_checkpoint(self, stage: Stage, fingerprint: str, in_channels: int, data: DataBundle) -> None:
+        if not self.world.main:
+            return
         self.run_dir.save_checkpoint(Checkpoint(
             stage.name, stage.kind, stage.spec.arch, stage.spec.width, in_channels, len(data.labels),
             stage.model.state_dict(), fingerprint, stage.history, stage.extra))
@@ -201,7 +250,8 @@ class Trainer:
         model = self._build(spec, seed, in_channels, data)
         ckpt = self._load_checkpoint(name, fingerprint, model)
         if ckpt is not None:
-            print(f"[resume] {name}: loaded {self.run_dir.checkpoint_path(name)}", file=sys.stderr)
+            if self.world.main:
+                print(f"[resume] {name}: loaded {self.run_dir.checkpoint_path(name)}", file=sys.stderr)
             stage = Stage(name, kind, spec, model, seed, reads, ckpt.history, ckpt.extra)
         else:
             stage = Stage(name, kind, spec, model, seed, reads, trained_now=True)
@@ -222,19 +272,26 @@ class Trainer:
         """loop.fit, continuing from the stage's partial checkpoint (--resume) and rewriting it after every epoch."""
         attempt = stage.attempt
         resume = attempt.resumed.progress if attempt.resumed else None
-        if resume is not None:
+        if resume is not None and self.world.main:
             where = f"epoch {resume.epoch + 1}/{cfg.epochs}" if resume.epoch < cfg.epochs else \
                 f"all {cfg.epochs} epochs trained"
             print(f"[resume] {stage.name}: {where} from {self.run_dir.partial_path(stage.name)}", file=sys.stderr)
 
-        def save(progress: loop.Progress) -> None:
+        def save(progress: loop.Progress) -> None:  # rank 0 alone (loop.fit)
             self.run_dir.save_partial(PartialCheckpoint(stage.name, attempt.fingerprint, progress, stage.extra,
                                                         round(time.time() - attempt.started, 1)))
             if self.on_checkpoint is not None:
                 self.on_checkpoint()
 
-        stage.history = loop.fit(stage.model, step, data.train, cfg, normalizer=normalizer, device=self.device,
-                                 seed=stage.seed, desc=stage.name, resume=resume, on_epoch=save)
+        # The steps call stage.model: under DistributedDataParallel while the stage trains, itself after.
+        model = stage.model
+        stage.model = self.world.wrap(model, self.device)
+        try:
+            stage.history = loop.fit(model, step, data.train, cfg, normalizer=normalizer, device=self.device,
+                                     seed=stage.seed, desc=stage.name, resume=resume, on_epoch=save,
+                                     world=self.world)
+        finally:
+            stage.model = model
 
     def teacher(self, data: DataBundle, normalizer: Normalizer) -> Stage:
         r = self.recipe
@@ -280,8 +337,10 @@ class Trainer:
                 # before and the residual is learned from there, instead of first undoing random logits.
                 torch.nn.init.zeros_(stage.model.fc.weight)
                 torch.nn.init.zeros_(stage.model.fc.bias)
-                stage.extra["residual_scale_sq"] = self._residual_scale(rcfg, teacher, cascade_so_far, cfg, data,
-                                                                        normalizer, stage.seed)
+                # Measured by rank 0 and sent to the others, so every rank trains with the same scale.
+                stage.extra["residual_scale_sq"] = self.world.broadcast(
+                    self._residual_scale(rcfg, teacher, cascade_so_far, cfg, data, normalizer, stage.seed)
+                    if self.world.main else None)
             scale_sq = stage.extra["residual_scale_sq"]
 
             def step(x, y):
@@ -352,15 +411,16 @@ class Trainer:
         # The student is itself a KD single model of its size; the report lists it in the grid instead.
         return [e for e in self.recipe.baselines.kd_grid if e.spec != self.recipe.student.spec]
 
-    def run(self, until: Literal["teacher", "cascade", "all"] = "all") -> dict:
+    def run(self, until: Literal["teacher", "cascade", "all"] = "all") -> dict | None:
         """Train what is not trained yet, up to `until` (the teacher; the student and res-students too; the
-        baselines too), then evaluate and report what there is."""
+        baselines too), then evaluate and report what there is (rank 0; the other ranks return None)."""
         r = self.recipe
         started = time.time()
         fps = self.fingerprints()
-        data = load_dataset(r.data)
+        data = self._agree(lambda: load_dataset(r.data))  # every rank reads the data itself
         data = data.to(self.device)
-        self._write_run_file(data)
+        if self.world.main:
+            self._write_run_file(data)
         normalizer = Normalizer(data.mean, data.std, self.device)
 
         stages = [self.teacher(data, normalizer)]
@@ -375,6 +435,8 @@ class Trainer:
             stages += [self.kd_model(f"kd-{e.spec.tag}", "kd_baseline", e.spec, bcfg, r.baselines.kd_alpha,
                                      r.baselines.kd_temperature, fps[f"kd-{e.spec.tag}"], stages[0], data, normalizer)
                        for e in self._grid_entries()]
+        if not self.world.main:  # evaluation and the report are rank 0's
+            return None
         logits = self.evaluate(stages, data, normalizer, fps)
         shape = (data.channels, data.height, data.width)
         flops = {s.name: count_flops(s.model, s.input_shape(shape)) for s in stages}  # a stage's own layers
@@ -423,5 +485,6 @@ def load_external_checkpoint(model: torch.nn.Module, path: str) -> None:
         raise ValueError(f"teacher.checkpoint {path} does not fit the recipe's teacher arch: {err}") from None
 
 
-def train(recipe: Recipe, out: str | Path, *, resume: bool = False, device: str = "auto") -> dict:
-    return Trainer(recipe, Path(out), resume=resume, device=device).run()
+def train(recipe: Recipe, out: str | Path, *, resume: bool = False, device: str | torch.device = "auto",
+          world: World = SINGLE) -> dict | None:
+    return Trainer(recipe, Path(out), resume=resume, device=device, world=world).run()

@@ -70,6 +70,10 @@ class TrainConfig(_Strict):
     autocast: Literal["auto", "bf16", "fp32"] = "auto"
     # Models and batches in channels_last memory format; absent: on CUDA only. A run-wide setting ([train] only).
     channels_last: bool | None = None
+    # Distributed runs (torchrun): batch-norm statistics over the global batch, every rank's share together, as one
+    # process computes them; off, each rank normalises by its own share (DDP's default; cheaper, the results
+    # differ). Nothing changes in one process. A run-wide setting ([train] only).
+    sync_batchnorm: bool = False
 
 
 class _StageOverrides(_Strict):
@@ -197,13 +201,18 @@ def parse_recipe(data: dict, source: str = "recipe") -> Recipe:
         raise RecipeError(f"{source} is invalid:\n" + "\n".join("  " + line for line in describe(err))) from None
 
 
-def load_recipe(name_or_path: str, overrides: dict | None = None) -> Recipe:
+def load_recipe(name_or_path: str, overrides: dict | None = None, tiny: bool = False) -> Recipe:
+    """A recipe file, its [tiny] overrides applied when tiny (a smoke run: `reskd train --tiny`), then
+    `overrides` (--set)."""
     path = resolve_recipe_path(name_or_path)
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
         raise RecipeError(f"{path} is not valid TOML: {err}") from None
-    for dotted, value in (overrides or {}).items():
+    smoke = data.pop("tiny", None)
+    if tiny and smoke is None:
+        raise RecipeError(f"{path} has no [tiny] section of overrides for --tiny")
+    for dotted, value in {**(smoke if tiny else {}), **(overrides or {})}.items():
         set_dotted(data, dotted, value)
     return parse_recipe(data, str(path))
 

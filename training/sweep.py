@@ -26,6 +26,9 @@ import sys
 import tomllib
 from pathlib import Path
 
+import torch
+
+from .distributed import SINGLE, World
 from .pipeline import Trainer
 from .recipe import RecipeError, load_recipe
 
@@ -77,17 +80,20 @@ def _link(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def run_sweep(sweep_file: str, out: str, *, tiny: bool = False, device: str = "auto",
-              only: list[str] | None = None) -> list[dict]:
+def run_sweep(sweep_file: str, out: str, *, tiny: bool = False, device: str | torch.device = "auto",
+              only: list[str] | None = None, world: World = SINGLE) -> list[dict]:
     """only: labels of the variants to train and evaluate; every other variant is read back where its report is
-    up to date (its stages can then be shared and it is summarised) and left out otherwise."""
+    up to date (its stages can then be shared and it is summarised) and left out otherwise. world: under torchrun,
+    every rank trains each variant with the others (Trainer); rank 0 alone reads and writes the sweep's files and
+    tells the others what it found."""
     path = Path(sweep_file)
     spec = load_sweep(path)
     base = spec["base"]
     if (path.parent / base).is_file():
         base = str(path.parent / base)
     out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if world.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     trained: dict[tuple[str, str], Path] = {}
     predictions: dict = {}  # logits of the shared stages, computed once (Trainer.evaluate)
     rows, reports = [], {}
@@ -103,26 +109,32 @@ def run_sweep(sweep_file: str, out: str, *, tiny: bool = False, device: str = "a
         raise RecipeError(f"{path}: [[doubling]] names no variant {', '.join(unpaired)} (variants: "
                           f"{', '.join(sorted(labels))})")
     for i, (label, recipe, own) in enumerate(recipes):
-        print(f"[sweep] {i + 1}/{len(recipes)} {label}", file=sys.stderr, flush=True)
-        trainer = Trainer(recipe, out_dir / label, resume=True, device=device, predictions=predictions)
+        if world.main:
+            print(f"[sweep] {i + 1}/{len(recipes)} {label}", file=sys.stderr, flush=True)
+        trainer = Trainer(recipe, out_dir / label, resume=True, device=device, predictions=predictions, world=world)
         fps = trainer.fingerprints()
-        for name, fp in fps.items():
-            dst = trainer.run_dir.checkpoint_path(name)
-            if (name, fp) in trained and not dst.exists():
-                _link(trained[(name, fp)], dst)
-        report = trainer.run_dir.current_report(recipe.model_dump(mode="json"), fps)
+        if world.main:
+            for name, fp in fps.items():
+                dst = trainer.run_dir.checkpoint_path(name)
+                if (name, fp) in trained and not dst.exists():
+                    _link(trained[(name, fp)], dst)
+        report = world.broadcast(trainer.run_dir.current_report(recipe.model_dump(mode="json"), fps)
+                                 if world.main else None)
         if report is None and only is not None and label not in only:
-            print(f"[sweep] {label}: not up to date, left to another run (--only)", file=sys.stderr, flush=True)
+            if world.main:
+                print(f"[sweep] {label}: not up to date, left to another run (--only)", file=sys.stderr, flush=True)
             continue
         if report is None:
-            report = trainer.run()
-        else:
+            report = world.broadcast(trainer.run())
+        elif world.main:
             print(f"[sweep] {label}: up to date (report newer than its checkpoints, same recipe)", file=sys.stderr,
                   flush=True)
         for name, fp in fps.items():
             trained.setdefault((name, fp), trainer.run_dir.checkpoint_path(name))
         rows.append(summarise(label, own, report))
         reports[label] = report
+    if not world.main:
+        return rows
     select_pct = float(spec.get("select_max_pct_teacher_flops", 100.0))
     pairs = doubling(spec.get("doubling", []), reports, float(spec.get("doubling_min_gain_pt", 0.2)))
     write_summary(out_dir, rows, select_pct, pairs, doubling_choice(spec, pairs) if pairs else None)
