@@ -89,6 +89,19 @@ def tiny_recipe_dict(root: Path, **sections) -> dict:
     return recipe
 
 
+def write_recipe_toml(path: Path, recipe: dict) -> Path:
+    """A recipe dict (tiny_recipe_dict) as a TOML file: scalars as JSON writes them (valid TOML), tables inline."""
+    def value(v) -> str:
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + " }"
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return json.dumps(v)
+
+    path.write_text("".join(f"{k} = {value(v)}\n" for k, v in recipe.items()))
+    return path
+
+
 def real_fashion_mnist_or_fail() -> Path:
     """The real data, which CI installs: under CI=true its absence is a failure, elsewhere a skip."""
     if (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():

@@ -156,6 +156,59 @@ def test_batches_cover_the_split_once_and_normalise():
     assert [len(y) for _, y in dropped] == [16, 16, 16]
 
 
+def shares_of(split, world_size: int, batch_size: int = 6) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Each rank's training batches (shuffled, augmented with crop, flip and erasing), and the whole batches as
+    one process gets them (last)."""
+    norm = Normalizer([0.5] * split_channels(split), [0.25] * split_channels(split), torch.device("cpu"))
+    kwargs = dict(normalizer=norm, device=torch.device("cpu"), shuffle=True, seed=4, drop_last=True,
+                  augmentation=Augmentation(1, True, 0.5))
+    local = batch_size // world_size
+    ranks = [list(batches(split, batch_size, shard=slice(r * local, (r + 1) * local), **kwargs))
+             for r in range(world_size)]
+    return [*ranks, list(batches(split, batch_size, **kwargs))]
+
+
+def split_channels(split) -> int:
+    return split.images.shape[1] if isinstance(split, TensorSplit) else split.dataset[0][0].shape[0]
+
+
+def assert_shares_make_the_batches(split, world_size: int) -> None:
+    *ranks, whole = shares_of(split, world_size)
+    assert len(whole) == len(split) // 6 and all(len(r) == len(whole) for r in ranks)
+    for i, (x, y) in enumerate(whole):  # the ranks' shares, in rank order, are the one-process batch
+        assert torch.equal(torch.cat([r[i][0] for r in ranks]), x)
+        assert torch.equal(torch.cat([r[i][1] for r in ranks]), y)
+
+
+def test_ranks_shares_of_in_memory_batches_are_the_one_process_batches():
+    images, labels = make_images(40, 10, 8, 1, seed=0)
+    split = TensorSplit(torch.from_numpy(images), torch.from_numpy(labels).long(), np.arange(40))
+    for world_size in (2, 3):
+        assert_shares_make_the_batches(split, world_size)
+
+
+def test_ranks_shares_of_image_folder_batches_are_the_one_process_batches(tmp_path):
+    rng = np.random.default_rng(2)
+    for c in ("cat", "dog"):
+        for i in range(10):
+            _write_png(tmp_path / "train" / c / f"{i}.png", rng.integers(0, 256, (10, 10, 3), np.uint8))
+            _write_png(tmp_path / "val" / c / f"{i}.png", rng.integers(0, 256, (10, 10, 3), np.uint8))
+    data = load_dataset(DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=8, channels=3, val_size=2,
+                                   workers=0))
+    assert isinstance(data.train, FolderSplit)
+    assert_shares_make_the_batches(data.train, 2)
+
+
+def test_a_share_needs_whole_batches():
+    images, labels = make_images(12, 10, 8, 1, seed=0)
+    split = TensorSplit(torch.from_numpy(images), torch.from_numpy(labels).long(), np.arange(12))
+    norm = Normalizer([0.5], [0.25], torch.device("cpu"))
+    with pytest.raises(ValueError, match="needs drop_last"):
+        next(batches(split, 6, normalizer=norm, device=torch.device("cpu"), shard=slice(0, 3)))
+    with pytest.raises(ValueError, match="does not fit a batch of 6"):
+        augment(torch.zeros(4, 1, 8, 8, dtype=torch.uint8), 1, True, torch.Generator(), share=(3, 6))
+
+
 @pytest.mark.real_data
 def test_real_fashion_mnist():
     root = real_fashion_mnist_or_fail()

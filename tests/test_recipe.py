@@ -113,3 +113,14 @@ def test_a_star_override_sets_every_entry_of_a_list_and_none_of_an_empty_one():
     assert data == {"res_students": [{"epochs": 1}, {"epochs": 1, "lr": 0.1}], "empty": []}
     with pytest.raises(RecipeError, match=r"res_students is a list of 2 entries; 'x' is not an index into it"):
         set_dotted(data, "res_students.x.epochs", 1)
+
+
+def test_tiny_applies_the_recipes_smoke_overrides_before_set(tmp_path):
+    recipe = load_recipe("fashion-mnist-cpu", {"teacher.epochs": 2}, tiny=True)
+    assert (recipe.data.max_train, recipe.student.epochs, recipe.teacher.epochs) == (128, 1, 2)  # --set wins
+    assert all(r.epochs == 1 for r in recipe.res_students)
+    assert load_recipe("fashion-mnist-cpu").data.max_train is None  # [tiny] is not part of the recipe otherwise
+    bare = tmp_path / "bare.toml"
+    bare.write_text((RECIPE_DIR / "fashion-mnist-cpu.toml").read_text().split("\n[tiny]")[0])
+    with pytest.raises(RecipeError, match=r"has no \[tiny\] section"):
+        load_recipe(str(bare), tiny=True)

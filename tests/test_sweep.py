@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import real_fashion_mnist_or_fail, tiny_recipe_dict
+from conftest import real_fashion_mnist_or_fail, tiny_recipe_dict, write_recipe_toml
 from reskd.training import loop
 from reskd.training.pipeline import Trainer
 from reskd.training.recipe import RecipeError
@@ -15,27 +15,11 @@ from reskd.training.sweep import doubling, doubling_choice, run_sweep
 SWEEPS = Path(__file__).resolve().parents[1] / "training" / "sweeps"
 
 
-def _toml_value(v):
-    return json.dumps(v)
-
-
 def write_base_recipe(path: Path, root: Path) -> None:
-    """The tiny recipe as TOML (sections as inline tables: enough for a sweep's base)."""
+    """The tiny recipe as TOML (enough for a sweep's base)."""
     r = tiny_recipe_dict(root, baselines={"kd_grid": [{"arch": "resnet8", "width": 0.375}], "epochs": 1})
     r["res_students"] = r["res_students"][:1]
-    lines = [f'name = "{r["name"]}"', f"seed = {r['seed']}"]
-    for key in ("data", "train", "teacher", "student", "baselines", "evaluation"):
-        lines.append(f"[{key}]")
-        for k, v in r[key].items():
-            lines.append(f"{k} = " + (_inline(v) if isinstance(v, list) else _toml_value(v)))
-    for res in r["res_students"]:
-        lines.append("[[res_students]]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in res.items()]
-    path.write_text("\n".join(lines) + "\n")
-
-
-def _inline(items):
-    return "[" + ", ".join("{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in d.items()) + "}" for d in items) + "]"
+    write_recipe_toml(path, r)
 
 
 def test_sweep_shares_identical_stages_and_selects_on_validation(tiny_idx, tmp_path, monkeypatch):
