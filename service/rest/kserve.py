@@ -9,7 +9,6 @@ import json
 import re
 import sys
 import zlib
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from reskd.validation import describe
 
 from ..serving.errors import bad_request, too_large, unsupported
+from ..serving.pipeline import InputTensor
 from ..serving.wire import (DTYPES, INT64_MAX, MAX_DIMS, byte_elements, check_shape, clip, count, from_raw, numpy_dtype,
                             to_raw)
 
@@ -79,14 +79,6 @@ class InferResponse(BaseModel):
     outputs: list[TensorOut]
 
 
-@dataclass
-class Tensor:
-    name: str
-    datatype: str
-    shape: list[int]
-    value: np.ndarray | list[bytes]
-
-
 def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     """Content-Encoding gzip or deflate (tritonclient's request_compression_algorithm), bounded by limit; the name
     is case-insensitive. gzip decodes every member as gzip.decompress does (zero padding between members
@@ -130,7 +122,7 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
 _NOT_ZERO = re.compile(rb"[^\0]")
 
 
-def parse_request(body: bytes, header_length: str | None) -> tuple[InferRequest, list[Tensor]]:
+def parse_request(body: bytes, header_length: str | None) -> tuple[InferRequest, list[InputTensor]]:
     if header_length is not None:
         # ASCII digits only (str.isdigit also takes '²'), and few enough for int() and any real body.
         if not (header_length.isascii() and header_length.isdigit() and len(header_length) <= 19
@@ -176,7 +168,7 @@ def parse_request(body: bytes, header_length: str | None) -> tuple[InferRequest,
             if t.data is None:
                 raise bad_request(f"input {t.name!r} has neither 'data' nor a binary_data_size parameter")
             value = _from_json(t)
-        tensors.append(Tensor(t.name, t.datatype, t.shape, value))
+        tensors.append(InputTensor(t.name, t.datatype, t.shape, value))
     if offset != len(binary):
         raise bad_request(f"{len(binary) - offset} bytes of binary data after the JSON header belong to no input "
                           f"(check binary_data_size and Inference-Header-Content-Length)")

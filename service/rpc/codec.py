@@ -4,14 +4,13 @@ the metadata, configuration, statistics and repository messages from the dicts H
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from google.protobuf import json_format
 
 from ..serving.errors import bad_request
-from ..serving.pipeline import EXIT_PARAMETERS, Answer, Wanted, wanted_outputs
+from ..serving.pipeline import EXIT_PARAMETERS, Answer, InputTensor, Wanted, wanted_outputs
 from ..serving.wire import DTYPES, check_shape, clip, count, from_raw, to_raw
 from .protocol import grpc_service_pb2 as pb
 from .protocol import model_config_pb2 as config_pb
@@ -19,14 +18,6 @@ from .protocol import model_config_pb2 as config_pb
 # Typed contents (InferTensorContents) by datatype: the field and the numpy type its values become.
 CONTENTS = {"FP32": ("fp32_contents", "<f4"), "FP64": ("fp64_contents", "<f8"), "INT64": ("int64_contents", "<i8"),
             "INT32": ("int_contents", "<i4"), "UINT8": ("uint_contents", "u1"), "BYTES": ("bytes_contents", None)}
-
-
-@dataclass
-class Tensor:
-    name: str
-    datatype: str
-    shape: list[int]
-    value: np.ndarray | list[bytes]
 
 
 def parameter(p: pb.InferParameter) -> Any:
@@ -69,7 +60,7 @@ def requested_outputs(request: pb.ModelInferRequest) -> list[Wanted]:
     return wanted_outputs(requested)
 
 
-def input_tensors(request: pb.ModelInferRequest) -> list[Tensor]:
+def input_tensors(request: pb.ModelInferRequest) -> list[InputTensor]:
     """The request's inputs: from raw_input_contents (one entry per input, in order) or each input's typed contents.
     Shapes are checked as HTTP's are (service/serving/wire.py); a count or size that does not match is a 400."""
     raw = request.raw_input_contents
@@ -84,7 +75,7 @@ def input_tensors(request: pb.ModelInferRequest) -> list[Tensor]:
             value = from_raw(t.name, t.datatype, shape, raw[i], what=f"raw_input_contents[{i}] holds")
         else:
             value = _from_contents(t, shape)
-        tensors.append(Tensor(t.name, t.datatype, shape, value))
+        tensors.append(InputTensor(t.name, t.datatype, shape, value))
     return tensors
 
 

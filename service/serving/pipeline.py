@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Protocol, TypeVar
+from typing import Any, Awaitable, TypeVar
 
 import numpy as np
 
@@ -92,7 +92,9 @@ async def until_gone(work: Awaitable[T], gone: Awaitable[None]) -> T:
 
 
 # --- one KServe v2 inference request, whatever carries it (HTTP: service/rest/v2.py; gRPC: service/rpc) -----------
-class InputTensor(Protocol):
+@dataclass
+class InputTensor:
+    """An input tensor as a front end decoded it: numbers as an array of the shape, BYTES as a list of elements."""
     name: str
     datatype: str
     shape: list[int]
