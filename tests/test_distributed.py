@@ -19,6 +19,7 @@ import yaml
 
 from conftest import real_fashion_mnist_or_fail, tiny_recipe_dict, write_recipe_toml
 from server_process import children_of, free_port
+from test_resume import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
@@ -90,14 +91,6 @@ def small_recipe(tmp_path: Path, root: Path | str, teacher_epochs: int = 3) -> P
     return write_recipe_toml(tmp_path / "recipe.toml", recipe)
 
 
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, f"exited {proc.returncode} before {path} appeared"
-        assert time.monotonic() < deadline, f"{path} did not appear"
-        time.sleep(0.05)
-
-
 def test_an_interrupted_distributed_run_resumes_mid_stage(tiny_idx, tmp_path):
     """Killed after the teacher's first epoch, resumed with --resume under torchrun: the teacher continues from its
     partial checkpoint and ends with the weights of a run that was never interrupted."""
@@ -128,6 +121,23 @@ def test_an_interrupted_distributed_run_resumes_mid_stage(tiny_idx, tmp_path):
     b = torch.load(out / "checkpoints" / "teacher.pt", weights_only=False)
     state_a, state_b = (c["state_dict"] if isinstance(c, dict) else c.state_dict for c in (a, b))
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+
+
+def test_a_sweep_runs_under_torchrun(tiny_idx, tmp_path):
+    """`reskd sweep` as 2 ranks: every variant trained by both, the shared teacher once, rank 0's summary."""
+    small_recipe(tmp_path, tiny_idx, teacher_epochs=1)
+    (tmp_path / "sweep.toml").write_text(
+        'base = "recipe.toml"\n[[axes]]\nname = "student"\n'
+        'variants = [{ label = "s25", "student.width" = 0.25 }, { label = "s375", "student.width" = 0.375 }]\n')
+    out = tmp_path / "out"
+    result = run([*TORCHRUN, "-m", "reskd.cli", "sweep", "--sweep", tmp_path / "sweep.toml", "--out", out,
+                  "--device", "cpu"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["variant"] for r in json.loads((out / "sweep.json").read_text())["rows"]] == ["s25", "s375"]
+    assert result.stderr.count("teacher epoch 1/1:") == 1  # trained once (by the first variant), logged once
+    assert result.stdout.count("Test columns are for reading, not choosing") == 1  # rank 0's summary alone
+    for variant in ("s25", "s375"):
+        assert json.loads((out / variant / "report.json").read_text())["environment"]["world_size"] == 2
 
 
 def ranks(cmds: list[list], cwds: list[Path], timeout: float = 120) -> list[subprocess.CompletedProcess]:
