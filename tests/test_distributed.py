@@ -195,7 +195,7 @@ def test_bad_distributed_input_stops_every_rank_and_writes_nothing(tiny_idx, tmp
         assert result.returncode == 2, result.stderr
         assert f"reskd train (rank {r} of 2): rank 1: " in result.stderr, result.stderr
     assert "rank 0: " not in results[0].stderr.split("rank 1: ")[0].split("): ")[1]
-    assert not (out / "run.json").exists() and not list((out / "checkpoints").glob("*.pt"))
+    assert nothing_written(out)
 
 
 def test_a_rank_that_dies_ends_the_run_with_a_clear_message(tiny_idx, tmp_path):

@@ -170,7 +170,6 @@ class Trainer:
             previous = self.run_dir.read_run_info()["recipe"]
             if previous.get("data") != self.recipe.model_dump(mode="json")["data"]:
                 raise RunDirError(f"{out} was trained on other data settings; resume it with the same recipe")
-        self.run_dir.checkpoints.mkdir(parents=True, exist_ok=True)
 
     def environment(self) -> dict:
         return {

@@ -72,6 +72,7 @@ def variants(spec: dict, tiny: bool) -> list[tuple[str, dict, dict]]:
 
 
 def _link(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.link(src, dst)
     except FileExistsError:  # another sweep process (--only) linked it first: never write over a shared file
