@@ -325,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--only", metavar="LABEL[,LABEL...]",
                    help="train and evaluate only these variants (e.g. in a second process beside a first); the "
-                        "others are read back where up to date, so stages are still shared and summarised")
+                        "others are read back and summarised where up to date; any stage of theirs already finished "
+                        "(e.g. the teacher) is shared, not trained again")
     add_dist_timeout(p)
     p.set_defaults(func=cmd_sweep)
 

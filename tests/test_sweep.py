@@ -171,3 +171,29 @@ def test_the_bundled_sweeps_run_end_to_end_on_cpu_with_tiny(tmp_path, sweep, var
         assert summary["doubling_choice"]["variant"] in {r["variant"] for r in rows}
     assert (tmp_path / "sweep" / "sweep.png").is_file()
     shutil.rmtree(tmp_path / "sweep")
+
+
+def test_only_shares_the_finished_stages_of_a_variant_another_process_is_training(tiny_idx, tmp_path, monkeypatch):
+    """Two processes split a sweep with --only: the second variant's process takes the teacher and the KD baseline
+    the first variant already finished, though the first is still training its later stages (no report yet)."""
+    write_base_recipe(tmp_path / "base.toml", tiny_idx)
+    (tmp_path / "sweep.toml").write_text('''
+base = "base.toml"
+[[axes]]
+name = "student"
+variants = [{ label = "s25", "student.width" = 0.25 }, { label = "s50", "student.width" = 0.5 }]
+''')
+    trained = []
+    real_fit = loop.fit
+    monkeypatch.setattr(loop, "fit", lambda *a, **kw: trained.append(kw["desc"]) or real_fit(*a, **kw))
+    out = tmp_path / "out"
+    run_sweep(str(tmp_path / "sweep.toml"), str(out), device="cpu", only=["s25"])
+    assert sorted(trained) == ["kd-resnet8x0.375", "res1", "student", "teacher"]
+    # as the first process would have left it while still training res1: nothing linked into s50 yet
+    (out / "s25" / "checkpoints" / "res1.pt").unlink()
+    shutil.rmtree(out / "s50")
+    trained.clear()
+    rows = run_sweep(str(tmp_path / "sweep.toml"), str(out), device="cpu", only=["s50"])
+    assert sorted(trained) == ["res1", "student"] and [r["variant"] for r in rows] == ["s50"]
+    for shared in ("teacher.pt", "kd-resnet8x0.375.pt"):
+        assert (out / "s50" / "checkpoints" / shared).samefile(out / "s25" / "checkpoints" / shared)

@@ -84,9 +84,10 @@ def _link(src: Path, dst: Path) -> None:
 def run_sweep(sweep_file: str, out: str, *, tiny: bool = False, device: str | torch.device = "auto",
               only: list[str] | None = None, world: World = SINGLE) -> list[dict]:
     """only: labels of the variants to train and evaluate; every other variant is read back where its report is
-    up to date (its stages can then be shared and it is summarised) and left out otherwise. world: under torchrun,
-    every rank trains each variant with the others (Trainer); rank 0 alone reads and writes the sweep's files and
-    tells the others what it found."""
+    up to date (it is then summarised) and left out otherwise; its finished stages are shared either way (two
+    processes with --only can split a sweep once the stages they share are trained). world: under torchrun, every
+    rank trains each variant with the others (Trainer); rank 0 alone reads and writes the sweep's files and tells
+    the others what it found."""
     path = Path(sweep_file)
     spec = load_sweep(path)
     base = spec["base"]
@@ -124,6 +125,12 @@ def run_sweep(sweep_file: str, out: str, *, tiny: bool = False, device: str | to
         if report is None and only is not None and label not in only:
             if world.main:
                 print(f"[sweep] {label}: not up to date, left to another run (--only)", file=sys.stderr, flush=True)
+                # Its finished stages are shared all the same: a first process may be training this variant's later
+                # stages while this one trains another variant from the same teacher.
+                for name, fp in fps.items():
+                    path = trainer.run_dir.checkpoint_path(name)
+                    if path.is_file() and trainer.run_dir.load_checkpoint(name).fingerprint == fp:
+                        trained.setdefault((name, fp), path)
             continue
         if report is None:
             report = world.broadcast(trainer.run())
