@@ -475,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("local engine")
     g.add_argument("--workers", type=int, help="decode processes (default: one per core, each also classifying "
                                                "on CPU; under CUDA one fewer, at least 1, as a core feeds the GPU; "
-                                               "0: everything in the main process)")
+                                               "an explicit N is N; 0: everything in the main process)")
     g.add_argument("--threads", type=int, help="onnxruntime threads per stage (default: onnxruntime's)")
     g.add_argument("--device", choices=DEVICES, default="auto",
                    help="auto: the CUDA EP when onnxruntime offers it, else CPU (default auto)")

@@ -75,8 +75,8 @@ class LocalEngine:
             self.runtime = CascadeRuntime(self.version_dir, device=resolved)
             if audit is not None:
                 self.audit = AuditRunner(audit, self.runtime, resolved)
-            if not self.on_cpu:
-                self.workers = max(1, self.workers - 1)  # a core feeds the GPU
+            if not self.on_cpu and workers is None:
+                self.workers = max(1, self.workers - 1)  # a core feeds the GPU; an explicit --workers N is N
 
     def score(self, paths: list[str], indices: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
         """Yield result batches (batch.classify's columns) covering `indices`, in order."""

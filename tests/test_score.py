@@ -285,3 +285,22 @@ def test_ray_engine_audits_as_the_local_engine(ray_local, images_dir, tmp_path):
         assert a == b
     assert any(r["audit_agrees"] is not None for r in got)
     assert ray.lines()[-2:] == local.lines()[-2:]
+
+
+def test_workers_under_cuda_default_to_one_fewer_and_an_explicit_count_is_kept(monkeypatch):
+    """Under CUDA the main process feeds the GPU, so the default is one decode process fewer than the cores; an
+    explicit --workers N is what the user asked for. (No GPU here: the device and the GPU runtime are stood in for;
+    nothing is scored.)"""
+    from types import SimpleNamespace
+
+    from reskd.scoring import local
+
+    monkeypatch.setattr(local, "scoring_device", lambda name, threads: SimpleNamespace(cuda=True))
+    monkeypatch.setattr(local, "CascadeRuntime", lambda *a, **kw: SimpleNamespace())
+    monkeypatch.setattr(local.os, "cpu_count", lambda: 4)
+    version_dir = ModelRepository(REPO).load(MODEL)[0]
+    assert local.LocalEngine(version_dir).workers == 3
+    assert local.LocalEngine(version_dir, workers=3).workers == 3
+    assert local.LocalEngine(version_dir, workers=1).workers == 1
+    monkeypatch.setattr(local.os, "cpu_count", lambda: 1)
+    assert local.LocalEngine(version_dir).workers == 1
