@@ -8,7 +8,7 @@ RUN_DIR ?= runs/fashion-mnist-cpu
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run train train-reference test test-fast setup-serve setup-train setup-test data docker-tools docker docker-gpu docker-standin \
+.PHONY: run train train-reference bundle-reference test test-fast setup-serve setup-train setup-test data docker-tools docker docker-gpu docker-standin \
 	k8s-rules grpc-protocol device-pack device-pack-run device-train device-run
 
 $(BIN)/python:
@@ -108,6 +108,12 @@ REFERENCE_DIR ?= $(HOME)/reskd-runs/reference
 train-reference: setup-train data
 	nice -n 19 $(BIN)/reskd sweep --sweep training/sweeps/fashion-mnist-reference.toml --out $(REFERENCE_DIR) \
 		--device cpu
+
+# The finished reference into models/ (export/reference.py): the variant the doubling pairs chose, as
+# fashion-mnist/3 with the teacher as its fallback stage (+ fashion-mnist-teacher/3) and the independent cascade with
+# the same fallback as fashion-mnist-independent/2. Refused until every pair is measured; never overwrites.
+bundle-reference: setup-train data
+	$(BIN)/python -m reskd.export.reference --sweep-dir $(REFERENCE_DIR) --repo models
 
 # Every test, the 25 slowest named at the end of the log.
 test: setup-test data docker-tools
