@@ -33,6 +33,10 @@ PROM = ROOT / "deploy" / "prometheus"
 CRDS = Path(__file__).resolve().parent / "k8s_crds"
 RULE_GENERATOR = K8S / "components" / "monitoring" / "prometheusrule.py"
 ADAPTER = K8S / "prometheus-adapter" / "values.yaml"
+# Training on several nodes: the indexed Job (validated in tests/test_distributed.py) and the same run as a Kubeflow
+# PyTorchJob (validated here, against its CRD's schema).
+TRAINING_JOB = K8S / "training" / "job.yaml"
+PYTORCHJOB = K8S / "training" / "kubeflow" / "pytorchjob.yaml"
 
 # The oldest Kubernetes the manifests are written for (PodDisruptionBudget.unhealthyPodEvictionPolicy is on by
 # default from 1.27), and the newest kubernetes-validate knows.
@@ -185,9 +189,9 @@ def test_core_objects_validate_strictly_against_the_kubernetes_schemas(rendered)
 
 
 def test_custom_resources_validate_against_their_crd_schemas(rendered):
-    assert set(CRD_KINDS) == {"ServiceMonitor", "PrometheusRule", "ServingRuntime", "InferenceService"}
+    assert set(CRD_KINDS) == {"ServiceMonitor", "PrometheusRule", "ServingRuntime", "InferenceService", "PyTorchJob"}
     seen = set()
-    for name, objects in rendered.items():
+    for name, objects in {**rendered, "training/kubeflow": [pytorchjob()]}.items():
         for obj in objects:
             if obj["kind"] in CRD_KINDS:
                 seen.add(obj["kind"])
@@ -224,6 +228,135 @@ def test_the_validators_reject_broken_objects(rendered):
     service = copy.deepcopy(only(rendered["kserve"], "InferenceService"))
     service["spec"]["predictor"]["model"]["modelFormat"] = {"version": "1"}  # name is required
     assert any("'name' is a required property" in e for e in crd_errors(service))
+
+
+# --- training on several nodes under Kubeflow's training-operator (a PyTorchJob) ----------------------------------
+
+# What the operator's admission webhook and controller accept beyond the CRD's schema (kubeflow/training-operator
+# v1.9.0: pkg/webhooks/pytorch/pytorchjob_webhook.go, pkg/apis/kubeflow.org/v1/common_types.go and pytorch_types.go).
+PYTORCH_CONTAINER = "pytorch"
+PYTORCH_PORT = "pytorchjob-port"
+REPLICA_TYPES = {"Master", "Worker"}
+RESTART_POLICIES = {"Always", "OnFailure", "Never", "ExitCode"}
+CLEAN_POD_POLICIES = {"All", "Running", "None"}
+
+
+def pytorchjob() -> dict:
+    (job,) = [doc for doc in yaml.safe_load_all(PYTORCHJOB.read_text()) if doc]
+    return job
+
+
+def training_job() -> dict:
+    return next(doc for doc in yaml.safe_load_all(TRAINING_JOB.read_text()) if doc and doc["kind"] == "Job")
+
+
+def replica_pods(job: dict) -> dict[str, dict]:
+    """Each replica type's pod template."""
+    return {rtype: spec["template"] for rtype, spec in job["spec"]["pytorchReplicaSpecs"].items()}
+
+
+def pytorch_container(pod: dict) -> dict:
+    (found,) = [c for c in pod["spec"]["containers"] if c["name"] == PYTORCH_CONTAINER]
+    return found
+
+
+def test_the_pytorchjob_validates_against_its_crd_schema():
+    job = pytorchjob()
+    assert crd_errors(job) == []
+    # The pod templates, as core PodTemplates: the Kubernetes schemas are stricter than the CRD's copy of them.
+    for rtype, pod in replica_pods(job).items():
+        template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": rtype.lower()}, "template": pod}
+        assert core_errors(template) == [], rtype
+    # Each check can fail: misspelt fields, a wrong type, a real field the fixture trimmed, a core typo.
+    broken = copy.deepcopy(job)
+    broken["spec"]["pytorchReplicaSpec"] = broken["spec"].pop("pytorchReplicaSpecs")
+    errors = crd_errors(broken)
+    assert any("pytorchReplicaSpec'" in e for e in errors) and any("required" in e for e in errors), errors
+    broken = copy.deepcopy(job)
+    broken["spec"]["pytorchReplicaSpecs"]["Worker"]["replica"] = 1
+    assert any("replica'" in e and "Worker" in e for e in crd_errors(broken))
+    broken = copy.deepcopy(job)
+    broken["spec"]["nprocPerNode"] = 1
+    assert any("nprocPerNode" in e and "'string'" in e for e in crd_errors(broken))
+    broken = copy.deepcopy(job)
+    broken["spec"]["runPolicy"]["suspend"] = True  # a real field, but unused, so trimmed
+    assert any("trimmed" in e for e in crd_errors(broken))
+    pod = copy.deepcopy(replica_pods(job)["Worker"])
+    pytorch_container(pod)["volumeMount"] = pytorch_container(pod).pop("volumeMounts")
+    assert core_errors({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "w"}, "template": pod})
+
+
+def test_the_pytorchjob_meets_the_operators_rules():
+    """What the CRD's schema leaves to the operator: replica types, one Master, a container named `pytorch` with
+    an image in each, the master's port by its name, the policies' values, a DNS-1035 name."""
+    job = pytorchjob()
+    assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", job["metadata"]["name"])
+    assert len(job["metadata"]["name"]) <= 63
+    specs = job["spec"]["pytorchReplicaSpecs"]
+    assert set(specs) == REPLICA_TYPES
+    assert specs["Master"]["replicas"] == 1 and specs["Worker"]["replicas"] >= 1
+    for rtype, spec in specs.items():
+        assert spec["restartPolicy"] in RESTART_POLICIES, rtype
+        server = pytorch_container(spec["template"])
+        assert server["image"], rtype
+        assert PYTORCH_PORT in [p["name"] for p in server["ports"]], rtype  # PET_MASTER_PORT, from the Master's
+        assert "restartPolicy" not in spec["template"]["spec"], f"{rtype}: the replica's restartPolicy sets it"
+    assert job["spec"]["runPolicy"]["cleanPodPolicy"] in CLEAN_POD_POLICIES
+    # A failed pod fails the run, as the indexed Job's does: no restarts, no retries.
+    assert {spec["restartPolicy"] for spec in specs.values()} == {"Never"}
+    assert job["spec"]["runPolicy"]["backoffLimit"] == 0
+    # torchrun's processes per node: the GPUs each pod asks for.
+    for rtype, pod in replica_pods(job).items():
+        gpus = pytorch_container(pod)["resources"]["limits"]["nvidia.com/gpu"]
+        assert job["spec"]["nprocPerNode"] == str(gpus), rtype
+
+
+def option(words: list[str], name: str) -> str:
+    assert words.count(name) == 1, f"{name} in {words}"
+    return words[words.index(name) + 1]
+
+
+def test_the_pytorchjob_runs_the_training_jobs_command():
+    """torchrun with `-m reskd.cli train ... --resume`, the rendezvous left to the operator's PET_* variables; the
+    Worker runs the Master's pod; and that pod runs what deploy/k8s/training/job.yaml's does: image, recipe, run
+    directory, data, resources, volumes and hardening."""
+    job = pytorchjob()
+    pods = replica_pods(job)
+    assert pods["Master"] == pods["Worker"], "the Worker runs the Master's pod (the operator sets the node rank)"
+    pod = pods["Master"]
+    server = pytorch_container(pod)
+    command, args = server["command"], server["args"]
+    assert command[0] == "torchrun"
+    assert " ".join(command).endswith("-m reskd.cli train")
+    assert "--resume" in args
+    # PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR and PET_MASTER_PORT come from the operator.
+    words = command + args
+    for flag in ("--nnodes", "--nproc-per-node", "--node-rank", "--rdzv-backend", "--rdzv-endpoint", "--rdzv-id",
+                 "--master-addr", "--master-port", "--standalone"):
+        assert not any(w == flag or w.startswith(f"{flag}=") for w in words), f"{flag}: the operator sets it"
+    assert not any(e["name"].startswith("PET_") for e in server.get("env", []))
+
+    indexed = training_job()
+    theirs = indexed["spec"]["template"]
+    (their_server,) = theirs["spec"]["containers"]
+    assert server["image"] == their_server["image"]
+    assert args == their_server["args"]
+    assert option(args, "--recipe") == option(their_server["args"], "--recipe")
+    out = option(args, "--out")
+    mounts = {m["mountPath"]: m["name"] for m in server["volumeMounts"]}
+    assert out.startswith("/runs/") and mounts["/runs"] == "runs"
+    assert command[command.index("-m"):] == their_server["command"][their_server["command"].index("-m"):]
+    for key in ("resources", "securityContext", "volumeMounts", "imagePullPolicy"):
+        assert server[key] == their_server[key], key
+    env = [e for e in their_server["env"] if e["name"] != "JOB_COMPLETION_INDEX"]  # the Job's node rank
+    assert server["env"] == env
+    for key in ("securityContext", "volumes", "automountServiceAccountToken"):
+        assert pod["spec"][key] == theirs["spec"][key], key
+    assert pod["metadata"]["labels"] == theirs["metadata"]["labels"]
+    # As many nodes as the indexed Job, each with as many processes.
+    nodes = sum(spec["replicas"] for spec in job["spec"]["pytorchReplicaSpecs"].values())
+    assert nodes == indexed["spec"]["completions"] == int(option(their_server["command"], "--nnodes"))
+    assert job["spec"]["nprocPerNode"] == option(their_server["command"], "--nproc-per-node")
 
 
 # --- the PrometheusRule is deploy/prometheus's rules -------------------------------------------------------------
