@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import real_fashion_mnist_or_fail
 from reskd.export.runs import eval_sets
-from reskd.manifest import ModelRepository
+from reskd.manifest import ModelRepository, parse_model_ref
 from reskd.preprocess import preprocess
 from reskd.runtime import CascadeRuntime
 from reskd.training.data import load_fashion_mnist
@@ -29,16 +29,25 @@ def test_bundled_repository_is_small_and_loads():
     assert size <= 16 * 1024 * 1024, f"models/ is {size / 2**20:.1f} MiB, over the 16 MiB budget"
     repo = ModelRepository(MODELS)
     assert {"fashion-mnist", "fashion-mnist-teacher", "fashion-mnist-independent"} <= set(repo.models())
-    assert repo.versions("fashion-mnist") == repo.versions("fashion-mnist-teacher") == [1, 2]
-    for v in (1, 2):
+    versions = repo.versions("fashion-mnist")
+    assert versions == repo.versions("fashion-mnist-teacher") and versions[:2] == [1, 2]  # earlier versions stay
+    for v in versions:
         _, cascade = repo.load("fashion-mnist", v)
         _, teacher = repo.load("fashion-mnist-teacher", v)
         assert len(cascade.stages) >= 2 and len(teacher.stages) == 1
         assert cascade.teacher.flops == teacher.stages[0].flops
         assert cascade.teacher.accuracy == teacher.metrics.adaptive_accuracy
+        assert cascade.teacher.model in (None, f"fashion-mnist-teacher:{v}")
         assert (cascade.input.channels, cascade.input.height, cascade.input.width) == (1, 28, 28)
+        if cascade.stage_combine[-1] == "replace":  # a teacher fallback: the same network as its teacher version
+            assert cascade.stages[-1].sha256 == teacher.stages[0].sha256
     assert repo.load("fashion-mnist", 2)[1].stages[1].sources == ["student.features"]
-    assert repo.load("fashion-mnist-independent")[1].combine == "replace"
+    for v in repo.versions("fashion-mnist-independent"):
+        _, independent = repo.load("fashion-mnist-independent", v)
+        assert independent.combine == "replace"
+        if independent.teacher.model is not None:  # its fallback stage is the teacher version it names
+            _, teacher = repo.load(*parse_model_ref(independent.teacher.model))
+            assert independent.stages[-1].sha256 == teacher.stages[0].sha256
     _, fallback = repo.load("fashion-mnist-fallback", 1)  # fashion-mnist/2 with fashion-mnist-teacher/2 after it
     _, features = repo.load("fashion-mnist", 2)
     assert fallback.stages[:2] == features.stages and fallback.stages[2].combine == "replace"
