@@ -84,17 +84,19 @@ def test_the_drift_alerts_fire_for_shifted_inputs_only(tmp_path):
     with gzip.open(FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz") as f:
         pixels = np.frombuffer(f.read()[16:], np.uint8).reshape(-1, 1, 28, 28)[:600]
     spec = load_manifest(BUNDLED / "fashion-mnist" / "2").input
-    sent = {"fashion-mnist-fallback": normalise(pixels, spec), "fashion-mnist": normalise(255 - pixels, spec)}
+    # each version named (a newer bundled version does not change what is tested): fashion-mnist/2 audits against
+    # its teacher.model, fashion-mnist-fallback/1 against its own fallback stage
+    sent = {("fashion-mnist-fallback", 1): normalise(pixels, spec), ("fashion-mnist", 2): normalise(255 - pixels, spec)}
     with ServerProcess(repo=repo, audit_fraction=1, audit_max_compute_pct=10000) as server:
         prom = Prometheus(binary, simple_config(tmp_path, server.url.removeprefix("http://")), tmp_path)
         try:
             prom.wait_for('up{job="reskd"}', lambda v: v == 1)
             prom.wait_for('reskd_images_total{job="reskd",model="fashion-mnist",version="2"}', lambda v: v == 0)
             with server.client() as c:
-                for name, x in sent.items():
+                for (name, version), x in sent.items():
                     for i in range(0, len(x), 100):
                         part = x[i:i + 100].astype(np.float32)
-                        r = c.post(f"/v2/models/{name}/infer", json={"inputs": [{
+                        r = c.post(f"/v2/models/{name}/versions/{version}/infer", json={"inputs": [{
                             "name": "images", "datatype": "FP32", "shape": list(part.shape),
                             "data": part.reshape(-1).tolist()}]})
                         assert r.status_code == 200, r.text

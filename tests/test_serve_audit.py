@@ -36,8 +36,9 @@ def test_images():
     return normalise(pixels, load_manifest(BUNDLED / FALLBACK / "1").input).astype(np.float32)
 
 
-def infer(c, name, x, **parameters):
-    r = c.post(f"/v2/models/{name}/infer", json={"inputs": [{
+def infer(c, name, x, version: int | None = None, **parameters):
+    where = name if version is None else f"{name}/versions/{version}"
+    r = c.post(f"/v2/models/{where}/infer", json={"inputs": [{
         "name": "images", "datatype": "FP32", "shape": list(x.shape), "data": x.reshape(-1).tolist()}],
         "parameters": parameters})
     assert r.status_code == 200, r.text
@@ -88,22 +89,26 @@ def test_real_images_are_audited_against_the_teacher(repo, test_images):
 
 
 def test_an_unloaded_audit_model_pauses_the_audit(repo, test_images):
+    """fashion-mnist/2 (two stages, no fallback stage) audits its early answers against its teacher.model,
+    fashion-mnist-teacher:2: unloading that model pauses the audit (answers dropped as `unloaded`), loading it resumes
+    it. Pinned to version 2: a version with a teacher fallback audits against its own last stage instead."""
     x = test_images[:100]
+    labels = {"model": CASCADE, "version": "2"}
     with InProcessServer(repo=repo, model_control="explicit", audit_fraction=1,
                          audit_max_compute_pct=1000) as s, s.client() as c:
-        out = infer(c, CASCADE, x)
+        out = infer(c, CASCADE, x, version=2)
         early = (np.asarray(next(o for o in out["outputs"] if o["name"] == "exit_stage")["data"]) < 1).sum()
         samples = settled(c, CASCADE, early)
-        assert metric(samples, "reskd_audit_images_total", model=CASCADE) == early  # against fashion-mnist-teacher:2
+        assert metric(samples, "reskd_audit_images_total", **labels) == early  # against fashion-mnist-teacher:2
         assert c.post(f"/v2/repository/models/{TEACHER}/unload").status_code == 200
-        out = infer(c, CASCADE, x)
+        out = infer(c, CASCADE, x, version=2)
         samples = settled(c, CASCADE, 2 * early)
-        assert metric(samples, "reskd_audit_dropped_total", model=CASCADE, reason="unloaded") == early
-        assert metric(samples, "reskd_audit_images_total", model=CASCADE) == early
+        assert metric(samples, "reskd_audit_dropped_total", reason="unloaded", **labels) == early
+        assert metric(samples, "reskd_audit_images_total", **labels) == early
         assert c.post(f"/v2/repository/models/{TEACHER}/load").status_code == 200  # and it resumes
-        infer(c, CASCADE, x)
+        infer(c, CASCADE, x, version=2)
         samples = settled(c, CASCADE, 3 * early)
-        assert metric(samples, "reskd_audit_images_total", model=CASCADE) == 2 * early
+        assert metric(samples, "reskd_audit_images_total", **labels) == 2 * early
 
 
 def test_bad_audit_settings_stop_the_start_with_a_message():
