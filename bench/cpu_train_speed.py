@@ -1,7 +1,7 @@
 """Seconds per training epoch of each stage of the Fashion-MNIST recipes on this machine's CPU, in fp32 and with
 bf16 autocast and/or channels_last: what a CPU training schedule is planned from.
 
-    python bench/cpu_train_speed.py [--steps 12] [--threads N] [--json FILE]
+    python bench/cpu_train_speed.py [--steps 12] [--threads N] [--modes bf16+channels_last,...] [--json FILE]
 
 Each stage's real step at batch 128 on 1x28x28 images: the teacher (resnet20, cross-entropy), the student
 (resnet8x0.5, KD: the frozen teacher's forward in the step), the feature head (head2x0.75 on the student's 7x7x32
@@ -90,23 +90,26 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
     ap.add_argument("--json")
     args = ap.parse_args()
+    modes = {m: MODES[m] for m in args.modes.split(",")} if all(m in MODES for m in args.modes.split(",")) else \
+        ap.error(f"--modes: choose among {', '.join(MODES)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     results = {"machine": machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                "batch": 128, "steps_per_epoch": STEPS_PER_EPOCH, "seconds_per_epoch": {}}
     print(f"{results['machine']}; torch {torch.__version__}, {torch.get_num_threads()} threads; seconds per "
           f"epoch ({STEPS_PER_EPOCH} steps of 128)")
-    print(f"{'stage':<34}" + "".join(f"{m:>20}" for m in MODES))
+    print(f"{'stage':<34}" + "".join(f"{m:>20}" for m in modes))
     rows = {}
-    for mode, (bf16, channels_last) in MODES.items():
+    for mode, (bf16, channels_last) in modes.items():
         torch.manual_seed(0)
         for name, (model, step) in stage_steps(channels_last).items():
             rows.setdefault(name, {})[mode] = STEPS_PER_EPOCH * time_steps(model, step, bf16, channels_last,
                                                                            args.steps)
     for name, by_mode in rows.items():
-        print(f"{name:<34}" + "".join(f"{by_mode[m]:>20.1f}" for m in MODES))
+        print(f"{name:<34}" + "".join(f"{by_mode[m]:>20.1f}" for m in modes))
     results["seconds_per_epoch"] = rows
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
