@@ -38,10 +38,6 @@ BUDGETS_PCT = (10, 15, 20, 30, 40, 50)
 TEACHER_MIN_PCT, DEFAULT_MIN_PT, DEFAULT_MAX_PCT, CURVE_MIN_PT, RES_MIN_PT = 95.0, -0.3, 25.0, -0.1, 1.0
 
 
-def scores(running: np.ndarray, labels: np.ndarray, flops, measure: str) -> CascadeScores:
-    return CascadeScores(running, labels, flops, measure)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reskd", default="fashion-mnist:3")
@@ -95,7 +91,7 @@ def main() -> None:
                       "ci95": ci, "stretch_met": d >= 0}
 
     # 3. ResKD + teacher against independent + teacher at equal validation budgets
-    s = {(k, split): scores(logits[k, split], (val if split == "val" else test).labels, runtimes[k].stage_flops,
+    s = {(k, split): CascadeScores(logits[k, split], (val if split == "val" else test).labels, runtimes[k].stage_flops,
                             measure) for k in ("reskd", "independent") for split in ("val", "test")}
     out["budgets"] = []
     for b in BUDGETS_PCT:
@@ -115,7 +111,7 @@ def main() -> None:
 
     # 4. the default point against student -> teacher at the default's validation FLOPs
     default_val_flops = s["reskd", "val"].evaluate(reskd.manifest.exit.thresholds).mean_flops
-    two = {split: scores(np.stack([logits["reskd", split][0], logits["reskd", split][-1]]),
+    two = {split: CascadeScores(np.stack([logits["reskd", split][0], logits["reskd", split][-1]]),
                          (val if split == "val" else test).labels,
                          [reskd.stage_flops[0], reskd.stage_flops[-1]], measure) for split in ("val", "test")}
     matched = two["test"].evaluate(two["val"].calibrate(flops_budget=default_val_flops).thresholds)

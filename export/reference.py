@@ -77,8 +77,7 @@ def bundle(sweep_dir: Path, sweep_file: Path, repo: Path, name: str, version: in
     repository = ModelRepository(repo, create=True)
     independent = f"{name}-independent"
     for n, v in ((name, version), (f"{name}-teacher", version), (independent, independent_version)):
-        if v in repository.versions(n):
-            raise BundleError(f"{repo}/{n}/{v} exists already: versions are never overwritten")
+        repository.check_new(n, v)  # all three before the first export writes anything
     rule = default_rule(run, max_pct)
     log(f"reference: variant {variant} ({run}); default point: {rule['why']}")
     out = export_run(run, repo, name, version, target_drop_pt=rule["target_drop_pt"],

@@ -55,7 +55,7 @@ def test_the_reference_is_bundled_from_the_variant_its_doubling_pairs_chose(tmp_
     # a second bundle into the same repository is refused before anything is written
     before = sorted(p.relative_to(repo) for p in repo.rglob("*"))
     assert main(["--sweep-dir", str(sweep_dir), "--sweep", str(SWEEP), "--repo", str(repo)]) == 2
-    assert "fashion-mnist/3 exists already: versions are never overwritten" in capsys.readouterr().err
+    assert "fashion-mnist/3 already exists: versions are never overwritten" in capsys.readouterr().err
     assert sorted(p.relative_to(repo) for p in repo.rglob("*")) == before
 
     # the default point's rule: the recipe's where it fits the FLOPs bound on validation, else that budget

@@ -128,9 +128,9 @@ def run_sweep(sweep_file: str, out: str, *, tiny: bool = False, device: str | to
                 # Its finished stages are shared all the same: a first process may be training this variant's later
                 # stages while this one trains another variant from the same teacher.
                 for name, fp in fps.items():
-                    path = trainer.run_dir.checkpoint_path(name)
-                    if path.is_file() and trainer.run_dir.load_checkpoint(name).fingerprint == fp:
-                        trained.setdefault((name, fp), path)
+                    ckpt = trainer.run_dir.checkpoint_path(name)
+                    if ckpt.is_file() and trainer.run_dir.load_checkpoint(name).fingerprint == fp:
+                        trained.setdefault((name, fp), ckpt)
             continue
         if report is None:
             report = world.broadcast(trainer.run())
