@@ -538,6 +538,55 @@ def listening_pids(port: int) -> set[int]:
     return pids
 
 
+def test_calls_beyond_the_limit_get_resource_exhausted_counted_429_and_probes_pass():
+    """RESKD_MAX_CONNECTIONS=2 and the teacher's batches slowed to 300 ms: of five calls sent at once, two run and the
+    others are refused with RESOURCE_EXHAUSTED and retry metadata, each counted as 429; ServerLive and ServerReady
+    answer while the two run; the server serves on."""
+    with InProcessServer(grpc=True, max_connections=2, retry_after_s=2, inference_threads=1) as s:
+        teacher = s.app.state.reskd.store.get("fashion-mnist-teacher")
+        real_run = teacher.scheduler.runner.run
+
+        def run(stage, parts, keep=False):
+            time.sleep(0.3)
+            return real_run(stage, parts, keep)
+
+        teacher.scheduler.runner.run = run
+        request = with_output(raw_request([1, 1, 28, 28], raw=ONE), "class_id")
+        request.model_name = "fashion-mnist-teacher"
+
+        async def burst():
+            async with grpc.aio.insecure_channel(s.grpc) as channel:
+                stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+                calls = [stub.ModelInfer(request, timeout=30) for _ in range(5)]
+                await asyncio.sleep(0.1)
+                probes = (await stub.ServerLive(pb.ServerLiveRequest(), timeout=5)).live and \
+                    (await stub.ServerReady(pb.ServerReadyRequest(), timeout=5)).ready
+                out = []
+                for call in calls:
+                    try:
+                        out.append((C.OK, await call, None))
+                    except grpc.aio.AioRpcError as err:
+                        out.append((err.code(), err.details(), dict(err.trailing_metadata() or ())))
+                return probes, out
+
+        probes, results = asyncio.run(burst())
+        codes = [c for c, _, _ in results]
+        assert probes
+        assert codes.count(C.OK) == 2 and codes.count(C.RESOURCE_EXHAUSTED) == 3, codes
+        for code, details, trailers in results:
+            if code == C.RESOURCE_EXHAUSTED:
+                assert "2 calls in progress" in details and "RESKD_MAX_CONNECTIONS" in details, details
+                assert trailers["retry-after"] == "2" and trailers["grpc-retry-pushback-ms"] == "2000", trailers
+        with grpc.insecure_channel(s.grpc) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            assert stub.ModelInfer(request, timeout=30).outputs  # the server serves on
+        samples = http_metrics(s)
+        endpoint = f"{SERVICE}/ModelInfer"
+        assert metric(samples, "reskd_requests_total", endpoint=endpoint, code="429") == 3
+        assert metric(samples, "reskd_requests_total", endpoint=endpoint, code="200") == 3
+
+
+
 def test_two_workers_share_the_grpc_port(runtime, files):
     x = np.stack([preprocess(b, runtime.manifest.input) for b in files[:2]])
     want = runtime.run(x)

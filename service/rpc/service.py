@@ -10,6 +10,8 @@ Every RPC goes through `rpc`, which does for gRPC what HTTP's middlewares and er
   gRPC's own retry policies read). An unexpected exception is logged and answered INTERNAL, no stack trace.
 - cancellation: a call its client cancels has its work cancelled (its queued images dropped) and counts as 499,
   as an HTTP client that went away; one whose gRPC deadline passed, as 504; one the server's shutdown ended, 503.
+- concurrency: at most RESKD_MAX_CONNECTIONS calls in progress (the probes aside); beyond, RESOURCE_EXHAUSTED with
+  the retry metadata of a 503, counted 429.
 - metrics: reskd_requests_total{endpoint,code} and reskd_request_duration_seconds{endpoint} count every call with
   the method's path as its endpoint (/inference.GRPCInferenceService/ModelInfer) and the HTTP status of its outcome
   as its code (200 for OK), so one error-rate query covers both protocols; ModelInfer feeds the statistics
@@ -41,7 +43,7 @@ SERVICE = "inference.GRPCInferenceService"
 OPEN = ("ServerLive", "ServerReady")  # as HTTP's /v2/health/*: open with auth on (probes)
 C = grpc.StatusCode
 CODES = {400: C.INVALID_ARGUMENT, 401: C.UNAUTHENTICATED, 404: C.NOT_FOUND, 413: C.RESOURCE_EXHAUSTED,
-         415: C.INVALID_ARGUMENT, 422: C.INVALID_ARGUMENT, 499: C.CANCELLED, 500: C.INTERNAL, 503: C.UNAVAILABLE,
+         415: C.INVALID_ARGUMENT, 422: C.INVALID_ARGUMENT, 429: C.RESOURCE_EXHAUSTED, 499: C.CANCELLED, 500: C.INTERNAL, 503: C.UNAVAILABLE,
          504: C.DEADLINE_EXCEEDED}
 CLIENT_CANCELLED = 499
 # The server's deadline is the client's as received (grpc-timeout counts from the headers' arrival), so the client
@@ -64,8 +66,15 @@ def rpc(method):
         start = time.perf_counter()
         call = _Call()
         status = 500
+        counted = False
         try:
             if name not in OPEN:
+                if self.in_progress >= self.max_calls:
+                    raise ServingError(429, f"the server has {self.max_calls} calls in progress, its limit "
+                                            f"(RESKD_MAX_CONNECTIONS); retry shortly",
+                                       self.state.settings.retry_after_s)
+                self.in_progress += 1
+                counted = True
                 self._authorize(context)
             response = await method(self, request, context, call)
             status = 200
@@ -84,6 +93,8 @@ def rpc(method):
             log.exception("unexpected error in %s", endpoint)
             await context.abort(C.INTERNAL, f"internal error ({type(err).__name__}); the server logged the details")
         finally:
+            if counted:
+                self.in_progress -= 1
             self._count(call.model, endpoint, status, time.perf_counter() - start, name == "ModelInfer")
     return handler
 
@@ -94,6 +105,11 @@ class InferenceService(GRPCInferenceServiceServicer):
         token = state.settings.auth_token
         self.token = None if token is None else token.get_secret_value().encode()
         self.stopping = False  # the server is stopping: calls it cancels count as 503
+        # Calls in progress but ServerLive and ServerReady (probes; as the health service, never refused): beyond
+        # max_calls a call is answered RESOURCE_EXHAUSTED and counted 429 (grpcio's own limit, further out, is only
+        # a backstop: what it refuses is not counted).
+        self.max_calls = state.settings.max_connections
+        self.in_progress = 0
 
     def _authorize(self, context: grpc.aio.ServicerContext) -> None:
         if self.token is None:
