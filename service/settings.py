@@ -31,7 +31,8 @@ class ServeSettings(BaseSettings):
     # Limits (docs/design.md, "HTTP"). Anything smaller than an image's size limit is accepted and resized.
     max_body_bytes: int = Field(16 * 1024 * 1024, gt=0, description="request body limit (413 above)")
     max_inflight_body_bytes: int = Field(256 * 1024 * 1024, gt=0, description="bytes of request bodies held at "
-                                         "once, all requests together (503 above); at least max_body_bytes")
+                                         "once, all requests together, gRPC's included (503 above); at least "
+                                         "max_body_bytes")
     max_images: int = Field(256, gt=0, description="images per request (v1 parts or v2 batch; 413 above)")
     max_pixels: int = Field(40_000_000, gt=0, description="decoded pixels per image (413 above: decompression bomb)")
     max_request_pixels: int = Field(100_000_000, gt=0, description="decoded pixels per request, all its images "

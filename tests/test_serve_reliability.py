@@ -146,6 +146,46 @@ def test_bodies_held_at_once_are_bounded_and_over_the_budget_get_503_before_read
             assert c.post(CLASSIFY, content=GOOD + b"\0" * 1_500_000).status_code == 200
 
 
+def test_grpc_messages_share_the_body_budget_with_http():
+    """Two stalled HTTP bodies hold 2.8 MB of a 3 MB budget: a 100-image gRPC call (314 kB) gets UNAVAILABLE with
+    retry metadata, counted 503, while a 1-image call fits; once the stalled clients leave, the large call runs."""
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc
+
+    def infer(n: int) -> pb.ModelInferRequest:
+        request = pb.ModelInferRequest(model_name="fashion-mnist")
+        request.inputs.add(name="images", datatype="FP32", shape=[n, 1, 28, 28])
+        request.raw_input_contents.append(np.full((n, 1, 28, 28), 0.5, np.float32).tobytes())
+        return request
+
+    endpoint = "/inference.GRPCInferenceService/ModelInfer"
+    with ServerProcess(grpc=True, max_body_bytes=2_000_000, max_inflight_body_bytes=3_000_000, body_timeout_s=30) as s:
+        stalled = []
+        for _ in range(2):
+            sock = connect(s.port)
+            sock.sendall(request_head(CLASSIFY, 1_400_000) + b"\0" * 1_000_000)
+            stalled.append(sock)
+        time.sleep(0.3)
+        with grpc.insecure_channel(s.grpc) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.ModelInfer(infer(100), timeout=30)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value
+            assert "RESKD_MAX_INFLIGHT_BODY_BYTES" in err.value.details()
+            assert dict(err.value.trailing_metadata())["retry-after"] == "1"
+            assert len(stub.ModelInfer(infer(1), timeout=30).outputs) > 0
+            for sock in stalled:
+                sock.close()
+            with s.client() as c:
+                wait_for(lambda: metric(scrape(c), "reskd_requests_total", code="499") == 2)
+            assert len(stub.ModelInfer(infer(100), timeout=30).outputs) > 0
+        with s.client() as c:
+            m = scrape(c)
+        assert metric(m, "reskd_requests_total", endpoint=endpoint, code="503") == 1
+        assert metric(m, "reskd_requests_total", endpoint=endpoint, code="200") == 2
+
+
 def test_at_the_connection_limit_the_oldest_idle_connection_makes_room():
     """Before: no limit; at the file-descriptor limit accept() failed and health checks timed out."""
     with ServerProcess(max_connections=6, keep_alive_s=60) as s:

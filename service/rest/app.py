@@ -52,8 +52,7 @@ def create_app(settings: ServeSettings | None = None, serving: ServingDevice | N
     app.include_router(ops.router)
     openapi.document(app)
     # Starlette wraps in reverse order of addition: RequestMetrics is outermost, so 401s and 413s are counted.
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, budget_bytes=settings.max_inflight_body_bytes,
-                       retry_after_s=settings.retry_after_s)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, budget=state.bodies)
     if settings.auth_token is not None:
         app.add_middleware(BearerAuth, token=settings.auth_token.get_secret_value())
     app.add_middleware(RequestMetrics, metrics=state.metrics, state=state)

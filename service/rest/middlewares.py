@@ -8,7 +8,8 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..serving.errors import too_large, unavailable
+from ..serving.budget import BodyBudget
+from ..serving.errors import too_large
 from ..serving.metrics import Metrics
 from .errors import send_error
 
@@ -18,21 +19,15 @@ OPEN_PATHS = ("/v2/health/", "/metrics", "/docs", "/redoc", "/openapi.json")
 
 class BodyLimit:
     """Request bodies: refuse one over max_bytes with 413, at once from Content-Length or while streaming (chunked
-    uploads); and bound the bytes of all bodies being received or held at once to budget_bytes: a request whose
-    declared (or, chunked, received) length would pass it gets 503 + Retry-After before its body is read. A body's
-    bytes count from its headers until its response: clients that send most of a large body and stall cannot hold
-    more than the budget between them."""
+    uploads); and bound the bytes of all bodies being received or held at once by the process's budget (shared
+    with gRPC's messages): a request whose declared (or, chunked, received) length would pass it gets 503 +
+    Retry-After before its body is read. A body's bytes count from its headers until its response: clients that send
+    most of a large body and stall cannot hold more than the budget between them."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, budget_bytes: int, retry_after_s: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, budget: BodyBudget):
         self.app = app
         self.max_bytes = max_bytes
-        self.budget_bytes = budget_bytes
-        self.retry_after_s = retry_after_s
-        self.held = 0
-
-    def _over_budget(self) -> str:
-        return (f"the server is holding {self.held:,} bytes of request bodies, its limit "
-                f"(RESKD_MAX_INFLIGHT_BODY_BYTES = {self.budget_bytes:,}); retry shortly")
+        self.budget = budget
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -47,9 +42,11 @@ class BodyLimit:
             if int(length) > limit:
                 return await send_error(send, 413, message)
         reserved = int(length) if length is not None else 0
-        if reserved and self.held + reserved > self.budget_bytes:
-            return await send_error(send, 503, self._over_budget(), {"Retry-After": str(self.retry_after_s)})
-        self.held += reserved
+        budget = self.budget
+        if reserved and not budget.fits(reserved):
+            refusal = budget.over()
+            return await send_error(send, 503, refusal.message, {"Retry-After": str(refusal.retry_after_s)})
+        budget.reserve(reserved)
         seen = 0
 
         async def guarded() -> Message:
@@ -60,16 +57,14 @@ class BodyLimit:
                 if seen > limit:
                     raise too_large(message)  # turned into a 413 by the app's ServingError handler
                 if seen > reserved:  # a chunked body (or one longer than declared, which h11 refuses anyway)
-                    if self.held + seen - reserved > self.budget_bytes:
-                        raise unavailable(self._over_budget(), self.retry_after_s)
-                    self.held += seen - reserved
+                    budget.reserve(seen - reserved)  # the 503 when over, by the app's ServingError handler
                     reserved = seen
             return msg
 
         try:
             await self.app(scope, guarded, send)
         finally:
-            self.held -= reserved
+            budget.release(reserved)
 
 
 class BearerAuth:

@@ -11,7 +11,8 @@ Every RPC goes through `rpc`, which does for gRPC what HTTP's middlewares and er
 - cancellation: a call its client cancels has its work cancelled (its queued images dropped) and counts as 499,
   as an HTTP client that went away; one whose gRPC deadline passed, as 504; one the server's shutdown ended, 503.
 - concurrency: at most RESKD_MAX_CONNECTIONS calls in progress (the probes aside); beyond, RESOURCE_EXHAUSTED with
-  the retry metadata of a 503, counted 429.
+  the retry metadata of a 503, counted 429. Their messages count against the process's budget of request bodies
+  (RESKD_MAX_INFLIGHT_BODY_BYTES, shared with HTTP) until they are answered; over it, UNAVAILABLE with retry.
 - metrics: reskd_requests_total{endpoint,code} and reskd_request_duration_seconds{endpoint} count every call with
   the method's path as its endpoint (/inference.GRPCInferenceService/ModelInfer) and the HTTP status of its outcome
   as its code (200 for OK), so one error-rate query covers both protocols; ModelInfer feeds the statistics
@@ -67,6 +68,7 @@ def rpc(method):
         call = _Call()
         status = 500
         counted = False
+        held = 0
         try:
             if name not in OPEN:
                 if self.in_progress >= self.max_calls:
@@ -76,6 +78,9 @@ def rpc(method):
                 self.in_progress += 1
                 counted = True
                 self._authorize(context)
+                size = request.ByteSize()
+                self.state.bodies.reserve(size)  # the 503 when over: nothing held then
+                held = size
             response = await method(self, request, context, call)
             status = 200
             return response
@@ -95,6 +100,7 @@ def rpc(method):
         finally:
             if counted:
                 self.in_progress -= 1
+            self.state.bodies.release(held)
             self._count(call.model, endpoint, status, time.perf_counter() - start, name == "ModelInfer")
     return handler
 

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from ..settings import ServeSettings
+from .budget import BodyBudget
 from .control import Coordinator, ModelControl
 from .decoding import DecodePool
 from .errors import unavailable
@@ -34,6 +35,7 @@ class ServerState:
         (service/link.py)."""
         self.settings = settings
         self.metrics = Metrics(worker.index if worker is not None else 0)
+        self.bodies = BodyBudget(settings.max_inflight_body_bytes, settings.retry_after_s)
         # One thread budget for every model: `workers` stage batches at once, each with the device's onnxruntime
         # threads (on CPU by default one batch using every core). Decoding has its own small pool.
         self.inference = ThreadPoolExecutor(serving.workers, thread_name_prefix="reskd-infer")
