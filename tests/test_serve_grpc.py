@@ -423,15 +423,20 @@ def slow():
     cancelled or find it full (8 images: two 4-image requests)."""
     with InProcessServer(grpc=True, max_queue_images=8, max_batch_size=4, max_images=4, retry_after_s=2,
                          inference_threads=1) as s:
-        teacher = s.app.state.reskd.store.get("fashion-mnist-teacher")
-        real_run = teacher.scheduler.runner.run
-
-        def run(stage, parts, keep=False):
-            time.sleep(0.3)
-            return real_run(stage, parts, keep)
-
-        teacher.scheduler.runner.run = run
+        slow_teacher(s)
         yield s
+
+
+def slow_teacher(server: InProcessServer, seconds: float = 0.3) -> None:
+    """Every batch of the in-process server's teacher takes `seconds` more."""
+    teacher = server.app.state.reskd.store.get("fashion-mnist-teacher")
+    real_run = teacher.scheduler.runner.run
+
+    def run(stage, parts, keep=False):
+        time.sleep(seconds)
+        return real_run(stage, parts, keep)
+
+    teacher.scheduler.runner.run = run
 
 
 def test_before_warm_up_health_says_not_serving_and_calls_get_unavailable_with_retry(warming):
@@ -459,6 +464,17 @@ def test_before_warm_up_health_says_not_serving_and_calls_get_unavailable_with_r
     warming.wait_ready()
 
 
+async def outcomes(calls) -> list[tuple]:
+    """(code, response or details, trailing metadata) of each aio call, in order."""
+    out = []
+    for call in calls:
+        try:
+            out.append((C.OK, await call, None))
+        except grpc.aio.AioRpcError as err:
+            out.append((err.code(), err.details(), dict(err.trailing_metadata() or ())))
+    return out
+
+
 def test_a_full_queue_answers_unavailable_with_retry_and_serves_on(slow):
     async def run():
         async with grpc.aio.insecure_channel(slow.grpc) as channel:
@@ -466,13 +482,7 @@ def test_a_full_queue_answers_unavailable_with_retry_and_serves_on(slow):
             request = with_output(raw_request([4, 1, 28, 28], raw=ONE * 4), "class_id")
             request.model_name = "fashion-mnist-teacher"
             calls = [stub.ModelInfer(request, timeout=30) for _ in range(8)]
-            out = []
-            for call in calls:
-                try:
-                    out.append((C.OK, await call, None))
-                except grpc.aio.AioRpcError as err:
-                    out.append((err.code(), err.details(), dict(err.trailing_metadata() or ())))
-            return out
+            return await outcomes(calls)
 
     results = asyncio.run(run())
     codes = [c for c, _, _ in results]
@@ -543,14 +553,7 @@ def test_calls_beyond_the_limit_get_resource_exhausted_counted_429_and_probes_pa
     others are refused with RESOURCE_EXHAUSTED and retry metadata, each counted as 429; ServerLive and ServerReady
     answer while the two run; the server serves on."""
     with InProcessServer(grpc=True, max_connections=2, retry_after_s=2, inference_threads=1) as s:
-        teacher = s.app.state.reskd.store.get("fashion-mnist-teacher")
-        real_run = teacher.scheduler.runner.run
-
-        def run(stage, parts, keep=False):
-            time.sleep(0.3)
-            return real_run(stage, parts, keep)
-
-        teacher.scheduler.runner.run = run
+        slow_teacher(s)
         request = with_output(raw_request([1, 1, 28, 28], raw=ONE), "class_id")
         request.model_name = "fashion-mnist-teacher"
 
@@ -561,13 +564,7 @@ def test_calls_beyond_the_limit_get_resource_exhausted_counted_429_and_probes_pa
                 await asyncio.sleep(0.1)
                 probes = (await stub.ServerLive(pb.ServerLiveRequest(), timeout=5)).live and \
                     (await stub.ServerReady(pb.ServerReadyRequest(), timeout=5)).ready
-                out = []
-                for call in calls:
-                    try:
-                        out.append((C.OK, await call, None))
-                    except grpc.aio.AioRpcError as err:
-                        out.append((err.code(), err.details(), dict(err.trailing_metadata() or ())))
-                return probes, out
+                return probes, await outcomes(calls)
 
         probes, results = asyncio.run(burst())
         codes = [c for c, _, _ in results]

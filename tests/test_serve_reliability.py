@@ -123,15 +123,21 @@ def test_stalled_bodies_stalled_headers_and_idle_connections_are_timed_out():
         assert metric(m, "reskd_requests_total", code="500") == 0
 
 
+def stall_bodies(port: int) -> list[socket.socket]:
+    """Two clients that declare 1.4 MB bodies, send 1 MB of them and stall (2.8 MB reserved between them)."""
+    stalled = []
+    for _ in range(2):
+        sock = connect(port)
+        sock.sendall(request_head(CLASSIFY, 1_400_000) + b"\0" * 1_000_000)
+        stalled.append(sock)
+    time.sleep(0.3)
+    return stalled
+
+
 def test_bodies_held_at_once_are_bounded_and_over_the_budget_get_503_before_reading():
     """Before: 40 clients that sent 9.9 MB of a declared 10 MB body and stalled held 400 MB between them."""
     with ServerProcess(max_body_bytes=2_000_000, max_inflight_body_bytes=3_000_000, body_timeout_s=30) as s:
-        stalled = []
-        for _ in range(2):
-            sock = connect(s.port)
-            sock.sendall(request_head(CLASSIFY, 1_400_000) + b"\0" * 1_000_000)
-            stalled.append(sock)
-        time.sleep(0.3)
+        stalled = stall_bodies(s.port)
         late = connect(s.port)
         late.sendall(request_head(CLASSIFY, 1_000_000))  # its body never needs sending
         status, headers, body = read_response(late)
@@ -161,12 +167,7 @@ def test_grpc_messages_share_the_body_budget_with_http():
 
     endpoint = "/inference.GRPCInferenceService/ModelInfer"
     with ServerProcess(grpc=True, max_body_bytes=2_000_000, max_inflight_body_bytes=3_000_000, body_timeout_s=30) as s:
-        stalled = []
-        for _ in range(2):
-            sock = connect(s.port)
-            sock.sendall(request_head(CLASSIFY, 1_400_000) + b"\0" * 1_000_000)
-            stalled.append(sock)
-        time.sleep(0.3)
+        stalled = stall_bodies(s.port)
         with grpc.insecure_channel(s.grpc) as channel:
             stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
             with pytest.raises(grpc.RpcError) as err:
