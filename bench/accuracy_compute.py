@@ -1,13 +1,15 @@
 """Accuracy against compute on the real Fashion-MNIST test set, through the cascade runtime (what is served).
 
     python bench/accuracy_compute.py [--cascades fashion-mnist:1] [--teacher fashion-mnist-teacher:1]
+                                     [--kd-models fashion-mnist-kd-resnet8:1,fashion-mnist-kd-resnet14:1]
                                      [--bootstrap 2000] [--plot docs/benchmarks/accuracy_compute.png]
 
 Every version is named explicitly (NAME:VERSION), so a newer bundled version does not change what a figure
 means. Rows: the teacher; for each cascade its first stage alone, each cumulative depth (every sample through
 stages 0..k, combined as its manifest says: summed for ResKD, the last stage's logits for independent models) and
 the adaptive cascade at its calibrated thresholds (chosen on validation by `reskd export`); the KD single-model
-grid (bundled one-stage models). The adaptive curves sweep one threshold for all exits on the test set: they show
+grid (bundled one-stage models, distilled from the teacher of the first bundled versions: `--kd-models ""` leaves
+them out; an independent cascade's "stages 0..k" rows are its own KD models alone). The adaptive curves sweep one threshold for all exits on the test set: they show
 the trade-off, they are not how thresholds are chosen. FLOPs = 2 x MACs per image (torch.utils.flop_counter at
 batch 1, from the manifests). Intervals: 95% bootstrap over test images; differences are paired.
 """
@@ -32,6 +34,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cascades", default="fashion-mnist:1", help="comma-separated NAME:VERSION")
     ap.add_argument("--teacher", default="fashion-mnist-teacher:1", help="NAME:VERSION")
+    ap.add_argument("--kd-models", default=",".join(f"{name}:1" for name in KD_MODELS),
+                    help="comma-separated NAME:VERSION of one-stage KD models to compare with; empty for none")
     ap.add_argument("--bootstrap", type=int, default=2000)
     ap.add_argument("--plot", default=str(MODELS.parent / "docs/benchmarks/accuracy_compute.png"))
     ap.add_argument("--json")
@@ -56,8 +60,10 @@ def main() -> None:
             label = f"{ref} stage 0 alone" if k == 0 else f"{ref} stages 0..{k} ({kind}), every image"
             add(label, rt.run(images, max_stage=k, early_exit=False))
         add(f"{ref} adaptive (calibrated)", rt.run(images))
-    for name in KD_MODELS:
-        add(f"KD {name.removeprefix('fashion-mnist-kd-')}", open_version(f"{name}:1").run(images))
+    kd_rows = []
+    for ref in filter(None, args.kd_models.split(",")):
+        kd_rows.append(f"KD {ref.removeprefix('fashion-mnist-kd-')}")
+        add(kd_rows[-1], open_version(ref).run(images))
 
     print(f"machine: {machine()}; {len(labels)} test images; FLOPs = 2 x MACs per image")
     print(f"{'model':<58} {'FLOPs':>12} {'% teacher':>9}  accuracy % [95% CI]")
@@ -89,7 +95,7 @@ def main() -> None:
         adaptive = f"{ref} adaptive (calibrated)"
         for other in (f"teacher {args.teacher}", f"{ref} stage 0 alone",
                       f"{ref} stages 0..{rt.num_stages - 1} ({rt.manifest.combine}), every image",
-                      *(f"KD {n.removeprefix('fashion-mnist-kd-')}" for n in KD_MODELS)):
+                      *kd_rows):
             diff(adaptive, other)
     for i, a in enumerate(refs):
         for b in refs[i + 1:]:
