@@ -68,8 +68,8 @@ def main() -> None:
     boot = Bootstrap(len(labels), args.bootstrap)
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp)
-        for model, v in ((name, version), (teacher_name, teacher_version), (base_name, base_version)):
-            shutil.copytree(MODELS / model / str(v), repo / model / str(v))
+        for model, v in {(name, version), (teacher_name, teacher_version), (base_name, base_version)}:
+            shutil.copytree(MODELS / model / str(v), repo / model / str(v))  # once: a fallback version is its own base
         two_stage = f"{base_name}-student-teacher"
         # its calibrated point at the fallback version's compute on validation, so the defaults compare at equal
         # FLOPs as the budget points do
