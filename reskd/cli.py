@@ -45,8 +45,11 @@ def _distributed(command: str, args: argparse.Namespace, work) -> int:
     except (DistributedError, RuntimeError, ValueError) as err:
         print(f"{where}: {err}", file=sys.stderr)
         return 2
+    finished = False
     try:
-        return work(world, device)
+        code = work(world, device)
+        finished = True
+        return code
     except (RecipeError, DatasetError, RunDirError, FileNotFoundError, DistributedError) as err:
         print(f"{where}: {err}", file=sys.stderr)
         return 2
@@ -58,7 +61,7 @@ def _distributed(command: str, args: argparse.Namespace, work) -> int:
               file=sys.stderr)
         return 1
     finally:
-        world.stop()
+        world.stop(together=finished)
 
 
 def _in_process_group(err: BaseException) -> bool:
