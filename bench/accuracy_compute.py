@@ -9,9 +9,10 @@ means. Rows: the teacher; for each cascade its first stage alone, each cumulativ
 stages 0..k, combined as its manifest says: summed for ResKD, the last stage's logits for independent models) and
 the adaptive cascade at its calibrated thresholds (chosen on validation by `reskd export`); the KD single-model
 grid (bundled one-stage models, distilled from the teacher of the first bundled versions: `--kd-models ""` leaves
-them out; an independent cascade's "stages 0..k" rows are its own KD models alone). The adaptive curves sweep one threshold for all exits on the test set: they show
-the trade-off, they are not how thresholds are chosen. FLOPs = 2 x MACs per image (torch.utils.flop_counter at
-batch 1, from the manifests). Intervals: 95% bootstrap over test images; differences are paired.
+them out; an independent cascade's "stages 0..k" rows are its own KD models alone). The adaptive curves sweep one
+threshold for all exits on the test set: they show the trade-off, they are not how thresholds are chosen.
+FLOPs = 2 x MACs per image (torch.utils.flop_counter at batch 1, from the manifests). Intervals: 95% bootstrap
+over test images; differences are paired.
 """
 
 from __future__ import annotations

@@ -91,8 +91,9 @@ def main() -> None:
                       "ci95": ci, "stretch_met": d >= 0}
 
     # 3. ResKD + teacher against independent + teacher at equal validation budgets
-    s = {(k, split): CascadeScores(logits[k, split], (val if split == "val" else test).labels, runtimes[k].stage_flops,
-                            measure) for k in ("reskd", "independent") for split in ("val", "test")}
+    s = {(k, split): CascadeScores(logits[k, split], (val if split == "val" else test).labels,
+                                   runtimes[k].stage_flops, measure)
+         for k in ("reskd", "independent") for split in ("val", "test")}
     out["budgets"] = []
     for b in BUDGETS_PCT:
         budget = b / 100 * teacher_flops
@@ -112,8 +113,8 @@ def main() -> None:
     # 4. the default point against student -> teacher at the default's validation FLOPs
     default_val_flops = s["reskd", "val"].evaluate(reskd.manifest.exit.thresholds).mean_flops
     two = {split: CascadeScores(np.stack([logits["reskd", split][0], logits["reskd", split][-1]]),
-                         (val if split == "val" else test).labels,
-                         [reskd.stage_flops[0], reskd.stage_flops[-1]], measure) for split in ("val", "test")}
+                                (val if split == "val" else test).labels,
+                                [reskd.stage_flops[0], reskd.stage_flops[-1]], measure) for split in ("val", "test")}
     matched = two["test"].evaluate(two["val"].calibrate(flops_budget=default_val_flops).thresholds)
     d, ci = diff(default_correct, matched.correct)
     rows.append(("default point - student -> teacher, equal validation FLOPs",

@@ -583,7 +583,6 @@ def test_calls_beyond_the_limit_get_resource_exhausted_counted_429_and_probes_pa
         assert metric(samples, "reskd_requests_total", endpoint=endpoint, code="200") == 3
 
 
-
 def test_two_workers_share_the_grpc_port(runtime, files):
     x = np.stack([preprocess(b, runtime.manifest.input) for b in files[:2]])
     want = runtime.run(x)

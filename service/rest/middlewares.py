@@ -9,9 +9,9 @@ import time
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..serving.budget import BodyBudget
-from ..serving.errors import too_large
+from ..serving.errors import ServingError, too_large
 from ..serving.metrics import Metrics
-from .errors import send_error
+from .errors import retry_headers, send_error
 
 # Always open, even with auth on: probes, scrapes and the API documentation.
 OPEN_PATHS = ("/v2/health/", "/metrics", "/docs", "/redoc", "/openapi.json")
@@ -43,10 +43,10 @@ class BodyLimit:
                 return await send_error(send, 413, message)
         reserved = int(length) if length is not None else 0
         budget = self.budget
-        if reserved and not budget.fits(reserved):
-            refusal = budget.over()
-            return await send_error(send, 503, refusal.message, {"Retry-After": str(refusal.retry_after_s)})
-        budget.reserve(reserved)
+        try:
+            budget.reserve(reserved)
+        except ServingError as refusal:
+            return await send_error(send, refusal.status, refusal.message, retry_headers(refusal))
         seen = 0
 
         async def guarded() -> Message:

@@ -44,8 +44,8 @@ SERVICE = "inference.GRPCInferenceService"
 OPEN = ("ServerLive", "ServerReady")  # as HTTP's /v2/health/*: open with auth on (probes)
 C = grpc.StatusCode
 CODES = {400: C.INVALID_ARGUMENT, 401: C.UNAUTHENTICATED, 404: C.NOT_FOUND, 413: C.RESOURCE_EXHAUSTED,
-         415: C.INVALID_ARGUMENT, 422: C.INVALID_ARGUMENT, 429: C.RESOURCE_EXHAUSTED, 499: C.CANCELLED, 500: C.INTERNAL, 503: C.UNAVAILABLE,
-         504: C.DEADLINE_EXCEEDED}
+         415: C.INVALID_ARGUMENT, 422: C.INVALID_ARGUMENT, 429: C.RESOURCE_EXHAUSTED, 499: C.CANCELLED,
+         500: C.INTERNAL, 503: C.UNAVAILABLE, 504: C.DEADLINE_EXCEEDED}
 CLIENT_CANCELLED = 499
 # The server's deadline is the client's as received (grpc-timeout counts from the headers' arrival), so the client
 # gives up, and cancels the stream, a little before the server's deadline passes: a call cancelled this close to its

@@ -18,12 +18,9 @@ class BodyBudget:
         return unavailable(f"the server is holding {self.held:,} bytes of request bodies, its limit "
                            f"(RESKD_MAX_INFLIGHT_BODY_BYTES = {self.limit:,}); retry shortly", self.retry_after_s)
 
-    def fits(self, size: int) -> bool:
-        return self.held + size <= self.limit
-
     def reserve(self, size: int) -> None:
         """Hold `size` more bytes; the 503 of over() when they do not fit (nothing held then)."""
-        if not self.fits(size):
+        if self.held + size > self.limit:
             raise self.over()
         self.held += size
 
