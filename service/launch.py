@@ -7,7 +7,7 @@ import logging
 import logging.config
 
 from .logs import log_config
-from .rpc.server import check_port
+from .rpc.server import check_port, hold_port
 from .server import run_single
 from .settings import ServeSettings
 from .supervisor import Supervisor, listen_socket, worker_count
@@ -26,10 +26,15 @@ def serve(settings: ServeSettings) -> int:
     count = worker_count(settings, cuda)
     if count > 1:
         sock = listen_socket(settings)
+        held = None
         try:
+            # The workers share the gRPC port (SO_REUSEPORT): held here from the check to the end, none other joins.
+            held = hold_port(settings.host, settings.grpc_port) if settings.grpc_port else None
             return Supervisor(settings, count, cuda).run(sock)
         finally:
             sock.close()
+            if held is not None:
+                held.close()
     return run_single(settings, config)
 
 

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import grpc
+import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as tg
@@ -29,7 +30,8 @@ from conftest import real_test_images
 from reskd.device import Device
 from reskd.preprocess import preprocess
 from reskd.runtime import CascadeRuntime
-from server_process import MODELS, InProcessServer, ServerProcess, children_of, free_port, metric, scrape, serve_settings_refused
+from server_process import (MODELS, InProcessServer, ServerProcess, children_of, free_port, metric, scrape,
+                            serve_settings_refused, wait_until_serving)
 
 pytestmark = pytest.mark.server
 
@@ -603,6 +605,52 @@ def test_two_workers_share_the_grpc_port(runtime, files):
         assert int(grpc_stats["inference_stats"]["success"]["count"]) == \
             stats["inference_stats"]["success"]["count"] == 12
         assert metric(samples, "reskd_requests_total", endpoint=f"{SERVICE}/ModelInfer", code="200") == 12
+
+
+def test_a_held_grpc_port_lets_only_the_workers_kind_of_socket_join_it():
+    from reskd.service.rpc.server import check_port, hold_port
+
+    port = free_port()
+    held = hold_port("127.0.0.1", port)
+    try:
+        for other in (check_port, hold_port):  # another server's check, or its own hold, while this one holds it
+            with pytest.raises(RuntimeError, match=f"cannot bind the gRPC port 127.0.0.1:{port}"):
+                other("127.0.0.1", port)
+        with socket.socket() as worker:  # as grpcio binds a worker's port (grpc.so_reuseport)
+            worker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            worker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            worker.bind(("127.0.0.1", port))
+            worker.listen()
+        with socket.socket() as client:  # the held socket never listens: no connection is left waiting on it
+            assert client.connect_ex(("127.0.0.1", port)) != 0
+    finally:
+        held.close()
+    check_port("127.0.0.1", port)  # free again once the server lets go
+
+
+def test_two_servers_of_several_workers_started_together_never_share_the_grpc_port():
+    port = free_port()
+    servers = [ServerProcess(wait_ready=False, workers=2, grpc_port=port) for _ in range(2)]
+    try:
+        deadline = time.monotonic() + 120
+        while not any(s.proc.poll() is not None for s in servers):
+            ready = []
+            for s in servers:
+                try:
+                    ready.append(httpx.get(f"{s.url}/v2/health/ready", timeout=2).status_code == 200)
+                except httpx.TransportError:
+                    ready.append(False)
+            assert not all(ready), "two servers both serve the gRPC port " + str(port)
+            assert time.monotonic() < deadline, [s.output()[-2000:] for s in servers]
+            time.sleep(0.1)
+        gone, serving = sorted(servers, key=lambda s: s.proc.poll() is None)
+        assert gone.proc.wait(30) == 2 and f"cannot bind the gRPC port 127.0.0.1:{port}" in gone.output(), \
+            gone.output()[-2000:]
+        serving.wait_ready()
+        wait_until_serving(f"127.0.0.1:{port}", lambda: None if serving.proc.poll() is None else serving.output())
+    finally:
+        for s in servers:
+            s.stop()
 
 
 def test_a_grpc_port_that_is_taken_or_the_http_port_stops_serve_with_status_2():
