@@ -2,8 +2,9 @@
 
     python bench/device_run.py --out device-run.json [--device cuda] [--duration 3] [--tiny]
 
-1. In process, per model version (fashion-mnist/1 and fashion-mnist-teacher/1, pinned, plus every newer bundled
-   version of either and fashion-mnist-independent: stage inputs and both cascade kinds) and per engine (bound
+1. In process, per model version (every bundled version of fashion-mnist, fashion-mnist-teacher and
+   fashion-mnist-independent: stage inputs and both cascade kinds; the newest of each, which the targets name,
+   first, the older ones after step 2, so a run cut off keeps the targets' figures) and per engine (bound
    with CUDA graphs, bound without, host): the 10k Fashion-MNIST test images through CascadeRuntime.run at batch
    256 (accuracy, mean FLOPs, exits: the same on every engine), then images/s at batch 1, 32 and 256 and
    single-image latency p50/p99.
@@ -66,13 +67,17 @@ class Results:
             self.put(keys, {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()[-2000:]})
 
 
-def versions() -> list[tuple[str, int]]:
-    """fashion-mnist/1 and fashion-mnist-teacher/1, then every newer bundled version of either, then the
-    independent-models cascade."""
+def versions() -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """(first, later): first the versions the targets name (the newest of the cascade, the teacher and the
+    independent-models cascade: what the server serves by default), measured before the served part; later every
+    older bundled version, after it, so a run cut off by the device's time limit has the targets' figures."""
     from reskd.manifest import ModelRepository
 
     repo = ModelRepository(MODELS)
-    return [(name, v) for name in (CASCADE, TEACHER, INDEPENDENT) for v in repo.versions(name)]
+    first = [(name, max(repo.versions(name))) for name in (CASCADE, TEACHER, INDEPENDENT)]
+    later = [(name, v) for name in (CASCADE, TEACHER, INDEPENDENT) for v in repo.versions(name)
+             if (name, v) not in first]
+    return first, later
 
 
 def engines(device: str) -> dict:
@@ -203,11 +208,14 @@ def main() -> None:
     limit = 512 if args.tiny else None
     pixels, images, labels = (a[:limit] for a in test_set())
 
-    for name, version in versions():
-        for label, spec in engines(args.device).items():
-            results.attempt(["in_process", f"{name}/{version}", label],
-                            lambda: in_process(device, name, version, spec, images, labels, args.seconds))
+    def measure(which: list[tuple[str, int]]) -> None:
+        for name, version in which:
+            for label, spec in engines(args.device).items():
+                results.attempt(["in_process", f"{name}/{version}", label],
+                                lambda: in_process(device, name, version, spec, images, labels, args.seconds))
 
+    first, later = versions()
+    measure(first)
     repo = Path(tempfile.mkdtemp(prefix="reskd-device-run-"))
     try:
         for name in (CASCADE, TEACHER):
@@ -228,6 +236,8 @@ def main() -> None:
                 results.put(["served", label, "error"], f"{type(err).__name__}: {err}")
     finally:
         shutil.rmtree(repo, ignore_errors=True)
+    results.put(["served_by_s"], round(time.perf_counter() - start, 1))
+    measure(later)
     results.put(["wall_s"], round(time.perf_counter() - start, 1))
 
 

@@ -32,6 +32,15 @@ def test_the_device_run_rehearses_every_step_on_cpu(tmp_path):
     got = json.loads((tmp_path / "device-run.json").read_text())
     assert got["machine"]["tiny"] and "wall_s" in got
     assert {"fashion-mnist/1", "fashion-mnist-teacher/1"} <= set(got["in_process"])
+    # The newest version of each name, which the targets name, is measured before the served part; the rest after.
+    from reskd.manifest import ModelRepository
+
+    repo = ModelRepository(ROOT / "models")
+    names = ("fashion-mnist", "fashion-mnist-teacher", "fashion-mnist-independent")
+    newest = [f"{n}/{max(repo.versions(n))}" for n in names]
+    assert list(got["in_process"])[:3] == newest
+    assert set(got["in_process"]) == {f"{n}/{v}" for n in names for v in repo.versions(n)}
+    assert 0 < got["served_by_s"] <= got["wall_s"]
     for version, by_engine in got["in_process"].items():
         assert set(by_engine) == {"host", "bound"}, by_engine
         answers = {(e["accuracy"], tuple(e["exits"])) for e in by_engine.values()}
