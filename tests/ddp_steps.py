@@ -1,7 +1,9 @@
 """A few training steps of one model through training.loop.fit, as one process or as a rank under torchrun
 (tests/test_distributed.py): the same synthetic images, seed, augmentations (crop, flip, erasing) and global batch
 either way. Writes OUT/weights-rank<R>.pt (every rank's weights after the run) and, with --diverge, tries
-World.settle after rank 1's weights were nudged and writes what it raised to OUT/diverged-rank<R>.txt.
+World.settle after rank 1's weights were nudged and writes what it raised to OUT/diverged-rank<R>.txt; and
+OUT/threads-rank<R>.txt: how many threads Python did not start the process has before World.start and after
+World.stop.
 
     python tests/ddp_steps.py OUT [--sync-bn] [--diverge]
     torchrun --standalone --nproc-per-node 2 tests/ddp_steps.py OUT [--sync-bn] [--diverge]
@@ -10,6 +12,8 @@ World.settle after rank 1's weights were nudged and writes what it raised to OUT
 from __future__ import annotations
 
 import argparse
+import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +37,21 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     world = World.from_env()
+    before = threads()
     device = world.start(torch.device("cpu"), timeout_s=60)
+    steps(world, device, args)
+    world.stop()
+    # The process group freed by World.stop, its threads joined: what an exiting rank needs (World.stop).
+    (args.out / f"threads-rank{world.rank}.txt").write_text(f"{before} {threads()}")
+
+
+def threads() -> int:
+    """The process's threads that Python did not start (torch's and gloo's; tqdm's monitor, say, is not one)."""
+    return len(os.listdir("/proc/self/task")) - threading.active_count()
+
+
+def steps(world: World, device: torch.device, args: argparse.Namespace) -> None:
+    """The training steps, their weights written; the wrapped model is out of reach once this returns."""
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (IMAGES, 1, 12, 12), generator=g, dtype=torch.uint8)
     labels = torch.randint(0, 10, (IMAGES,), generator=g)
@@ -64,7 +82,6 @@ def main() -> None:
         except DistributedError as err:
             outcome = str(err)
         (args.out / f"diverged-rank{world.rank}.txt").write_text(outcome)
-    world.stop()
 
 
 if __name__ == "__main__":

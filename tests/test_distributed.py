@@ -65,6 +65,12 @@ def test_two_ranks_train_what_one_process_trains(tmp_path):
     for r in (0, 1):
         assert (tmp_path / "synced" / f"diverged-rank{r}.txt").read_text() == \
             "after the nudge: the weights of rank(s) 1 differ from rank 0's; the ranks no longer train one model"
+    # World.stop freed the process group: its threads are gone before the interpreter exits (a group left to the
+    # exit aborted a rank now and then, World.stop says how).
+    for run_dir in ("synced", "plain"):
+        for r in (0, 1):
+            before, after = (tmp_path / run_dir / f"threads-rank{r}.txt").read_text().split()
+            assert after == before, (run_dir, r, before, after)
 
 
 def test_the_readme_smoke_run_trains_every_stage_on_two_ranks(tmp_path):

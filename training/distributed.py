@@ -26,6 +26,7 @@ How a distributed run trains (docs/training.md, "Several GPUs, several nodes"):
 from __future__ import annotations
 
 import datetime
+import gc
 import hashlib
 import os
 from dataclasses import dataclass
@@ -33,6 +34,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+# Imported before any process group exists, on purpose: this module's functions take `group=group.WORLD` as a
+# default argument, evaluated when it is first imported. DistributedDataParallel imports it; imported after
+# init_process_group, its defaults would hold the default group forever, and destroy_process_group could then never
+# free it (World.stop).
+import torch.distributed.nn.functional  # noqa: F401
 
 DEFAULT_TIMEOUT_S = 600.0
 
@@ -88,9 +94,17 @@ class World:
         return device
 
     def stop(self, together: bool = True) -> None:
-        """Leave the process group. together: the ranks finished their work normally, so they first wait for one
-        another (a barrier): a rank that tore gloo down while its peer was still leaving was seen to abort once
-        ("terminate called without an active exception", in tests/test_distributed.py's two-rank run). After a
+        """Leave the process group and free it: its threads are joined here, while the interpreter runs. Call it
+        once the DistributedDataParallel wrappers are out of reach (they hold the group).
+
+        A group left alive until the interpreter exits aborts the process now and then ("terminate called without an
+        active exception"): a gloo worker thread that still holds the last reference to a finished collective's
+        tensors drops it during finalization, must take the GIL for that, and cannot (a core dump of
+        tests/test_distributed.py's two-rank run showed exactly that, about one run in fifty). So after
+        destroy_process_group the garbage collector runs: the last references, in reference cycles, go, and the
+        group's destructor joins its threads (torch releases the GIL for it).
+
+        together: the ranks finished their work normally, so they first wait for one another (a barrier). After a
         failure no rank waits; a peer that fails at the barrier itself changes nothing for this rank's result."""
         if self.distributed and dist.is_initialized():
             if together:
@@ -99,6 +113,7 @@ class World:
                 except RuntimeError:
                     pass
             dist.destroy_process_group()
+            gc.collect()
 
     # -- agreeing -----------------------------------------------------------------------------------------------
     def agree(self, problem: str | None) -> None:
