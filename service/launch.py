@@ -7,7 +7,7 @@ import logging
 import logging.config
 
 from .logs import log_config
-from .rpc.server import check_port, hold_port
+from .rpc.server import claim_port
 from .server import run_single
 from .settings import ServeSettings
 from .supervisor import Supervisor, listen_socket, worker_count
@@ -18,24 +18,23 @@ def serve(settings: ServeSettings) -> int:
     with its file), ValueError or RuntimeError before the port opens. Several workers (RESKD_WORKERS): the
     supervisor runs them."""
     check_audit_model(settings)
-    if settings.grpc_port:
-        check_port(settings.host, settings.grpc_port)  # before any model is opened: a taken port fails at once
-    config = log_config(settings.log_format, settings.log_level)
-    logging.config.dictConfig(config)
-    cuda = settings.device == "cuda" or (settings.device == "auto" and cuda_offered())
-    count = worker_count(settings, cuda)
-    if count > 1:
-        sock = listen_socket(settings)
-        held = None
-        try:
-            # The workers share the gRPC port (SO_REUSEPORT): held here from the check to the end, none other joins.
-            held = hold_port(settings.host, settings.grpc_port) if settings.grpc_port else None
-            return Supervisor(settings, count, cuda).run(sock)
-        finally:
-            sock.close()
-            if held is not None:
-                held.close()
-    return run_single(settings, config)
+    # before any model is opened: a taken port fails at once; claimed until the server exits
+    claim = claim_port(settings.host, settings.grpc_port) if settings.grpc_port else None
+    try:
+        config = log_config(settings.log_format, settings.log_level)
+        logging.config.dictConfig(config)
+        cuda = settings.device == "cuda" or (settings.device == "auto" and cuda_offered())
+        count = worker_count(settings, cuda)
+        if count > 1:
+            sock = listen_socket(settings)
+            try:
+                return Supervisor(settings, count, cuda).run(sock)
+            finally:
+                sock.close()
+        return run_single(settings, config)
+    finally:
+        if claim is not None:
+            claim.close()
 
 
 def check_audit_model(settings: ServeSettings) -> None:

@@ -607,25 +607,40 @@ def test_two_workers_share_the_grpc_port(runtime, files):
         assert metric(samples, "reskd_requests_total", endpoint=f"{SERVICE}/ModelInfer", code="200") == 12
 
 
-def test_a_held_grpc_port_lets_only_the_workers_kind_of_socket_join_it():
-    from reskd.service.rpc.server import check_port, hold_port
+def test_a_claimed_grpc_port_keeps_other_servers_off_it_and_lets_the_workers_bind_it():
+    from reskd.service.rpc.server import claim_port
 
     port = free_port()
-    held = hold_port("127.0.0.1", port)
+    claim = claim_port("127.0.0.1", port)
     try:
-        for other in (check_port, hold_port):  # another server's check, or its own hold, while this one holds it
-            with pytest.raises(RuntimeError, match=f"cannot bind the gRPC port 127.0.0.1:{port}"):
-                other("127.0.0.1", port)
+        for host in ("127.0.0.1", "0.0.0.0"):  # another server on this port number, whatever its address
+            with pytest.raises(RuntimeError, match=f"cannot bind the gRPC port {host}:{port} .*another reskd server "
+                                                   f"on this machine serves gRPC on port {port}"):
+                claim_port(host, port)
         with socket.socket() as worker:  # as grpcio binds a worker's port (grpc.so_reuseport)
             worker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             worker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             worker.bind(("127.0.0.1", port))
             worker.listen()
-        with socket.socket() as client:  # the held socket never listens: no connection is left waiting on it
-            assert client.connect_ex(("127.0.0.1", port)) != 0
     finally:
-        held.close()
-    check_port("127.0.0.1", port)  # free again once the server lets go
+        claim.close()
+    claim_port("127.0.0.1", port).close()  # free again once the server exits
+
+
+def test_a_restart_claims_a_grpc_port_its_predecessor_left_connections_in_time_wait_on():
+    with socket.socket() as listener:  # a one-worker server's port (grpcio: SO_REUSEADDR, no SO_REUSEPORT)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+        listener.listen()
+        with socket.socket() as client:
+            client.connect(("127.0.0.1", port))
+            accepted, _ = listener.accept()
+            accepted.close()  # the server closes first: its side waits in TIME_WAIT
+            client.recv(1)
+    from reskd.service.rpc.server import claim_port
+
+    claim_port("127.0.0.1", port).close()
 
 
 def test_two_servers_of_several_workers_started_together_never_share_the_grpc_port():

@@ -7,17 +7,16 @@ service's own limit, counted 429 beyond; grpcio's, at BACKSTOP times that, only 
 runs), connections idle for RESKD_KEEP_ALIVE_S closed (clients reconnect).
 The port: taken by another socket, start-up fails (grpcio would otherwise share it through SO_REUSEPORT); the
 workers of one server (RESKD_WORKERS) do share it that way, the kernel spreading connections over them, once the
-supervisor has checked that nothing else holds it and holds it itself until it exits (hold_port), so that no other
-server can take it, or join it, in the seconds before the workers bind it."""
+supervisor has checked that nothing else holds it. Every server claims its port number from start to exit
+(claim_port), so that no other one passes the check, and then shares the port, in the seconds before the workers
+bind it."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 import sys
-import time
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -34,8 +33,6 @@ HEALTH_POLL_S = 0.25
 # grpcio's own limit on calls in progress, in multiples of the service's (RESKD_MAX_CONNECTIONS): room for the probes
 # and for the calls the service refuses (each counted), while a flood far beyond is refused before any handler.
 BACKSTOP = 2
-# How long hold_port waits for another `reskd serve` that is checking and holding the same port number (microseconds).
-PORT_LOCK_WAIT_S = 5.0
 
 
 def address(host: str, port: int) -> str:
@@ -54,49 +51,30 @@ def check_port(host: str, port: int) -> None:
                                f"{(err.strerror or str(err)).lower()}") from None
 
 
-def hold_port(host: str, port: int) -> socket.socket:
-    """For a server whose workers share the gRPC port: check it as check_port does, then bind a socket of the
-    workers' kind (SO_REUSEPORT, never listening, so it takes no connection) for the caller to keep until the server
-    exits. While it is held, another server's check or exclusive bind fails, and only sockets with SO_REUSEPORT of
-    this user can join it (the workers). The check and the bind run under a lock per port number shared by every
-    `reskd serve` on the machine's network namespace, so two servers started at the same instant cannot both pass
-    the check. RuntimeError when the port is taken."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with _port_lock(port):
-        check_port(host, port)
-        held = socket.socket(family)
-        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # no SO_REUSEADDR: another's probe conflicts
+def claim_port(host: str, port: int) -> socket.socket | None:
+    """Claim the gRPC port for this server, then check it as check_port does: the caller keeps the returned socket
+    until the server exits. The claim is a Unix socket named after the port number in Linux's abstract namespace
+    (per network namespace, like the port; gone with its process, so never stale; elsewhere no claim: None). It
+    keeps a second `reskd serve` off the port number on any address, even in the seconds before this server's
+    workers bind it with SO_REUSEPORT, which another server's workers could otherwise join. A bound socket would
+    do that too, but a restart would then trip over the connections its predecessor left in TIME_WAIT.
+    RuntimeError when claimed or taken."""
+    claim = None
+    if sys.platform == "linux":
+        claim = socket.socket(socket.AF_UNIX)
         try:
-            held.bind((host, port))
-        except OSError as err:
-            held.close()
-            raise RuntimeError(f"cannot bind the gRPC port {host}:{port} (RESKD_GRPC_PORT): "
-                               f"{(err.strerror or str(err)).lower()}") from None
-    return held
-
-
-@contextlib.contextmanager
-def _port_lock(port: int):
-    """Held while the block runs: a Unix socket in Linux's abstract namespace (per network namespace, like the port;
-    gone when its process exits, so never stale). Elsewhere no lock."""
-    if sys.platform != "linux":
-        yield
-        return
-    lock = socket.socket(socket.AF_UNIX)
-    deadline = time.monotonic() + PORT_LOCK_WAIT_S
+            claim.bind(f"\0reskd-grpc-port-{port}")
+        except OSError:
+            claim.close()
+            raise RuntimeError(f"cannot bind the gRPC port {host}:{port} (RESKD_GRPC_PORT): another reskd server "
+                               f"on this machine serves gRPC on port {port}") from None
     try:
-        while True:
-            try:
-                lock.bind(f"\0reskd-grpc-port-{port}")
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"cannot check the gRPC port {port} (RESKD_GRPC_PORT): another process has "
-                                       f"held its lock for {PORT_LOCK_WAIT_S:g} s") from None
-                time.sleep(0.005)
-        yield
-    finally:
-        lock.close()
+        check_port(host, port)
+    except RuntimeError:
+        if claim is not None:
+            claim.close()
+        raise
+    return claim
 
 
 class RpcServer:
