@@ -3,8 +3,8 @@ grpc.health.v1 (SERVING while HTTP's readiness answers 200, for Kubernetes' gRPC
 
 Options from the settings: messages up to RESKD_MAX_BODY_BYTES (larger: RESOURCE_EXHAUSTED, from grpcio itself, so
 neither counted nor logged by reskd), responses unbounded, RESKD_MAX_CONNECTIONS calls in progress at once (the
-service's own limit, counted 429 beyond; grpcio's, at BACKSTOP times that, only stops a flood before any handler
-runs), connections idle for RESKD_KEEP_ALIVE_S closed (clients reconnect).
+service's own limit, counted 429 beyond; grpcio's, at BACKSTOP times that plus BACKSTOP_SLACK, only stops a flood
+before any handler runs), connections idle for RESKD_KEEP_ALIVE_S closed (clients reconnect).
 The port: taken by another socket, start-up fails (grpcio would otherwise share it through SO_REUSEPORT); the
 workers of one server (RESKD_WORKERS) do share it that way, the kernel spreading connections over them, once the
 supervisor has checked that nothing else holds it. Every server claims its port number from start to exit
@@ -30,9 +30,12 @@ from .service import SERVICE, InferenceService
 log = logging.getLogger("reskd.service")
 
 HEALTH_POLL_S = 0.25
-# grpcio's own limit on calls in progress, in multiples of the service's (RESKD_MAX_CONNECTIONS): room for the probes
-# and for the calls the service refuses (each counted), while a flood far beyond is refused before any handler.
+# grpcio's own limit on calls in progress: BACKSTOP times the service's (RESKD_MAX_CONNECTIONS) plus BACKSTOP_SLACK.
+# Room for the probes and for the calls the service refuses (each counted), which grpcio counts as in progress until
+# their refusal is sent: a burst that arrives at once needs that room however small the limit is (at 2 alone, grpcio
+# refused the fifth call of a burst of five itself, uncounted). A flood far beyond is refused before any handler.
 BACKSTOP = 2
+BACKSTOP_SLACK = 64
 
 
 def address(host: str, port: int) -> str:
@@ -93,7 +96,7 @@ class RpcServer:
         options = [("grpc.max_receive_message_length", s.max_body_bytes), ("grpc.max_send_message_length", -1),
                    ("grpc.so_reuseport", 1 if self.shared_port else 0),
                    ("grpc.max_connection_idle_ms", int(s.keep_alive_s * 1000))]
-        server = grpc.aio.server(options=options, maximum_concurrent_rpcs=BACKSTOP * s.max_connections)
+        server = grpc.aio.server(options=options, maximum_concurrent_rpcs=BACKSTOP * s.max_connections + BACKSTOP_SLACK)
         add_GRPCInferenceServiceServicer_to_server(self.service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         where = address(s.host, s.grpc_port)
